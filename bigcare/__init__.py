@@ -1,0 +1,1 @@
+"""bigcare: CARE restoration of huge microscopy volumes, block by block on Dask."""
