@@ -1,0 +1,228 @@
+"""Block planning: the output grid, halos and crops.
+
+Vocabulary (one meaning per word):
+
+- a *chunk* is zarr's storage unit (or a shard, when the array is sharded);
+- a *block* is a unit of work: one dask task computes one block;
+- a block has a *write region* (the output voxels it owns, a whole number of output chunks)
+  and a *read region* (the input voxels it needs: write region + halo, aligned and clipped);
+- the *crop* is where the write region sits inside the prediction of the read region.
+
+::
+
+    volume axis ──────────────────────────────────────────────────────────►
+                 ├──── read region ───────────────────────────────┤
+                 │ halo* │        write region          │ halo*   │
+                 │       ├──────────────────────────────┤         │
+                 ▲       ▲                              ▲         ▲
+      floor(w0-halo, a)  w0                             w1   ceil(w1+halo, a)
+                                     (* clipped at the volume border)
+
+The read region starts and ends on multiples of the alignment ``a`` (the network's pooling
+divisor), so the pooling grid of a block coincides with the pooling grid of the whole volume
+and a block's prediction equals the whole-volume prediction wherever the halo covers the
+receptive field. Because no two write regions share a chunk, blocks write without locks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .errors import ConfigError
+
+__all__ = ["Block", "BlockPlan", "plan_blocks", "default_block_shape"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of work, described by coordinates only (never voxels).
+
+    Attributes
+    ----------
+    index : tuple of int
+        Position of the block in the block grid.
+    write : tuple of (start, stop)
+        The output region this block owns, per axis, in output voxels.
+    read : tuple of (start, stop)
+        The input region it reads, per axis, in input voxels (write region + halo, aligned,
+        clipped to the volume).
+    """
+
+    index: tuple[int, ...]
+    write: tuple[tuple[int, int], ...]
+    read: tuple[tuple[int, int], ...]
+
+    @property
+    def write_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.write)
+
+    @property
+    def read_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.read)
+
+    @property
+    def crop(self) -> tuple[slice, ...]:
+        """Slices that cut the write region out of a prediction of the read region."""
+        return tuple(slice(w0 - r0, w1 - r0) for (w0, w1), (r0, _) in zip(self.write, self.read))
+
+    @property
+    def write_voxels(self) -> int:
+        return math.prod(b - a for a, b in self.write)
+
+    @property
+    def read_voxels(self) -> int:
+        return math.prod(b - a for a, b in self.read)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The block grid over a volume: shape, block shape, halo and alignment per axis."""
+
+    shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    halo: tuple[int, ...]
+    align: tuple[int, ...]
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Number of blocks along each axis."""
+        return tuple(math.ceil(n / b) for n, b in zip(self.shape, self.block_shape))
+
+    def __len__(self) -> int:
+        return math.prod(self.grid)
+
+    def block(self, index: Sequence[int]) -> Block:
+        """The block at grid position ``index``."""
+        write, read = [], []
+        for i, n, b, h, a in zip(index, self.shape, self.block_shape, self.halo, self.align):
+            w0, w1 = i * b, min(n, (i + 1) * b)
+            r0 = max(0, (w0 - h) // a * a)
+            r1 = min(n, -(-(w1 + h) // a) * a)
+            write.append((w0, w1))
+            read.append((r0, r1))
+        return Block(tuple(index), tuple(write), tuple(read))
+
+    def __iter__(self) -> Iterator[Block]:
+        for index in itertools.product(*(range(g) for g in self.grid)):
+            yield self.block(index)
+
+    @property
+    def overhead(self) -> float:
+        """Voxels read (and computed) per voxel written, over the whole plan (>= 1)."""
+        read = sum(b.read_voxels for b in self)
+        return read / math.prod(self.shape)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly description, used in run keys and summaries."""
+        return {
+            "shape": list(self.shape),
+            "block_shape": list(self.block_shape),
+            "halo": list(self.halo),
+            "align": list(self.align),
+        }
+
+
+def plan_blocks(
+    shape: Sequence[int],
+    block_shape: Sequence[int],
+    halo: Sequence[int],
+    align: Sequence[int],
+    chunks: Sequence[int] | None = None,
+) -> BlockPlan:
+    """Plan the blocks that cover a volume.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Shape of the volume (input and output grids are the same here).
+    block_shape : sequence of int
+        Write-region shape per axis. Must be a whole number of ``chunks`` along every axis
+        (clipped at the volume's end), so that no two blocks write the same chunk.
+    halo : sequence of int
+        Context per axis, in voxels, that each block reads beyond its write region.
+    align : sequence of int
+        Read regions start (and, away from the border, end) on multiples of this.
+    chunks : sequence of int, optional
+        The output's chunk (or shard) shape; checked against ``block_shape``.
+
+    Returns
+    -------
+    BlockPlan
+
+    Raises
+    ------
+    ConfigError
+        If the lengths disagree, a size is not positive, or a block is not a whole number of
+        chunks.
+    """
+    shape, block_shape = tuple(map(int, shape)), tuple(map(int, block_shape))
+    halo, align = tuple(map(int, halo)), tuple(map(int, align))
+    for name, value in (("block_shape", block_shape), ("halo", halo), ("align", align)):
+        if len(value) != len(shape):
+            raise ConfigError(
+                f"{name} has {len(value)} entries, expected {len(shape)} (one per axis of shape {shape})"
+            )
+    if any(b < 1 for b in block_shape) or any(a < 1 for a in align) or any(h < 0 for h in halo):
+        raise ConfigError(
+            f"block_shape and align must be positive and halo non-negative, got "
+            f"block_shape={block_shape}, align={align}, halo={halo}"
+        )
+    block_shape = tuple(min(b, n) for b, n in zip(block_shape, shape))
+    if chunks is not None:
+        for axis, (b, c, n) in enumerate(zip(block_shape, chunks, shape)):
+            if b % c and b != n:
+                raise ConfigError(
+                    f"block_shape {block_shape} is not a whole number of output chunks {tuple(chunks)} "
+                    f"along axis {axis}; choose a multiple of {c}"
+                )
+    return BlockPlan(shape, block_shape, halo, align)
+
+
+def default_block_shape(
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    spatial: Sequence[bool],
+    halo: Sequence[int],
+    target_voxels: int,
+) -> tuple[int, ...]:
+    """Grow a block, a whole number of chunks at a time, until it holds ``target_voxels``.
+
+    Non-spatial axes keep one chunk per block. The spatial axis whose growth most reduces the
+    halo overhead (read voxels / write voxels) is doubled first, so blocks become as cubic in
+    *read* cost as the chunk grid allows.
+
+    Parameters
+    ----------
+    shape, chunks : sequence of int
+        Volume shape and output chunk shape.
+    spatial : sequence of bool
+        Which axes are spatial (grown); others stay at one chunk.
+    halo : sequence of int
+        Halo per axis (to weigh the overhead).
+    target_voxels : int
+        Voxels per block to aim for (the write region).
+
+    Returns
+    -------
+    tuple of int
+    """
+    block = [min(c, n) for c, n in zip(chunks, shape)]
+
+    def overhead(b):
+        return math.prod((x + 2 * h) / x for x, h in zip(b, halo))
+
+    while math.prod(block) < target_voxels:
+        candidates = []
+        for axis, is_spatial in enumerate(spatial):
+            if not is_spatial or block[axis] >= shape[axis]:
+                continue
+            grown = list(block)
+            grown[axis] = min(shape[axis], block[axis] + chunks[axis] * max(1, block[axis] // chunks[axis]))
+            candidates.append((overhead(grown), axis, grown))
+        if not candidates:
+            break
+        block = min(candidates)[2]
+    return tuple(block)

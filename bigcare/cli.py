@@ -1,0 +1,129 @@
+"""The ``bigcare`` command line: demo, restore, convert, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import BigcareError
+
+__all__ = ["main"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 64,256,256, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return values
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    metrics = run_demo(args.out, epochs=args.epochs, steps_per_epoch=args.steps, workers=args.workers,
+                       device=args.device, seed=args.seed)
+    better = (metrics["restored"]["nrmse"] < metrics["input"]["nrmse"]
+              and metrics["restored"]["ssim"] > metrics["input"]["ssim"])
+    if not better:
+        print("bigcare demo: the restoration is not better than the input", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_restore(args) -> int:
+    from .engine import restore
+
+    result = restore(args.input, args.output, args.model, scheduler=args.scheduler, block_shape=args.block,
+                     device=args.device, precision=args.precision, workers=args.workers,
+                     overwrite=args.overwrite, ngff_version=args.ngff_version, output_dtype=args.dtype,
+                     pyramid=not args.no_pyramid)
+    summary = result.as_dict()
+    print(f"restored {result.blocks_computed} block(s) ({result.blocks_skipped} already done) of "
+          f"{result.blocks_total} in {result.seconds:.1f} s: {result.voxels_per_second / 1e6:.2f} Mvoxel/s, "
+          f"halo overhead {result.halo_overhead:.2f}x")
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .convert import tiff_to_ome_zarr
+
+    volume = tiff_to_ome_zarr(args.input, args.output, voxel_size=args.voxel_size, unit=args.unit,
+                              chunks=args.chunks, ngff_version=args.ngff_version, overwrite=args.overwrite)
+    print(f"wrote {volume.url}: axes {volume.axis_names.upper()}, shape {volume.shape}, "
+          f"{len(volume.levels)} level(s)")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .convert import describe
+    from .volume import open_volume
+
+    print(describe(open_volume(args.path)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bigcare`` command."""
+    parser = argparse.ArgumentParser(prog="bigcare", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic data -> train a small CARE net -> restore blockwise on a local cluster")
+    p.add_argument("--out", default="bigcare-demo", help="output folder (replaced) [bigcare-demo]")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs [12]")
+    p.add_argument("--steps", type=int, default=20, help="steps per epoch [20]")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes [1]")
+    p.add_argument("--device", default=None, help="cpu or cuda [cuda if available]")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("restore", help="restore an OME-Zarr volume block by block with a model")
+    p.add_argument("input", help="input OME-Zarr image (path or fsspec URL)")
+    p.add_argument("output", help="output OME-Zarr path or URL")
+    p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
+    p.add_argument("--scheduler", default=None, help="address of an existing dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes when no scheduler is given")
+    p.add_argument("--block", type=_ints, default=None, help="block shape per spatial axis, e.g. 64,256,256")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N [cuda if available]")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="float32", help="output dtype [float32]")
+    p.add_argument("--ngff-version", default="0.5", choices=["0.5", "0.4"])
+    p.add_argument("--overwrite", action="store_true", help="replace an output of another bigcare run")
+    p.add_argument("--no-pyramid", action="store_true", help="skip the multiscale pyramid")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=_cmd_restore)
+
+    p = sub.add_parser("convert", help="stream a TIFF stack into OME-Zarr")
+    p.add_argument("input", help="TIFF file")
+    p.add_argument("output", help="output OME-Zarr path or URL")
+    p.add_argument("--voxel-size", type=float, nargs="+", default=None, metavar="S",
+                   help="physical voxel size per spatial axis, e.g. 5 2 2 (Z Y X)")
+    p.add_argument("--unit", default="micrometer", help="unit of the voxel size [micrometer]")
+    p.add_argument("--chunks", type=_ints, default=None, help="chunk shape, e.g. 64,256,256")
+    p.add_argument("--ngff-version", default="0.5", choices=["0.5", "0.4"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("info", help="print axes, shape, dtype, chunks, scales and pyramid of an OME-Zarr image")
+    p.add_argument("path", help="OME-Zarr image (path or fsspec URL)")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``bigcare`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BigcareError as exc:
+        print(f"bigcare {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

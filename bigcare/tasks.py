@@ -1,0 +1,213 @@
+"""Worker-side code of a restoration run: the run spec, the axis layout and the block task.
+
+A task receives a :class:`RunSpec` (small, identical for every block of a run) and a
+:class:`~bigcare.blocks.Block` (coordinates only). It reads the block's read region straight
+from the input store, runs the predictor held by this worker process, crops the halo, writes
+the block's write region of every named output straight to the output stores, marks the block
+done, and returns a small status dict. No voxel data travels through the scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from .blocks import Block
+from .errors import ModelMismatchError
+from .normalize import Normalizer
+
+__all__ = ["AxisLayout", "RunSpec", "run_block", "predict_region", "MARKER"]
+
+#: Name of the done-marker array kept in the output's root group (one uint8 per block).
+MARKER = "bigcare_done"
+
+
+@dataclass(frozen=True)
+class AxisLayout:
+    """How the volume's axes map onto the predictor's (batch..., channel, spatial...) order.
+
+    Attributes
+    ----------
+    in_axes : str
+        The input volume's axis names, e.g. ``"tczyx"``.
+    spatial : str
+        The predictor's spatial axes, e.g. ``"zyx"``.
+    n_channel_out : int
+        Channels per output.
+    """
+
+    in_axes: str
+    spatial: str
+    n_channel_out: int
+
+    @classmethod
+    def build(cls, in_axes: str, axis_types: list, spatial: str, n_in: int, n_out: int,
+              shape: tuple, name: str) -> "AxisLayout":
+        """Check that a volume fits a predictor and return the layout; raises ModelMismatchError."""
+        vol_spatial = "".join(a for a, t in zip(in_axes, axis_types) if t == "space" or
+                              (t is None and a in "zyx"))
+        if sorted(vol_spatial) != sorted(spatial):
+            raise ModelMismatchError(
+                f"the model is {len(spatial)}D with spatial axes {spatial.upper()!r}, but {name} has "
+                f"spatial axes {vol_spatial.upper() or 'none'!r} (axes {in_axes.upper()!r}, shape {shape}); "
+                f"use a {len(vol_spatial)}D model for this volume"
+            )
+        c = in_axes.find("c")
+        have = shape[c] if c >= 0 else 1
+        if have != n_in:
+            raise ModelMismatchError(
+                f"the model expects {n_in} input channel(s), {name} has {have} "
+                f"(axes {in_axes.upper()!r}, shape {shape})"
+            )
+        return cls(in_axes, spatial, n_out)
+
+    @property
+    def batch(self) -> str:
+        return "".join(a for a in self.in_axes if a != "c" and a not in self.spatial)
+
+    @property
+    def core(self) -> str:
+        """Axis order the predictor sees: batch axes, channel, spatial axes."""
+        return self.batch + "c" + self.spatial
+
+    @property
+    def out_axes(self) -> str:
+        if "c" in self.in_axes or self.n_channel_out == 1:
+            return self.in_axes
+        first_spatial = min(self.in_axes.index(a) for a in self.spatial)
+        return self.in_axes[:first_spatial] + "c" + self.in_axes[first_spatial:]
+
+    def out_shape(self, in_shape: tuple) -> tuple:
+        sizes = dict(zip(self.in_axes, in_shape), c=self.n_channel_out)
+        return tuple(sizes[a] for a in self.out_axes)
+
+    def to_core(self, region: np.ndarray) -> np.ndarray:
+        src = self.in_axes if "c" in self.in_axes else "c" + self.in_axes
+        if "c" not in self.in_axes:
+            region = region[None]
+        return region.transpose([src.index(a) for a in self.core])
+
+    def from_core(self, y: np.ndarray) -> np.ndarray:
+        core = self.core
+        if "c" not in self.out_axes:
+            y = y.squeeze(core.index("c"))
+            core = core.replace("c", "")
+        return y.transpose([core.index(a) for a in self.out_axes])
+
+    def out_slices(self, region: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
+        """Output-array slices of an input-space region (the channel axis is taken whole)."""
+        by_axis = {a: slice(s, e) for a, (s, e) in zip(self.in_axes, region)}
+        return tuple(slice(None) if a == "c" else by_axis[a] for a in self.out_axes)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a block task needs, apart from the block itself. Small and picklable."""
+
+    input_url: str
+    input_path: str
+    input_options: dict | None
+    layout: AxisLayout
+    model_path: str
+    model_hash: str
+    device: str
+    precision: str
+    normalizer: Normalizer
+    outputs: tuple[tuple[str, str, str], ...]  # (output name, image url, level-0 array path)
+    output_options: dict | None
+    output_dtype: str
+    marker_url: str
+    run_key: str
+    torch_threads: int | None = None
+
+
+def _options_key(options: dict | None) -> str:
+    return json.dumps(options or {}, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=64)
+def _open_array(url: str, path: str, mode: str, options_key: str, run_key: str) -> zarr.Array:
+    # run_key is part of the cache key only: an output re-created by a later run (overwrite)
+    # must not be written through an Array object holding the old run's metadata.
+    options = json.loads(options_key) or None
+    return zarr.open_array(store=url, path=path, mode=mode, storage_options=options)
+
+
+def _set_threads(requested: int | None) -> None:
+    """Give torch as many threads as this dask worker has (no oversubscription)."""
+    import torch
+
+    n = requested
+    if n is None:
+        try:
+            from distributed import get_worker
+
+            n = get_worker().state.nthreads
+        except ValueError:  # not inside a worker
+            n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(max(1, int(n)))
+
+
+def predict_region(predictor, layout: AxisLayout, region: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
+    """Predict every named output of a region given in the volume's axis order.
+
+    The same function serves whole-volume prediction (the region is the volume) and blockwise
+    prediction (the region is a block's read region), so the two cannot drift apart.
+    """
+    x = layout.to_core(region)
+    nb = len(layout.batch)
+    results = {name: np.empty(x.shape[:nb] + (layout.n_channel_out,) + x.shape[nb + 1:], np.float32)
+               for name in predictor.outputs}
+    for b in np.ndindex(*x.shape[:nb]):
+        for name, y in predictor.predict(x[b], normalizer).items():
+            results[name][b] = y
+    return {name: layout.from_core(y) for name, y in results.items()}
+
+
+def _cast(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(y), info.min, info.max).astype(dtype)
+    return y.astype(dtype, copy=False)
+
+
+def run_block(block: Block, spec: RunSpec) -> dict:
+    """Restore one block: read region, predict, crop, write outputs, mark done.
+
+    Returns
+    -------
+    dict
+        ``{"index", "voxels", "read_s", "predict_s", "write_s"}`` - never voxel data.
+    """
+    from .restore import load_predictor
+
+    _set_threads(spec.torch_threads)
+    predictor = load_predictor(spec.model_path, device=spec.device, precision=spec.precision,
+                               expected_hash=spec.model_hash)
+    t0 = time.perf_counter()
+    source = _open_array(spec.input_url, spec.input_path, "r", _options_key(spec.input_options), spec.run_key)
+    region = np.asarray(source[block.read_slices])
+    t1 = time.perf_counter()
+    predictions = predict_region(predictor, spec.layout, region, spec.normalizer)
+    t2 = time.perf_counter()
+    layout = spec.layout
+    # the crop, expressed in output axes (the channel axis is kept whole)
+    crop_in = tuple((c.start, c.stop) for c in block.crop)
+    crop = layout.out_slices(crop_in)
+    target = layout.out_slices(block.write)
+    dtype = np.dtype(spec.output_dtype)
+    for name, url, path in spec.outputs:
+        dest = _open_array(url, path, "r+", _options_key(spec.output_options), spec.run_key)
+        dest[target] = _cast(predictions[name][crop], dtype)
+    marker = _open_array(spec.marker_url, MARKER, "r+", _options_key(spec.output_options), spec.run_key)
+    marker[block.index] = 1
+    t3 = time.perf_counter()
+    return {"index": block.index, "voxels": block.write_voxels,
+            "read_s": t1 - t0, "predict_s": t2 - t1, "write_s": t3 - t2}
