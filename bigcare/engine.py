@@ -267,8 +267,14 @@ def restore(
     state = _output_state(output, output_storage_options, run_key, overwrite)
 
     if state == "fresh":
-        normalizer = compute_normalizer(volume.to_dask(), _channel_axis(volume), predictor.pmin,
-                                        predictor.pmax, client=client, name=volume.url)
+        try:
+            normalizer = compute_normalizer(volume.to_dask(), _channel_axis(volume), predictor.pmin,
+                                            predictor.pmax, client=client, name=volume.url)
+        except InputError:
+            raise
+        except Exception as exc:  # unreadable chunks etc.: nothing is written yet
+            raise InputError(f"could not read {volume.url} to compute its percentiles: "
+                             f"{type(exc).__name__}: {exc}") from exc
         attrs = {"bigcare": {
             "version": __version__, "run_key": run_key, "input": volume.url, "model": str(model),
             "model_hash": mhash, "outputs": list(predictor.outputs), "plan": plan.as_dict(),
@@ -292,6 +298,9 @@ def restore(
     done = np.asarray(zarr.open_array(store=output, path=MARKER, mode="r",
                                       storage_options=output_storage_options)[...]).astype(bool)
     todo = [b for b in plan if not done[b.index]]
+    if todo and state == "resume" and attrs["bigcare"].get("complete"):
+        attrs["bigcare"]["complete"] = False  # blocks are missing after all: not complete
+        update_attrs(output, {"bigcare": attrs["bigcare"]}, storage_options=output_storage_options)
 
     if client is None:
         from .cluster import cluster_client
@@ -303,6 +312,7 @@ def restore(
     result.normalization = normalizer.as_dict()
 
     if result.failed:
+        result.failed.sort()
         raise BlockError(
             f"{len(result.failed)} of {len(todo)} block(s) failed; the others are written and "
             f"marked done, re-run the same command to retry. First failures: "

@@ -1,0 +1,65 @@
+"""Block planning: coverage, alignment, halos, chunk alignment of writes."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from bigcare.blocks import default_block_shape, plan_blocks
+from bigcare.errors import ConfigError
+
+
+@pytest.mark.parametrize("shape, block, halo, align", [
+    ((37, 45, 51), (8, 16, 16), (12, 12, 12), (4, 4, 4)),
+    ((5, 7), (2, 3), (3, 0), (2, 1)),
+    ((100,), (100,), (40,), (8,)),
+])
+def test_write_regions_tile_the_volume_exactly_once(shape, block, halo, align):
+    plan = plan_blocks(shape, block, halo, align)
+    count = np.zeros(shape, np.int32)
+    for b in plan:
+        count[b.write_slices] += 1
+    assert (count == 1).all()
+    assert len(plan) == len(list(plan))
+
+
+def test_read_regions_cover_halo_and_start_on_the_pooling_grid():
+    shape, halo, align = (37, 45, 51), (12, 10, 12), (4, 2, 4)
+    plan = plan_blocks(shape, (8, 16, 16), halo, align)
+    for b in plan:
+        for (w0, w1), (r0, r1), h, a, n in zip(b.write, b.read, halo, align, shape):
+            assert r0 % a == 0
+            assert r1 == n or r1 % a == 0
+            assert r0 <= max(0, w0 - h) and r1 >= min(n, w1 + h)
+            assert r0 > w0 - h - a and r1 < w1 + h + a  # no more than one alignment step extra
+        crop = b.crop
+        assert tuple(c.stop - c.start for c in crop) == tuple(w1 - w0 for w0, w1 in b.write)
+
+
+def test_blocks_must_be_whole_chunks():
+    with pytest.raises(ConfigError, match="not a whole number of output chunks"):
+        plan_blocks((64, 64), (24, 32), (0, 0), (1, 1), chunks=(16, 16))
+    # a block clipped to the volume is fine even if not a multiple
+    plan_blocks((20, 64), (24, 32), (0, 0), (1, 1), chunks=(16, 16))
+
+
+def test_plan_rejects_wrong_lengths():
+    with pytest.raises(ConfigError, match="halo has 2 entries, expected 3"):
+        plan_blocks((8, 8, 8), (4, 4, 4), (1, 1), (1, 1, 1))
+
+
+def test_default_block_shape_is_whole_chunks_and_reaches_target():
+    shape, chunks = (512, 2048, 2048), (32, 128, 128)
+    block = default_block_shape(shape, chunks, [True] * 3, (24, 24, 24), 2**22)
+    assert all(b % c == 0 for b, c in zip(block, chunks))
+    assert np.prod(block) >= 2**22
+    # non-spatial axes keep one chunk
+    block = default_block_shape((3, 64, 512, 512), (1, 32, 128, 128), [False, True, True, True], (0, 8, 8, 8), 2**22)
+    assert block[0] == 1
+
+
+def test_overhead_counts_read_voxels():
+    plan = plan_blocks((64, 64), (32, 32), (8, 8), (1, 1))
+    expected = sum(np.prod([r1 - r0 for r0, r1 in b.read]) for b in plan) / 64 ** 2
+    assert plan.overhead == pytest.approx(expected)
+    assert plan.overhead == pytest.approx((40 / 32) ** 2)
