@@ -1,0 +1,138 @@
+"""Synthetic phantoms/degradations and the CARE-convention metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bigcare.errors import ConfigError, InputError
+from bigcare.metrics import fit_affine, normalize_percentile, nrmse, psnr, ssim
+from bigcare.synth import degrade, phantom
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (16, 40, 32)])
+def test_phantom_is_seeded_float32_in_unit_range(shape):
+    a = phantom(shape, seed=3)
+    assert a.shape == shape and a.dtype == np.float32
+    assert a.min() >= 0 and a.max() <= 1
+    np.testing.assert_array_equal(a, phantom(shape, seed=3))
+    assert not np.array_equal(a, phantom(shape, seed=4))
+    assert 0.05 < (a > 0.1).mean() < 0.8  # blobs, not empty and not saturated
+    assert a.max() > 0.5
+
+
+def test_phantom_nuclei_count_and_shells():
+    assert phantom((32, 32), n_nuclei=0).max() == 0
+    one = phantom((48, 48), n_nuclei=1, shells=False, seed=1)
+    assert one.max() > 0.2
+    with_shells = phantom((64, 64), n_nuclei=10, shells=True, seed=2)
+    without = phantom((64, 64), n_nuclei=10, shells=False, seed=2)
+    assert (with_shells > 0.1).sum() > (without > 0.1).sum()
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 4, 5), (0, 5)])
+def test_phantom_rejects_bad_shape(shape):
+    with pytest.raises(ConfigError, match="shape must be 2 or 3 positive ints"):
+        phantom(shape)
+
+
+def test_degrade_is_seeded_and_has_poisson_statistics():
+    clean = np.full((200, 200), 0.5, np.float32)
+    noisy = degrade(clean, photons=20, background=0.1, read_noise=0.0, seed=5)
+    assert noisy.dtype == np.float32
+    again = degrade(clean, photons=20, background=0.1, read_noise=0.0, seed=5)
+    np.testing.assert_array_equal(noisy, again)
+    assert noisy.mean() == pytest.approx(0.6, abs=0.01)
+    assert noisy.var() == pytest.approx(0.6 / 20, rel=0.05)
+    # read noise adds variance; more photons is less noisy
+    assert degrade(clean, photons=20, read_noise=0.1, seed=5).var() > noisy.var() + 0.005
+    assert degrade(clean, photons=200, read_noise=0.0, seed=5).var() < noisy.var() / 5
+
+
+def test_degrade_blur_smooths_edges():
+    clean = phantom((64, 64), seed=0)
+    sharp = degrade(clean, photons=1e6, read_noise=0, background=0)
+    blurred = degrade(clean, photons=1e6, read_noise=0, background=0, blur_sigma=2.0)
+    grad = lambda a: np.abs(np.diff(a, axis=-1)).mean()  # noqa: E731
+    assert grad(blurred) < 0.6 * grad(sharp)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(photons=0), "photons must be > 0"),
+        (dict(background=-1), "background must be >= 0"),
+        (dict(read_noise=-0.1), "read_noise must be >= 0"),
+        (dict(blur_sigma=-1), "blur_sigma must be >= 0"),
+    ],
+)
+def test_degrade_rejects_bad_parameters(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        degrade(np.zeros((8, 8)), **kwargs)
+
+
+def test_degrade_rejects_non_finite_input():
+    with pytest.raises(InputError, match="finite"):
+        degrade(np.array([[np.nan, 1.0]]))
+
+
+# --- metrics -------------------------------------------------------------------------
+
+
+def test_normalize_percentile_maps_percentiles_to_0_and_1():
+    x = np.arange(1001, dtype=np.uint16)
+    n = normalize_percentile(x, 1, 99)
+    assert n.dtype == np.float32
+    assert n[10] == pytest.approx(0, abs=1e-6) and n[990] == pytest.approx(1, abs=1e-6)
+    with pytest.raises(ConfigError, match="0 <= pmin < pmax <= 100"):
+        normalize_percentile(x, 99, 1)
+
+
+def test_fit_affine_recovers_known_map():
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=1000)
+    alpha, beta = fit_affine(p, 2.5 * p - 0.7)
+    assert (alpha, beta) == pytest.approx((2.5, -0.7))
+    assert fit_affine(np.ones(10), np.arange(10.0)) == (0.0, 4.5)
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (24, 48, 48)])
+def test_metrics_perfect_for_affinely_transformed_gt(shape):
+    gt = phantom(shape, seed=1).astype(np.float64)
+    pred = 3.0 * gt + 7.0
+    assert nrmse(pred, gt) == pytest.approx(0, abs=1e-9)
+    assert ssim(pred, gt) == pytest.approx(1, abs=1e-9)
+    assert psnr(pred, gt) > 100
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (24, 48, 48)])
+def test_metrics_worse_for_noisier_predictions(shape):
+    gt = phantom(shape, seed=1)
+    good = degrade(gt, photons=100, seed=2)
+    bad = degrade(gt, photons=5, seed=2)
+    assert 0.01 < nrmse(good, gt) < nrmse(bad, gt)
+    assert ssim(bad, gt) < ssim(good, gt) < 0.99
+    assert psnr(bad, gt) < psnr(good, gt) < 60
+
+
+def test_nrmse_is_rmse_in_units_of_gt_percentile_range():
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0, 10, size=(200, 200))
+    noise = rng.normal(0, 0.5, size=gt.shape)
+    # gt's (0.1, 99.9) range is ~10, the best affine fit barely rescales: NRMSE ~ 0.5 / 10
+    assert nrmse(gt + noise, gt) == pytest.approx(0.05, rel=0.05)
+    assert psnr(gt + noise, gt) == pytest.approx(20 * math.log10(1 / 0.05), abs=0.5)
+
+
+def test_metrics_reject_shape_mismatch():
+    with pytest.raises(InputError, match=r"same shape, got \(4, 4\) and \(4, 5\)"):
+        nrmse(np.zeros((4, 4)), np.zeros((4, 5)))
+    with pytest.raises(InputError, match="2D or 3D"):
+        ssim(np.zeros(10), np.arange(10.0))
+
+
+def test_ssim_works_on_thin_volumes():
+    gt = phantom((5, 32, 32), seed=0)
+    assert ssim(gt * 2, gt) == pytest.approx(1, abs=1e-6)
