@@ -98,7 +98,7 @@ def fit(
             value = loss_fn(model(_to_tensor(x, device))[first], _to_tensor(y, device))
             value.backward()
             optimizer.step()
-            losses.append(float(value))
+            losses.append(value.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
         with torch.inference_mode():
