@@ -51,6 +51,8 @@ class RunResult:
     seconds: float = 0.0
     halo_overhead: float = 1.0
     normalization: dict = field(default_factory=dict)
+    peak_worker_rss_mb: float = 0.0
+    seconds_in: dict = field(default_factory=lambda: {"read": 0.0, "predict": 0.0, "write": 0.0})
 
     @property
     def voxels_per_second(self) -> float:
@@ -206,8 +208,9 @@ def restore(
         Where to write. A model with one output writes one OME-Zarr image there; a model with
         several named outputs (e.g. ``mean`` and ``scale``) writes a group holding one image per
         name (``output/mean``, ``output/scale``).
-    model : str or os.PathLike
-        Model folder (config.json + model.safetensors).
+    model : str, os.PathLike or Predictor
+        Model folder (config.json + model.safetensors), or a picklable predictor object such
+        as :class:`bigcare.restore.identity.IdentityPredictor` (sent to workers with the run).
     client : distributed.Client, optional
         Cluster to run on. Without one, ``scheduler`` is connected to, or a LocalCluster with
         separate worker processes is started and closed afterwards.
@@ -258,8 +261,12 @@ def restore(
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
     output = str(output)
-    mhash = model_hash(model)
-    predictor = load_predictor(str(model), device="cpu")  # client side: metadata and validation
+    if hasattr(model, "predict"):  # a predictor object (e.g. IdentityPredictor): sent with the spec
+        predictor, shipped, mhash = model, model, getattr(model, "fingerprint", type(model).__name__)
+    else:
+        mhash = model_hash(model)
+        predictor = load_predictor(str(model), device="cpu")  # client side: metadata and validation
+        shipped = None
     layout = AxisLayout.build(volume.axis_names, [a.type for a in volume.axes], predictor.spatial_axes,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
     chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device)
@@ -276,7 +283,8 @@ def restore(
             raise InputError(f"could not read {volume.url} to compute its percentiles: "
                              f"{type(exc).__name__}: {exc}") from exc
         attrs = {"bigcare": {
-            "version": __version__, "run_key": run_key, "input": volume.url, "model": str(model),
+            "version": __version__, "run_key": run_key, "input": volume.url,
+            "model": mhash if shipped else str(model),
             "model_hash": mhash, "outputs": list(predictor.outputs), "plan": plan.as_dict(),
             "normalization": normalizer.as_dict(), "complete": False,
         }}
@@ -290,7 +298,7 @@ def restore(
     images = {name: (output if single else f"{output.rstrip('/')}/{name}") for name in predictor.outputs}
     spec = RunSpec(
         input_url=volume.url, input_path=volume.levels[0].path, input_options=volume.storage_options,
-        layout=layout, model_path=str(model), model_hash=mhash, device=device, precision=precision,
+        layout=layout, model_path=None if shipped else str(model), model_hash=mhash, predictor=shipped, device=device, precision=precision,
         normalizer=normalizer, outputs=tuple((n, u, "0") for n, u in images.items()),
         output_options=output_storage_options, output_dtype=output_dtype, marker_url=output,
         run_key=run_key, torch_threads=torch_threads,
@@ -352,6 +360,9 @@ def _execute(client, todo, spec: RunSpec, plan: BlockPlan, images, progress: boo
             status = future.result()
             result.blocks_computed += 1
             result.voxels += status["voxels"]
+            result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, status["peak_rss_mb"])
+            for part in ("read", "predict", "write"):
+                result.seconds_in[part] += status[f"{part}_s"]
         bar.update(1)
         future.release()
     bar.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ class RunSpec:
     input_path: str
     input_options: dict | None
     layout: AxisLayout
-    model_path: str
+    model_path: str | None
     model_hash: str
     device: str
     precision: str
@@ -125,6 +126,7 @@ class RunSpec:
     marker_url: str
     run_key: str
     torch_threads: int | None = None
+    predictor: object | None = None  # a shipped predictor object instead of a model folder
 
 
 def _options_key(options: dict | None) -> str:
@@ -184,13 +186,14 @@ def run_block(block: Block, spec: RunSpec) -> dict:
     Returns
     -------
     dict
-        ``{"index", "voxels", "read_s", "predict_s", "write_s"}`` - never voxel data.
+        ``{"index", "voxels", "read_s", "predict_s", "write_s", "peak_rss_mb"}`` - never voxel
+        data. ``peak_rss_mb`` is the worker process's peak resident memory so far.
     """
     from .restore import load_predictor
 
     _set_threads(spec.torch_threads)
-    predictor = load_predictor(spec.model_path, device=spec.device, precision=spec.precision,
-                               expected_hash=spec.model_hash)
+    predictor = spec.predictor or load_predictor(spec.model_path, device=spec.device, precision=spec.precision,
+                                                 expected_hash=spec.model_hash)
     t0 = time.perf_counter()
     source = _open_array(spec.input_url, spec.input_path, "r", _options_key(spec.input_options), spec.run_key)
     region = np.asarray(source[block.read_slices])
@@ -210,4 +213,5 @@ def run_block(block: Block, spec: RunSpec) -> dict:
     marker[block.index] = 1
     t3 = time.perf_counter()
     return {"index": block.index, "voxels": block.write_voxels,
-            "read_s": t1 - t0, "predict_s": t2 - t1, "write_s": t3 - t2}
+            "read_s": t1 - t0, "predict_s": t2 - t1, "write_s": t3 - t2,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

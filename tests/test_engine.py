@@ -222,3 +222,14 @@ def test_corrupt_model_folder(tmp_path, client):
     with pytest.raises(bigcare.ModelError, match="broken"):
         bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", broken, client=client)
     assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_identity_predictor_object_copies_the_volume(tmp_path, client):
+    from bigcare.restore.identity import IdentityPredictor
+
+    data = (np.random.default_rng(1).random((10, 40, 30)) * 1000).astype(np.uint16)
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(5, 16, 16))
+    result = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", IdentityPredictor("zyx"),
+                             client=client, progress=False)
+    assert result.blocks_total >= 1 and result.halo_overhead == 1.0
+    np.testing.assert_array_equal(read(tmp_path / "out.ome.zarr"), data.astype(np.float32))

@@ -1,0 +1,173 @@
+"""Engine benchmarks (issue 2): overhead vs a plain dask copy, U-Net throughput vs in-memory,
+peak worker memory vs volume size. Prints its figures last; record them in RESULTS.md.
+
+    python benchmarks/engine.py copy      # identity model vs dask zarr-to-zarr copy
+    python benchmarks/engine.py care      # CARE 3D U-Net end to end vs in memory, fp32 and bf16
+    python benchmarks/engine.py rss       # peak RSS per worker, volume vs 8x volume
+    python benchmarks/engine.py all [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_volume(url, shape, chunks, seed=0):
+    """A compressible uint16 volume (synthetic cells + noise), written slab by slab."""
+    from bigcare.ngff import create_image, write_pyramid
+    from bigcare.synth import degrade, phantom
+    from bigcare.volume import Axis
+
+    axes = [Axis(a, "space", "micrometer") for a in "zyx"]
+    vol = create_image(url, shape=shape, dtype="uint16", chunks=chunks, axes=axes, scale=(1.0, 0.5, 0.5))
+    arr = vol.array(0, mode="r+")
+    tile = tuple(min(n, c * 4) for n, c in zip(shape[1:], chunks[1:]))
+    clean = phantom((chunks[0],) + tile, seed=seed)
+    for z in range(0, shape[0], chunks[0]):
+        slab = np.zeros((min(chunks[0], shape[0] - z),) + shape[1:], np.uint16)
+        noisy = degrade(clean, seed=seed + z, photons=20)
+        t = np.clip(300 * noisy[: slab.shape[0]], 0, 65535).astype(np.uint16)
+        reps = [1] + [-(-n // t_) for n, t_ in zip(shape[1:], tile)]
+        slab[...] = np.tile(t, reps)[:, : shape[1], : shape[2]]
+        arr[z : z + slab.shape[0]] = slab
+    return vol
+
+
+def save_unet(path, *, n_filter_base, depth=2, kernel_size=3):
+    from bigcare.models import UNet, UNetConfig, save_model
+    from bigcare.models.store import ModelConfig
+
+    arch = UNetConfig(ndim=3, depth=depth, n_filter_base=n_filter_base, kernel_size=kernel_size)
+    torch.manual_seed(0)
+    model = UNet(arch)
+    save_model(path, model, ModelConfig(axes="ZYX", architecture=arch))
+    return path
+
+
+def bench_copy(tmp: Path, args) -> dict:
+    """Engine with an identity model vs a plain dask zarr-to-zarr copy, same cluster."""
+    import dask.array as da
+    import zarr
+    from distributed import Client, LocalCluster
+
+    import bigcare
+
+    shape, chunks = (128, 1024, 1024), (64, 256, 256)
+    make_volume(tmp / "in.ome.zarr", shape, chunks)
+    from bigcare.restore.identity import IdentityPredictor
+
+    model = IdentityPredictor("zyx")
+    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster, Client(cluster) as client:
+        src = da.from_zarr(str(tmp / "in.ome.zarr"), component="0")
+        t = time.perf_counter()
+        target = zarr.create_array(str(tmp / "copy.zarr"), shape=shape, chunks=chunks, dtype="float32")
+        da.store(src.astype(np.float32), target, lock=False, compute=True)
+        copy_s = time.perf_counter() - t
+        t = time.perf_counter()
+        run = bigcare.restore(tmp / "in.ome.zarr", tmp / "out.ome.zarr", model, client=client, block_shape=chunks,
+                              device=args.device, pyramid=False, progress=False)
+        engine_s = time.perf_counter() - t
+    out = np.asarray(zarr.open_array(str(tmp / "out.ome.zarr"), path="0")[:8])
+    ref = np.asarray(zarr.open_array(str(tmp / "in.ome.zarr"), path="0")[:8]).astype(np.float32)
+    vox = int(np.prod(shape))
+    return {"shape": shape, "blocks": run.blocks_total, "copy_s": copy_s, "engine_s": engine_s,
+            "copy_Mvox_s": vox / copy_s / 1e6, "engine_Mvox_s": vox / engine_s / 1e6,
+            "ratio_engine_over_copy": copy_s / engine_s, "halo_overhead": run.halo_overhead,
+            "identity_max_abs_err": float(np.abs(out - ref).max())}
+
+
+def bench_care(tmp: Path, args) -> dict:
+    """CARE 3D U-Net (CSBDeep default) end to end vs in memory in one piece."""
+    import zarr
+    from distributed import Client, LocalCluster
+
+    import bigcare
+    from bigcare.volume import open_volume
+
+    shape = tuple(args.care_shape)
+    chunks = (shape[0], shape[1], shape[2] // 2)
+    make_volume(tmp / "care.ome.zarr", shape, chunks)
+    model = save_unet(tmp / "care_model", n_filter_base=32)
+    data = np.asarray(open_volume(tmp / "care.ome.zarr").array()[...])
+    vox = int(np.prod(shape))
+    results = {"shape": shape}
+    for precision in ("fp32", "bf16"):
+        torch.set_num_threads(args.threads)
+        bigcare.predict(data[:, :64, :64], model, axes="zyx", device=args.device, precision=precision)  # warm up
+        t = time.perf_counter()
+        bigcare.predict(data, model, axes="zyx", device=args.device, precision=precision)
+        mem_s = time.perf_counter() - t
+        row = {"in_memory_Mvox_s": vox / mem_s / 1e6}
+        with LocalCluster(n_workers=1, threads_per_worker=args.threads, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            for label, block in (("1 block", shape), ("2 blocks", chunks)):
+                out = tmp / f"care_{precision}_{label[0]}.ome.zarr"
+                t = time.perf_counter()
+                run = bigcare.restore(tmp / "care.ome.zarr", out, model, client=client, block_shape=block,
+                                      device=args.device, precision=precision, pyramid=False, progress=False)
+                e2e = time.perf_counter() - t
+                row[label] = {"end_to_end_Mvox_s": vox / e2e / 1e6, "ratio_vs_in_memory": mem_s / e2e,
+                              "halo_overhead": run.halo_overhead, "seconds_in": run.seconds_in}
+                shutil.rmtree(out)
+        results[precision] = row
+    return results
+
+
+def bench_rss(tmp: Path, args) -> dict:
+    """Peak RSS of the worker process for a volume and one 8x larger (fresh cluster each)."""
+    from distributed import Client, LocalCluster
+
+    import bigcare
+
+    model = save_unet(tmp / "small_model", n_filter_base=4)
+    block, chunks = (64, 256, 256), (64, 256, 256)
+    rows = {}
+    for label, shape in (("1x", (64, 512, 512)), ("8x", (128, 1024, 1024))):
+        make_volume(tmp / f"rss_{label}.ome.zarr", shape, chunks)
+        with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            t = time.perf_counter()
+            run = bigcare.restore(tmp / f"rss_{label}.ome.zarr", tmp / f"rss_out_{label}.ome.zarr", model,
+                                  client=client, block_shape=block, device=args.device, pyramid=False,
+                                  progress=False)
+            rows[label] = {"shape": shape, "voxels": int(np.prod(shape)), "blocks": run.blocks_total,
+                           "peak_worker_rss_mb": run.peak_worker_rss_mb, "seconds": time.perf_counter() - t}
+    rows["ratio_8x_over_1x"] = rows["8x"]["peak_worker_rss_mb"] / rows["1x"]["peak_worker_rss_mb"]
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["copy", "care", "rss", "all"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--care-shape", type=int, nargs=3, default=(64, 256, 256))
+    parser.add_argument("--tmp", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bigcare-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    benches = {"copy": bench_copy, "care": bench_care, "rss": bench_rss}
+    names = list(benches) if args.which == "all" else [args.which]
+    results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                          f"{torch.get_num_threads()} torch threads", "torch": torch.__version__,
+               "device": args.device}
+    try:
+        for name in names:
+            results[name] = benches[name](tmp, args)
+    finally:
+        if not args.tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
