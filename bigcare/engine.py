@@ -30,7 +30,7 @@ from .ngff import create_image, update_attrs, write_pyramid
 from .normalize import Normalizer, compute_normalizer
 from .restore import load_predictor
 from .tasks import MARKER, AxisLayout, RunSpec, predict_region, run_block
-from .volume import Volume, open_volume
+from .volume import Volume, normalise_url, open_volume, store_kwargs
 
 __all__ = ["restore", "predict", "RunResult", "plan_restoration"]
 
@@ -127,7 +127,7 @@ def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool)
     if not fs.exists(path):
         return "fresh"
     try:
-        attrs = dict(zarr.open_group(store=url, mode="r", storage_options=options).attrs)
+        attrs = dict(zarr.open_group(mode="r", **store_kwargs(url, options)).attrs)
     except Exception:
         attrs = {}
     ours = attrs.get("bigcare")
@@ -163,8 +163,8 @@ def _create_outputs(volume, layout, chunks, predictor, output, options, ngff_ver
     translation = [trans_by_name.get(a, 0.0) for a in layout.out_axes]
     single = len(names) == 1
     if not single:
-        zarr.open_group(store=output, mode="w", storage_options=options,
-                        zarr_format=3 if ngff_version == "0.5" else 2, attributes=attrs)
+        zarr.open_group(mode="w", zarr_format=3 if ngff_version == "0.5" else 2, attributes=attrs,
+                        **store_kwargs(output, options))
     images = {}
     for name in names:
         url = output if single else f"{str(output).rstrip('/')}/{name}"
@@ -173,7 +173,7 @@ def _create_outputs(volume, layout, chunks, predictor, output, options, ngff_ver
             translation=translation, ngff_version=ngff_version, storage_options=options,
             name=f"{volume.name or 'volume'} ({name})", attrs=attrs if single else None,
         )
-    root = zarr.open_group(store=output, mode="r+", storage_options=options)
+    root = zarr.open_group(mode="r+", **store_kwargs(output, options))
     root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)
     return images
 
@@ -260,7 +260,7 @@ def restore(
         raise ConfigError(f"ngff_version must be '0.4' or '0.5', got {ngff_version!r}")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
-    output = str(output)
+    output = normalise_url(output)
     if hasattr(model, "predict"):  # a predictor object (e.g. IdentityPredictor): sent with the spec
         predictor, shipped, mhash = model, model, getattr(model, "fingerprint", type(model).__name__)
     else:
@@ -291,7 +291,7 @@ def restore(
         _create_outputs(volume, layout, chunks, predictor, output, output_storage_options,
                         ngff_version, output_dtype, attrs, plan.grid)
     else:
-        attrs = dict(zarr.open_group(store=output, mode="r", storage_options=output_storage_options).attrs)
+        attrs = dict(zarr.open_group(mode="r", **store_kwargs(output, output_storage_options)).attrs)
         normalizer = Normalizer.from_dict(attrs["bigcare"]["normalization"])
 
     single = len(predictor.outputs) == 1
@@ -303,8 +303,8 @@ def restore(
         output_options=output_storage_options, output_dtype=output_dtype, marker_url=output,
         run_key=run_key, torch_threads=torch_threads,
     )
-    done = np.asarray(zarr.open_array(store=output, path=MARKER, mode="r",
-                                      storage_options=output_storage_options)[...]).astype(bool)
+    done = np.asarray(zarr.open_array(path=MARKER, mode="r", **store_kwargs(output, output_storage_options))[...])
+    done = done.astype(bool)
     todo = [b for b in plan if not done[b.index]]
     if todo and state == "resume" and attrs["bigcare"].get("complete"):
         attrs["bigcare"]["complete"] = False  # blocks are missing after all: not complete

@@ -21,6 +21,7 @@ A coarse pyramid level is deliberately not used: averaging shifts high percentil
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import dask
@@ -137,8 +138,9 @@ def compute_normalizer(
     data = data.rechunk({0: -1})
     per_channel = data[0].size
     if per_channel <= exact_limit:
-        flat = data.reshape(data.shape[0], -1).astype(np.float32)
-        values = _compute(flat, client)
+        # small enough to gather (<= exact_limit voxels per channel); reshaping the dask array
+        # instead would make dask rechunk it
+        values = np.asarray(_compute(data.astype(np.float32), client)).reshape(data.shape[0], -1)
         method = "exact"
     else:
         rng = np.random.default_rng(seed)
@@ -152,7 +154,8 @@ def compute_normalizer(
             parts.append(dask.delayed(_sample_chunk)(block, per_chunk, seed + k))
         values = np.concatenate(_compute(parts, client), axis=1)
         method = "sampled"
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels are reported below
         lo = np.nanpercentile(values, pmin, axis=1) if values.size else np.array([np.nan])
         hi = np.nanpercentile(values, pmax, axis=1) if values.size else np.array([np.nan])
     for c, (a, b) in enumerate(zip(lo, hi)):

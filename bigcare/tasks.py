@@ -22,6 +22,7 @@ import zarr
 from .blocks import Block
 from .errors import ModelMismatchError
 from .normalize import Normalizer
+from .volume import store_kwargs
 
 __all__ = ["AxisLayout", "RunSpec", "run_block", "predict_region", "MARKER"]
 
@@ -138,7 +139,7 @@ def _open_array(url: str, path: str, mode: str, options_key: str, run_key: str) 
     # run_key is part of the cache key only: an output re-created by a later run (overwrite)
     # must not be written through an Array object holding the old run's metadata.
     options = json.loads(options_key) or None
-    return zarr.open_array(store=url, path=path, mode=mode, storage_options=options)
+    return zarr.open_array(path=path, mode=mode, **store_kwargs(url, options))
 
 
 def _set_threads(requested: int | None) -> None:

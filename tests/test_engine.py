@@ -233,3 +233,12 @@ def test_identity_predictor_object_copies_the_volume(tmp_path, client):
                              client=client, progress=False)
     assert result.blocks_total >= 1 and result.halo_overhead == 1.0
     np.testing.assert_array_equal(read(tmp_path / "out.ome.zarr"), data.astype(np.float32))
+
+
+def test_bf16_autocast_stays_close_to_fp32(tmp_path):
+    model = make_model(tmp_path / "m", n_filter_base=8)
+    data = smooth_volume((16, 32, 32))
+    fp32 = bigcare.predict(data, model, axes="zyx")["restored"]
+    bf16 = bigcare.predict(data, model, axes="zyx", precision="bf16")["restored"]
+    rel_l2 = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
+    assert 0 < rel_l2 < 2e-2
