@@ -15,7 +15,7 @@ from bigcare.convert import describe, tiff_to_ome_zarr
 from bigcare.errors import InputError
 from bigcare.volume import open_volume
 
-BRAIN = Path("/work/shared/data/brain_cells_5x2x2um.tif")
+BRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain_cells_5x2x2um.tif"
 
 
 def imagej_tiff(path: Path, data: np.ndarray, axes: str, z: float, yx: float, unit: str = "um", **kw) -> Path:
