@@ -1,4 +1,4 @@
-"""The ``bigcare`` command line: demo, restore, convert, info."""
+"""The ``bigcare`` command line: demo, restore, train, synth, convert, info."""
 
 from __future__ import annotations
 
@@ -60,6 +60,28 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .training import train
+
+    result = train(args.config)
+    print(f"trained {result.epochs} epoch(s) ({result.epochs - result.start_epoch} now); best validation loss "
+          f"{min(result.val_loss):.4f} at epoch {result.best_epoch + 1}; model: {result.model_dir / 'best'}")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from pathlib import Path
+
+    from .synth import write_pair
+
+    out = Path(args.out)
+    for k in range(args.count):
+        noisy, clean = write_pair(out / f"noisy_{k}.ome.zarr", out / f"clean_{k}.ome.zarr", args.shape,
+                                  photons=args.photons, seed=args.seed + 10 * k)
+        print(f"wrote {noisy.url} and {clean.url} {clean.shape}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .convert import describe
     from .volume import open_volume
@@ -108,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngff-version", default="0.5", choices=["0.5", "0.4"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
+
+    from .training.config import describe_schema
+
+    p = sub.add_parser("train", help="train a CARE network from a YAML config (lazy patches from OME-Zarr)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="CONFIG keys (YAML; unknown keys are errors):\n" + describe_schema())
+    p.add_argument("config", help="YAML training config")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("synth", help="write synthetic (noisy, clean) OME-Zarr pairs for trying out training")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--shape", type=_ints, default=(64, 256, 256), help="Z,Y,X [64,256,256]")
+    p.add_argument("--count", type=int, default=2, help="number of pairs [2]")
+    p.add_argument("--photons", type=float, default=6.0, help="photons per unit intensity (lower: noisier) [6]")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("info", help="print axes, shape, dtype, chunks, scales and pyramid of an OME-Zarr image")
     p.add_argument("path", help="OME-Zarr image (path or fsspec URL)")

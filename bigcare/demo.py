@@ -18,23 +18,15 @@ from .engine import restore
 from .metrics import nrmse, ssim
 from .models import UNet, UNetConfig
 from .models.store import ModelConfig
-from .ngff import create_image, write_pyramid
+from .ngff import write_array
 from .synth import degrade, phantom
 from .training import ArrayPairSampler, fit
 from .volume import Axis, open_volume
 
-__all__ = ["run_demo", "write_array"]
+__all__ = ["run_demo"]
 
 AXES_ZYX = (Axis("z", "space", "micrometer"), Axis("y", "space", "micrometer"), Axis("x", "space", "micrometer"))
 NOISE = dict(photons=6.0, background=0.1, read_noise=0.05)
-
-
-def write_array(url, data: np.ndarray, *, chunks, scale=(1.0, 1.0, 1.0), axes=AXES_ZYX, **kwargs):
-    """Write an in-memory array as an OME-Zarr image with its pyramid (small data only)."""
-    volume = create_image(url, shape=data.shape, dtype=data.dtype, chunks=chunks, axes=axes, scale=scale, **kwargs)
-    volume.array(0, mode="r+")[...] = data
-    write_pyramid(volume)
-    return open_volume(url)
 
 
 def run_demo(
@@ -86,8 +78,8 @@ def run_demo(
     clean = phantom(shape, seed=seed)
     noisy = degrade(clean, seed=seed + 1, **NOISE)
     chunks = tuple(min(c, n) for c, n in zip((32, 128, 128), shape))
-    write_array(out / "clean.ome.zarr", clean, chunks=chunks)
-    write_array(out / "noisy.ome.zarr", noisy, chunks=chunks)
+    write_array(out / "clean.ome.zarr", clean, chunks=chunks, scale=(1.0, 1.0, 1.0), axes=AXES_ZYX)
+    write_array(out / "noisy.ome.zarr", noisy, chunks=chunks, scale=(1.0, 1.0, 1.0), axes=AXES_ZYX)
     timings["data"] = time.perf_counter() - t
     print(f"wrote {out / 'noisy.ome.zarr'} and {out / 'clean.ome.zarr'} {shape}", flush=True)
 

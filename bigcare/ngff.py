@@ -35,7 +35,7 @@ from zarr.codecs import BloscCodec
 from bigcare.errors import BlockError, ConfigError, OutputError
 from bigcare.volume import Axis, Level, Volume, cached_array, normalise_url, open_volume, store_kwargs
 
-__all__ = ["create_image", "downsample_factors", "write_pyramid", "update_attrs"]
+__all__ = ["create_image", "downsample_factors", "write_pyramid", "update_attrs", "write_array"]
 
 #: Spatial axes whose voxel size is within this factor of the reference (finest) are halved.
 ISOTROPY_TOLERANCE = 1.5
@@ -394,3 +394,14 @@ def write_pyramid(volume: Volume, *, client=None, progress: bool = False) -> Non
         step = _Step(volume.url, volume.storage_options, volume.zarr_format, src, dst, factors)
         regions = list(_chunk_regions(dst.shape, dst.chunks))
         _run(functools.partial(_downsample_chunk, step), regions, client, f"pyramid level {dst.path}", progress)
+
+
+def write_array(url, data: np.ndarray, *, chunks, scale, axes, **kwargs) -> Volume:
+    """Write an in-memory array as an OME-Zarr image with its pyramid (small data only).
+
+    ``chunks``, ``scale``, ``axes`` and ``kwargs`` are those of :func:`create_image`.
+    """
+    volume = create_image(url, shape=data.shape, dtype=data.dtype, chunks=chunks, axes=axes, scale=scale, **kwargs)
+    volume.array(0, mode="r+")[...] = data
+    write_pyramid(volume)
+    return open_volume(url, storage_options=kwargs.get("storage_options"))

@@ -50,7 +50,7 @@ def model2d(tmp_path):
 
 def write_volume(url, data, *, axes="zyx", chunks=None, scale=None, ngff_version="0.5"):
     """Write ``data`` as an OME-Zarr image (level 0 plus pyramid) and return the Volume."""
-    from bigcare.demo import write_array
+    from bigcare.ngff import write_array
     from bigcare.volume import Axis
 
     types = {"c": "channel", "t": "time"}

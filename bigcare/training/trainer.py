@@ -1,7 +1,20 @@
-"""The CARE trainer: plain PyTorch, Adam, reduce-on-plateau, best/last checkpoints."""
+"""The CARE trainer: plain PyTorch, Adam, reduce-on-plateau, best/last checkpoints, resume.
+
+``model_dir`` after training::
+
+    model_dir/
+      best/            model folder (config.json + model.safetensors), lowest validation loss
+      last/            model folder of the last epoch, plus its training state:
+        training_state.json          epoch, history, scheduler, optimizer hyper-parameters
+        training_state.safetensors   optimizer moments and torch's RNG state (never pickled)
+      history.jsonl    one JSON line per epoch: train/val loss, lr, seconds
+      tensorboard/     if asked for
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,13 +22,18 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..models import UNet, save_model
+from ..errors import ConfigError, ModelError
+from ..models import UNet, load_model, save_model
 from ..models.store import ModelConfig
 from .losses import get_loss
 
 __all__ = ["fit", "TrainResult"]
+
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
 
 
 @dataclass
@@ -26,12 +44,24 @@ class TrainResult:
     val_loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     best_epoch: int = -1
+    start_epoch: int = 0
     seconds: float = 0.0
     model_dir: Path | None = None
 
+    @property
+    def epochs(self) -> int:
+        return len(self.train_loss)
+
 
 def _to_tensor(a: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device, non_blocking=True)
+
+
+def _autocast(device: str, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def fit(
@@ -45,7 +75,10 @@ def fit(
     lr: float = 4e-4,
     loss: str = "mae",
     device: str = "cpu",
+    precision: str = "fp32",
     model_dir: str | Path | None = None,
+    resume: bool = False,
+    tensorboard: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> TrainResult:
@@ -54,25 +87,31 @@ def fit(
     Parameters
     ----------
     model : UNet
-        The network to train (modified in place; the best weights are loaded at the end).
+        The network (modified in place; the best weights are loaded at the end).
     config : ModelConfig
-        Its config; saved with every checkpoint, provenance extended with the losses.
+        Its config, saved with every checkpoint; provenance gets the training history.
     batches : iterator of (x, y)
         Endless stream of normalised float32 batches, each (N, C, *spatial).
     validation : iterable of (x, y)
         Fixed validation batches.
     epochs, steps_per_epoch : int
-        Training length.
+        Training length (total epochs, including those done before a resume).
     lr : float
         Adam learning rate (CARE: 4e-4); halved when the validation loss stalls for 10 epochs.
     loss : {"mae", "mse"}
     device : str
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast precision of the forward pass (mixed precision; use bf16 on GPUs).
     model_dir : path, optional
-        If given, ``model_dir/best`` and ``model_dir/last`` are written as model folders.
+        Where ``best/``, ``last/`` and ``history.jsonl`` go.
+    resume : bool
+        Continue from ``model_dir/last`` (weights, optimizer, scheduler, epoch) if present.
+    tensorboard : bool
+        Also write TensorBoard scalars to ``model_dir/tensorboard``.
     seed : int
-        Seeds torch for reproducible initial state of this call.
+        Seeds torch (initial state of this call, before a resume restores its own).
     progress : bool
-        One progress bar per epoch.
+        One progress bar and one summary line per epoch.
 
     Returns
     -------
@@ -80,53 +119,127 @@ def fit(
     """
     torch.manual_seed(seed)
     loss_fn = get_loss(loss)
-    model.to(device).train()
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=10)
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16" and str(device).startswith("cuda"))
     validation = [(_to_tensor(x, device), _to_tensor(y, device)) for x, y in validation]
     first = config.architecture.heads[0].name
     result = TrainResult(model_dir=Path(model_dir) if model_dir else None)
-    best, best_state = float("inf"), None
+    if resume and result.model_dir is not None and (result.model_dir / "last" / STATE_JSON).exists():
+        _restore(result, model, optimizer, scheduler, device)
+    writer = _tensorboard(result.model_dir) if tensorboard else None
+    best = min(result.val_loss) if result.val_loss else float("inf")
+    best_state = None
     t0 = time.perf_counter()
-    for epoch in range(epochs):
+    for epoch in range(result.start_epoch, epochs):
+        t_epoch = time.perf_counter()
         model.train()
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for _ in bar:
             x, y = next(batches)
             optimizer.zero_grad(set_to_none=True)
-            value = loss_fn(model(_to_tensor(x, device))[first], _to_tensor(y, device))
-            value.backward()
-            optimizer.step()
+            with _autocast(device, precision):
+                pred = model(_to_tensor(x, device))[first]
+            value = loss_fn(pred.float(), _to_tensor(y, device))
+            scaler.scale(value).backward()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(value.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
-        with torch.inference_mode():
-            val = float(np.mean([float(loss_fn(model(x)[first], y)) for x, y in validation]))
+        with torch.inference_mode(), _autocast(device, precision):
+            val = float(np.mean([loss_fn(model(x)[first].float(), y).item() for x, y in validation]))
         scheduler.step(val)
         result.train_loss.append(float(np.mean(losses)))
         result.val_loss.append(val)
         result.lr.append(optimizer.param_groups[0]["lr"])
+        record = {"epoch": epoch + 1, "train_loss": result.train_loss[-1], "val_loss": val,
+                  "lr": result.lr[-1], "seconds": time.perf_counter() - t_epoch}
         if progress:
-            print(f"epoch {epoch + 1}/{epochs}: loss {result.train_loss[-1]:.4f}, val {val:.4f}, "
-                  f"lr {result.lr[-1]:.2e}", flush=True)
+            print(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, val {val:.4f}, "
+                  f"lr {record['lr']:.2e}, {record['seconds']:.1f} s", flush=True)
+        if writer is not None:
+            for key in ("train_loss", "val_loss", "lr"):
+                writer.add_scalar(key, record[key], epoch + 1)
         if val < best:
             best, result.best_epoch = val, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            _checkpoint(model, config, result, "best")
-        _checkpoint(model, config, result, "last")
+            _save(result, model, config, "best")
+        _save(result, model, config, "last", optimizer=optimizer, scheduler=scheduler, record=record)
+    if writer is not None:
+        writer.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    elif result.model_dir is not None and (result.model_dir / "best").exists():  # resumed, no better epoch
+        model.load_state_dict(load_model(result.model_dir / "best", device=device)[0].state_dict())
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _checkpoint(model: UNet, config: ModelConfig, result: TrainResult, which: str) -> None:
+def _tensorboard(model_dir: Path | None):
+    if model_dir is None:
+        raise ConfigError("tensorboard logging needs a model_dir")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("training.tensorboard is true but the tensorboard package is not installed "
+                          "(pip install tensorboard)") from None
+    return SummaryWriter(str(model_dir / "tensorboard"))
+
+
+def _history(result: TrainResult) -> dict:
+    return {"epochs": result.epochs, "train_loss": result.train_loss, "val_loss": result.val_loss,
+            "lr": result.lr, "best_epoch": result.best_epoch + 1}
+
+
+def _save(result: TrainResult, model: UNet, config: ModelConfig, which: str, *,
+          optimizer=None, scheduler=None, record=None) -> None:
     if result.model_dir is None:
         return
-    provenance = dict(config.provenance)
-    provenance["training"] = {"epochs": len(result.train_loss), "train_loss": result.train_loss,
-                              "val_loss": result.val_loss, "lr": result.lr, "best_epoch": result.best_epoch}
-    cfg = config.model_copy(update={"provenance": provenance})
-    save_model(result.model_dir / which, model, cfg, overwrite=True)
+    provenance = dict(config.provenance, training=_history(result))
+    folder = save_model(result.model_dir / which, model, config.model_copy(update={"provenance": provenance}),
+                        overwrite=True)
+    if optimizer is None:
+        return
+    tensors, groups = {"rng": torch.get_rng_state()}, []
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    for group in optimizer.state_dict()["param_groups"]:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()})
+    save_file(tensors, str(folder / STATE_TENSORS))
+    state = {"epoch": len(result.train_loss), "history": _history(result), "param_groups": groups,
+             "scheduler": scheduler.state_dict()}
+    (folder / STATE_JSON).write_text(json.dumps(state))
+    with open(result.model_dir / "history.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def _restore(result: TrainResult, model: UNet, optimizer, scheduler, device) -> None:
+    """Load weights, optimizer, scheduler and history from ``model_dir/last``."""
+    folder = result.model_dir / "last"
+    try:
+        state = json.loads((folder / STATE_JSON).read_text())
+        tensors = load_file(str(folder / STATE_TENSORS))
+        weights, saved_config = load_model(folder, device=device)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot resume from {folder}: {type(e).__name__}: {e}") from None
+    if saved_config.architecture != model.config:
+        raise ModelError(f"cannot resume from {folder}: its architecture differs from the configured one; "
+                         "use another model_dir or set training.resume to false")
+    model.load_state_dict(weights.state_dict())
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            per_param.setdefault(int(index), {})[name] = value.to(device) if name != "step" else value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng"])
+    history = state["history"]
+    result.train_loss, result.val_loss, result.lr = history["train_loss"], history["val_loss"], history["lr"]
+    result.best_epoch = history["best_epoch"] - 1
+    result.start_epoch = state["epoch"]

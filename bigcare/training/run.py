@@ -1,0 +1,93 @@
+"""``bigcare.train(config)``: sample patches lazily, build the CARE U-Net, train, checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from datetime import datetime, timezone
+
+import torch
+
+from .. import __version__
+from ..models import UNet, UNetConfig
+from ..models.store import ModelConfig, Normalization
+from .config import TrainConfig, load_train_config
+from .trainer import TrainResult, fit
+
+__all__ = ["train"]
+
+
+def train(config, *, client=None, progress: bool = True) -> TrainResult:
+    """Train a CARE network as a config describes (see :mod:`bigcare.training.config`).
+
+    Parameters
+    ----------
+    config : TrainConfig, dict or path
+        The configuration (a YAML path is read and validated).
+    client : distributed.Client, optional
+        Cluster for the patch reads; default: ``config.cluster`` (an existing scheduler, or a
+        LocalCluster started and closed here).
+    progress : bool
+        Progress bars and per-epoch lines.
+
+    Returns
+    -------
+    TrainResult
+        Losses per epoch; ``model_dir/best`` is the model to restore with.
+
+    Raises
+    ------
+    ConfigError
+        For an invalid config (every bad key named), before any data is read.
+    """
+    cfg: TrainConfig = load_train_config(config)
+    from .sampling import PatchSampler  # imported late: heavy and only needed here
+
+    device = cfg.training.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = cfg.training.precision or ("bf16" if device.startswith("cuda") else "fp32")
+    data, net, opt = cfg.data, cfg.network, cfg.training
+    ndim = len(data.patch_shape)
+
+    if client is None:
+        from ..cluster import cluster_client
+
+        context = cluster_client(cfg.cluster.scheduler, n_workers=cfg.cluster.workers, quiet=not progress)
+    else:
+        context = contextlib.nullcontext(client)
+    with context as c:
+        sampler = PatchSampler(
+            [s.model_dump(exclude_none=True) for s in data.sources], tuple(data.patch_shape),
+            n_patches=data.n_patches, validation_fraction=data.validation_fraction,
+            foreground_threshold=data.foreground_threshold, foreground_percentile=data.foreground_percentile,
+            pmin_range=data.pmin_range, pmax_range=data.pmax_range, augment=data.augment, seed=opt.seed,
+            client=c, batch_size=opt.batch_size,
+        )
+        if data.patch_store:
+            store = sampler.write_patch_store(data.patch_store, overwrite=True)
+            batches = store.batches("train")
+        else:
+            batches = sampler.batches("train")
+        validation = list(sampler.batches("val", epochs=1))
+        arch = UNetConfig(ndim=ndim, depth=net.depth, n_filter_base=net.n_filter_base, kernel_size=net.kernel_size,
+                          n_conv_per_depth=net.n_conv_per_depth, residual=net.residual)
+        provenance = {
+            "data": sampler.provenance,
+            "config": cfg.model_dump(mode="json"),
+            "trained_with": {"bigcare": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                             "device": device, "precision": precision},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        # prediction normalises with the middle of the per-sample percentile ranges used in training
+        normalization = Normalization(pmin=sum(data.pmin_range) / 2, pmax=sum(data.pmax_range) / 2)
+        model_config = ModelConfig(axes="ZYX"[-ndim:], architecture=arch, normalization=normalization,
+                                   provenance=provenance)
+        torch.manual_seed(opt.seed)
+        model = UNet(arch)
+        if progress:
+            print(f"training a {ndim}D CARE U-Net ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+                  f"{len(sampler.train_positions)} training / {len(sampler.val_positions)} validation patches, "
+                  f"{device} {precision}", flush=True)
+        return fit(model, model_config, batches, validation=validation, epochs=opt.epochs,
+                   steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
+                   precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
+                   tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
