@@ -1,67 +1,35 @@
-"""The block runner: plan a restoration, submit one dask task per block, resume, report.
+"""The block runner's public face: restore a volume on a cluster, predict an array in memory.
 
 ::
 
     restore(input, output, model)
-      open input ─► check model fits ─► plan blocks ─► fresh / resume / refuse?
-         ─► (fresh) percentiles, create outputs (metadata first) + done markers
-         ─► client.map(run_block, blocks not yet done)   one task per block, coordinates only
-         ─► gather small statuses (progress bar) ─► pyramid ─► mark complete
+      model ─► ModelRef (client-side predictor; the model's bytes are sent to the workers once)
+      plan_volume_run   open input ─► check model fits ─► plan blocks ─► fresh/resume/replace/refuse
+      (cluster: the given client, an existing scheduler, or one started here by name)
+      start_volume_run  percentiles, outputs metadata-first + done markers   (fresh runs)
+      execute           client.map(run_block, blocks not yet done): one task per block,
+                        coordinates only; one retry per failed block; progress bar
+      finish_volume_run summary JSON ─► pyramid ─► mark complete   (or BlockError)
 
-Everything that can reject the input runs before anything is written.
+Everything that can reject the input runs before anything is written. The stages live in
+:mod:`bigcare.runs` (one volume), :mod:`bigcare.execute` (the queue of block tasks) and
+:mod:`bigcare.summary`; :mod:`bigcare.batch` runs many volumes as one queue.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from dataclasses import dataclass, field
+import contextlib
 
-import fsspec
 import numpy as np
-import zarr
 
-from . import __version__
-from .blocks import BlockPlan, default_block_shape, plan_blocks
-from .errors import BlockError, ConfigError, InputError, OutputError
-from .models import model_hash
-from .ngff import create_image, update_attrs, write_pyramid
+from .errors import BlockError
+from .execute import RunResult, execute, shipping
 from .normalize import Normalizer, compute_normalizer
 from .restore import load_predictor
-from .tasks import MARKER, AxisLayout, RunSpec, predict_region, run_block
-from .volume import Volume, normalise_url, open_volume, store_kwargs
+from .runs import TARGET_VOXELS, finish_volume_run, plan_restoration, plan_volume_run, resolve_model, start_volume_run
+from .tasks import AxisLayout, predict_region
 
-__all__ = ["restore", "predict", "RunResult", "plan_restoration"]
-
-#: voxels per block (write region) aimed for when no block shape is given
-TARGET_VOXELS = {"cpu": 2**22, "cuda": 2**25}
-
-
-@dataclass
-class RunResult:
-    """What a restoration run did (also stored in the output's ``bigcare`` attributes)."""
-
-    outputs: dict[str, str]
-    blocks_total: int
-    blocks_skipped: int
-    blocks_computed: int
-    failed: list = field(default_factory=list)
-    voxels: int = 0
-    seconds: float = 0.0
-    halo_overhead: float = 1.0
-    normalization: dict = field(default_factory=dict)
-    peak_worker_rss_mb: float = 0.0
-    seconds_in: dict = field(default_factory=lambda: {"read": 0.0, "predict": 0.0, "write": 0.0})
-
-    @property
-    def voxels_per_second(self) -> float:
-        return self.voxels / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["voxels_per_second"] = self.voxels_per_second
-        return d
+__all__ = ["restore", "predict", "RunResult", "plan_restoration", "TARGET_VOXELS", "block_error"]
 
 
 def _default_device() -> str:
@@ -70,112 +38,36 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _fs(url: str, options: dict | None):
-    return fsspec.core.url_to_fs(str(url), **(options or {}))
+@contextlib.contextmanager
+def _client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security):
+    """The given client, or one to ``scheduler``, or to a cluster started (and closed) here."""
+    if client is not None:
+        yield client
+        return
+    from .cluster import cluster_client
+
+    with cluster_client(scheduler, cluster=cluster, config=cluster_config, n_workers=workers, device=device,
+                        quiet=not progress, security=security) as c:
+        yield c
 
 
-def _spatial_block(volume: Volume, layout: AxisLayout, block: tuple[int, ...] | None) -> tuple[int, ...] | None:
-    """Expand a spatial block shape (Z, Y, X) to every axis of the volume."""
-    if block is None:
-        return None
-    if len(block) != len(layout.spatial):
-        raise ConfigError(
-            f"block has {len(block)} entries {tuple(block)}, expected one per spatial axis "
-            f"{layout.spatial.upper()!r}"
-        )
-    by_axis = dict(zip(layout.spatial, block))
-    return tuple(n if a == "c" else by_axis.get(a, 1) for a, n in zip(volume.axis_names, volume.shape))
-
-
-def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=None, device="cpu"):
-    """Choose output chunks and the block plan for a volume and a predictor.
-
-    Output chunks follow the input's chunks on spatial axes (the same grid), whole channels
-    and one time point. A user block shape that is not a whole number of those chunks makes
-    the output chunk equal to the block instead.
-
-    Returns
-    -------
-    (chunks, BlockPlan)
-    """
-    axes, shape = volume.axis_names, volume.shape
-    spatial = [a in layout.spatial for a in axes]
-    chunks = tuple(n if a == "c" else (c if s else 1) for a, n, c, s in zip(axes, shape, volume.chunks, spatial))
-    halo = tuple(predictor.halo[layout.spatial.index(a)] if s else 0 for a, s in zip(axes, spatial))
-    align = tuple(predictor.align[layout.spatial.index(a)] if s else 1 for a, s in zip(axes, spatial))
-    block = _spatial_block(volume, layout, block_shape)
-    if block is None:
-        target = TARGET_VOXELS["cuda" if str(device).startswith("cuda") else "cpu"]
-        block = default_block_shape(shape, chunks, spatial, halo, target)
-    elif any(b % c and b < n for b, c, n in zip(block, chunks, shape)):
-        chunks = tuple(min(b, n) for b, n in zip(block, shape))
-    return chunks, plan_blocks(shape, block, halo, align, chunks)
-
-
-def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str) -> str:
-    ident = {
-        "input": volume.url, "shape": list(volume.shape), "dtype": str(volume.dtype),
-        "model": mhash, "plan": plan.as_dict(), "outputs": list(outputs), "dtype_out": dtype,
-        "precision": precision,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool) -> str:
-    """'fresh', 'resume', or raise OutputError. Deletes our own old output when overwriting."""
-    fs, path = _fs(url, options)
-    if not fs.exists(path):
-        return "fresh"
-    try:
-        attrs = dict(zarr.open_group(mode="r", **store_kwargs(url, options)).attrs)
-    except Exception:
-        attrs = {}
-    ours = attrs.get("bigcare")
-    if not isinstance(ours, dict) or "run_key" not in ours:
-        raise OutputError(
-            f"output path {url} already exists and was not written by bigcare; "
-            "choose another path or remove it yourself"
-        )
-    if ours["run_key"] == run_key:
-        return "resume"
-    if not overwrite:
-        raise OutputError(
-            f"output {url} was written by a different run (other model, input or block layout); "
-            "pass overwrite=True (--overwrite) to replace it, or choose another output path"
-        )
-    fs.rm(path, recursive=True)
-    return "fresh"
-
-
-def _create_outputs(volume, layout, chunks, predictor, output, options, ngff_version, dtype, attrs, grid):
-    names = predictor.outputs
-    out_shape = layout.out_shape(volume.shape)
-    in_chunks = dict(zip(volume.axis_names, chunks))
-    in_chunks["c"] = layout.n_channel_out
-    out_chunks = tuple(in_chunks[a] for a in layout.out_axes)
-    axes_by_name = {a.name: a for a in volume.axes}
-    scale_by_name = dict(zip(volume.axis_names, volume.scale))
-    trans_by_name = dict(zip(volume.axis_names, volume.levels[0].translation))
-    from .volume import Axis
-
-    out_axes = [axes_by_name.get(a, Axis("c", "channel", None)) for a in layout.out_axes]
-    scale = [scale_by_name.get(a, 1.0) for a in layout.out_axes]
-    translation = [trans_by_name.get(a, 0.0) for a in layout.out_axes]
-    single = len(names) == 1
-    if not single:
-        zarr.open_group(mode="w", zarr_format=3 if ngff_version == "0.5" else 2, attributes=attrs,
-                        **store_kwargs(output, options))
-    images = {}
-    for name in names:
-        url = output if single else f"{str(output).rstrip('/')}/{name}"
-        images[name] = create_image(
-            url, shape=out_shape, dtype=dtype, chunks=out_chunks, axes=out_axes, scale=scale,
-            translation=translation, ngff_version=ngff_version, storage_options=options,
-            name=f"{volume.name or 'volume'} ({name})", attrs=attrs if single else None,
-        )
-    root = zarr.open_group(mode="r+", **store_kwargs(output, options))
-    root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)
-    return images
+def block_error(runs, results) -> BlockError:
+    """One BlockError naming every failed block of every run (first five per run in full)."""
+    parts, n_failed, n_todo = [], 0, 0
+    for run, result in zip(runs, results):
+        n_todo += result.blocks_total - result.blocks_skipped
+        if not result.failed:
+            continue
+        n_failed += len(result.failed)
+        where = f"{run.output}: " if len(runs) > 1 else ""
+        parts.append(where + "; ".join(f"block {i} (write region {w}): {e}" for i, w, e in result.failed[:5])
+                     + (f"; ... {len(result.failed) - 5} more" if len(result.failed) > 5 else ""))
+    err = BlockError(
+        f"{n_failed} of {n_todo} block(s) failed; the others are written and marked done, re-run the "
+        f"same command to retry. First failures: " + " | ".join(parts)
+    )
+    err.results = list(results)
+    return err
 
 
 def restore(
@@ -185,6 +77,8 @@ def restore(
     *,
     client=None,
     scheduler: str | None = None,
+    cluster: str = "local",
+    cluster_config=None,
     block_shape=None,
     device: str | None = None,
     precision: str = "fp32",
@@ -197,25 +91,33 @@ def restore(
     storage_options: dict | None = None,
     output_storage_options: dict | None = None,
     torch_threads: int | None = None,
+    ship_model: bool = True,
+    security=None,
 ) -> RunResult:
     """Restore an OME-Zarr volume block by block with a model, on a dask cluster.
 
     Parameters
     ----------
     input : str, os.PathLike or Volume
-        OME-Zarr image (NGFF 0.4 or 0.5): a path or an fsspec URL.
+        OME-Zarr image (NGFF 0.4 or 0.5): a path or an fsspec URL (``s3://bucket/a.ome.zarr``).
     output : str or os.PathLike
         Where to write. A model with one output writes one OME-Zarr image there; a model with
         several named outputs (e.g. ``mean`` and ``scale``) writes a group holding one image per
-        name (``output/mean``, ``output/scale``).
-    model : str, os.PathLike or Predictor
-        Model folder (config.json + model.safetensors), or a picklable predictor object such
-        as :class:`bigcare.restore.identity.IdentityPredictor` (sent to workers with the run).
+        name (``output/mean``, ``output/scale``). ``output/bigcare_summary.json`` holds the run
+        summary.
+    model : str, os.PathLike, ModelPayload or Predictor
+        Model folder (config.json + model.safetensors), a
+        :class:`~bigcare.restore.payload.ModelPayload`, or a picklable predictor object such as
+        :class:`bigcare.restore.identity.IdentityPredictor` (sent to workers with the run).
     client : distributed.Client, optional
-        Cluster to run on. Without one, ``scheduler`` is connected to, or a LocalCluster with
-        separate worker processes is started and closed afterwards.
+        Cluster to run on. Without one, ``scheduler`` is connected to, or a cluster of kind
+        ``cluster`` is started and closed afterwards.
     scheduler : str, optional
-        Address of an existing scheduler, used when ``client`` is None.
+        Address of an existing scheduler (``tcp://host:8786``, ``tls://...``).
+    cluster : {"local", "local-cuda", "slurm", "kubernetes"}
+        Kind of cluster to start when neither ``client`` nor ``scheduler`` is given.
+    cluster_config : str or os.PathLike, optional
+        Config file of the slurm / kubernetes cluster (see ``cluster/``).
     block_shape : tuple of int, optional
         Write-region shape per spatial axis (e.g. ``(64, 256, 256)``); default: a whole number
         of output chunks holding ~4 Mvoxels (CPU) or ~32 Mvoxels (GPU).
@@ -225,7 +127,7 @@ def restore(
     precision : {"fp32", "bf16", "fp16"}
         Inference precision (autocast for the latter two).
     workers : int, optional
-        Worker processes of the LocalCluster started when no client/scheduler is given.
+        Worker processes of a local cluster started here.
     overwrite : bool
         Replace an output written by bigcare with another model/input/layout. A path bigcare
         did not write is never overwritten.
@@ -236,11 +138,18 @@ def restore(
     pyramid : bool
         Build the multiscale pyramid of every output after the full-resolution level.
     progress : bool
-        Show a progress bar.
+        Show a progress bar and print the cluster's dashboard address.
     storage_options, output_storage_options : dict, optional
-        fsspec options for the input and output stores.
+        fsspec options for the input and output stores (they travel to the workers). Without
+        them, S3 endpoint and credentials come from the standard ``AWS_*`` variables.
     torch_threads : int, optional
         Threads per worker for torch; default: the worker's thread count.
+    ship_model : bool
+        Send a model folder's bytes (config JSON + safetensors, checked by hash) to every
+        worker once, so workers need no access to the client's files (default). False: the
+        workers load the model from ``model``'s path, which must be on shared storage.
+    security : distributed.Security, optional
+        TLS settings for a ``tls://`` scheduler.
 
     Returns
     -------
@@ -251,122 +160,22 @@ def restore(
     InputError, ModelError, ModelMismatchError, OutputError, ConfigError
         Before anything is written, when an argument is unusable.
     BlockError
-        After the run, if some blocks failed (the others are written and marked done).
+        After the run, if some blocks failed (the others are written and marked done); its
+        ``results`` attribute holds the RunResult.
     """
-    volume = input if isinstance(input, Volume) else open_volume(input, storage_options=storage_options)
     device = device or _default_device()
-    ngff_version = ngff_version or "0.5"
-    if ngff_version not in ("0.4", "0.5"):
-        raise ConfigError(f"ngff_version must be '0.4' or '0.5', got {ngff_version!r}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
-    output = normalise_url(output)
-    if hasattr(model, "predict"):  # a predictor object (e.g. IdentityPredictor): sent with the spec
-        predictor, shipped, mhash = model, model, getattr(model, "fingerprint", type(model).__name__)
-    else:
-        mhash = model_hash(model)
-        predictor = load_predictor(str(model), device="cpu")  # client side: metadata and validation
-        shipped = None
-    layout = AxisLayout.build(volume.axis_names, [a.type for a in volume.axes], predictor.spatial_axes,
-                              predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
-    chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device)
-    run_key = _run_key(volume, mhash, plan, predictor.outputs, output_dtype, precision)
-    state = _output_state(output, output_storage_options, run_key, overwrite)
-
-    if state == "fresh":
-        try:
-            normalizer = compute_normalizer(volume.to_dask(), _channel_axis(volume), predictor.pmin,
-                                            predictor.pmax, client=client, name=volume.url)
-        except InputError:
-            raise
-        except Exception as exc:  # unreadable chunks etc.: nothing is written yet
-            raise InputError(f"could not read {volume.url} to compute its percentiles: "
-                             f"{type(exc).__name__}: {exc}") from exc
-        attrs = {"bigcare": {
-            "version": __version__, "run_key": run_key, "input": volume.url,
-            "model": mhash if shipped else str(model),
-            "model_hash": mhash, "outputs": list(predictor.outputs), "plan": plan.as_dict(),
-            "normalization": normalizer.as_dict(), "complete": False,
-        }}
-        _create_outputs(volume, layout, chunks, predictor, output, output_storage_options,
-                        ngff_version, output_dtype, attrs, plan.grid)
-    else:
-        attrs = dict(zarr.open_group(mode="r", **store_kwargs(output, output_storage_options)).attrs)
-        normalizer = Normalizer.from_dict(attrs["bigcare"]["normalization"])
-
-    single = len(predictor.outputs) == 1
-    images = {name: (output if single else f"{output.rstrip('/')}/{name}") for name in predictor.outputs}
-    spec = RunSpec(
-        input_url=volume.url, input_path=volume.levels[0].path, input_options=volume.storage_options,
-        layout=layout, model_path=None if shipped else str(model), model_hash=mhash, predictor=shipped, device=device, precision=precision,
-        normalizer=normalizer, outputs=tuple((n, u, "0") for n, u in images.items()),
-        output_options=output_storage_options, output_dtype=output_dtype, marker_url=output,
-        run_key=run_key, torch_threads=torch_threads,
-    )
-    done = np.asarray(zarr.open_array(path=MARKER, mode="r", **store_kwargs(output, output_storage_options))[...])
-    done = done.astype(bool)
-    todo = [b for b in plan if not done[b.index]]
-    if todo and state == "resume" and attrs["bigcare"].get("complete"):
-        attrs["bigcare"]["complete"] = False  # blocks are missing after all: not complete
-        update_attrs(output, {"bigcare": attrs["bigcare"]}, storage_options=output_storage_options)
-
-    if client is None:
-        from .cluster import cluster_client
-
-        with cluster_client(scheduler, n_workers=workers, device=device, quiet=not progress) as c:
-            result = _execute(c, todo, spec, plan, images, progress)
-    else:
-        result = _execute(client, todo, spec, plan, images, progress)
-    result.normalization = normalizer.as_dict()
-
+    ref = resolve_model(model, ship_model)
+    run = plan_volume_run(input, output, ref, block_shape=block_shape, device=device, precision=precision,
+                          overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
+                          storage_options=storage_options, output_storage_options=output_storage_options,
+                          torch_threads=torch_threads)
+    with _client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
+        start_volume_run(run, c)
+        with shipping(c, [ref.payload] if run.todo else []):
+            (result,) = execute(c, [run], progress=progress)
+        finish_volume_run(run, result, c, pyramid)
     if result.failed:
-        result.failed.sort()
-        raise BlockError(
-            f"{len(result.failed)} of {len(todo)} block(s) failed; the others are written and "
-            f"marked done, re-run the same command to retry. First failures: "
-            + "; ".join(f"block {i} (write region {w}): {e}" for i, w, e in result.failed[:5])
-        )
-    if pyramid:
-        for url in images.values():
-            write_pyramid(open_volume(url, storage_options=output_storage_options), client=client)
-    summary = {**attrs["bigcare"], "complete": True, "last_run": result.as_dict()}
-    update_attrs(output, {"bigcare": summary}, storage_options=output_storage_options)
-    return result
-
-
-def _channel_axis(volume: Volume) -> int | None:
-    names = volume.axis_names
-    return names.index("c") if "c" in names else None
-
-
-def _execute(client, todo, spec: RunSpec, plan: BlockPlan, images, progress: bool) -> RunResult:
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    resources = {"GPU": 1} if spec.device.startswith("cuda") else None
-    futures = client.map(run_block, todo, spec=spec, key=[f"bigcare-block-{spec.run_key[:8]}-{'-'.join(map(str, b.index))}" for b in todo],
-                         resources=resources, pure=False, retries=1)
-    by_key = {f.key: b for f, b in zip(futures, todo)}
-    result = RunResult(outputs=images, blocks_total=len(plan), blocks_skipped=len(plan) - len(todo),
-                       blocks_computed=0, halo_overhead=plan.overhead)
-    bar = tqdm(total=len(todo), unit="block", desc="restore", disable=not progress)
-    for future in as_completed(futures):
-        if future.status == "error":
-            block = by_key[future.key]
-            exc = future.exception()
-            result.failed.append((block.index, block.write, f"{type(exc).__name__}: {exc}"))
-        else:
-            status = future.result()
-            result.blocks_computed += 1
-            result.voxels += status["voxels"]
-            result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, status["peak_rss_mb"])
-            for part in ("read", "predict", "write"):
-                result.seconds_in[part] += status[f"{part}_s"]
-        bar.update(1)
-        future.release()
-    bar.close()
-    result.seconds = time.perf_counter() - t0
+        raise block_error([run], [result])
     return result
 
 

@@ -242,3 +242,14 @@ def test_bf16_autocast_stays_close_to_fp32(tmp_path):
     bf16 = bigcare.predict(data, model, axes="zyx", precision="bf16")["restored"]
     rel_l2 = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
     assert 0 < rel_l2 < 2e-2
+
+
+def test_overwrite_keeps_the_old_output_when_the_new_input_is_unusable(tmp_path, client, model3d):
+    write_volume(tmp_path / "in.ome.zarr", smooth_volume((8, 16, 16)))
+    out = tmp_path / "out.ome.zarr"
+    bigcare.restore(tmp_path / "in.ome.zarr", out, model3d, client=client, progress=False)
+    before = read(out)
+    write_volume(tmp_path / "nan.ome.zarr", np.full((8, 16, 16), np.nan, np.float32))
+    with pytest.raises(InputError, match="no finite values"):
+        bigcare.restore(tmp_path / "nan.ome.zarr", out, model3d, client=client, overwrite=True, progress=False)
+    np.testing.assert_array_equal(read(out), before)
