@@ -253,3 +253,23 @@ def test_overwrite_keeps_the_old_output_when_the_new_input_is_unusable(tmp_path,
     with pytest.raises(InputError, match="no finite values"):
         bigcare.restore(tmp_path / "nan.ome.zarr", out, model3d, client=client, overwrite=True, progress=False)
     np.testing.assert_array_equal(read(out), before)
+
+
+def test_gpu_runs_request_one_gpu_resource_per_block_task():
+    """The GPU path is the CPU path with device="cuda": each block task asks for one GPU."""
+    from types import SimpleNamespace
+
+    from bigcare.blocks import plan_blocks
+    from bigcare.engine import _execute
+
+    class RecordingClient:
+        def map(self, fn, items, **kwargs):
+            self.items, self.kwargs = list(items), kwargs
+            return []
+
+    plan = plan_blocks((8, 8, 8), (4, 8, 8), (0, 0, 0), (1, 1, 1))
+    for device, expected in (("cuda:1", {"GPU": 1}), ("cpu", None)):
+        client = RecordingClient()
+        _execute(client, list(plan), SimpleNamespace(device=device, run_key="0" * 64), plan, {}, progress=False)
+        assert client.kwargs["resources"] == expected
+        assert len(client.items) == 2 and client.kwargs["pure"] is False
