@@ -35,18 +35,35 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_restore(args) -> int:
-    from .engine import restore
+    from .cluster import cluster_kwargs
+    from .errors import BlockError, ConfigError
+    from .summary import format_summary, summary_dict
 
-    result = restore(args.input, args.output, args.model, scheduler=args.scheduler, block_shape=args.block,
-                     device=args.device, precision=args.precision, workers=args.workers,
-                     overwrite=args.overwrite, ngff_version=args.ngff_version, output_dtype=args.dtype,
-                     pyramid=not args.no_pyramid)
-    summary = result.as_dict()
-    print(f"restored {result.blocks_computed} block(s) ({result.blocks_skipped} already done) of "
-          f"{result.blocks_total} in {result.seconds:.1f} s: {result.voxels_per_second / 1e6:.2f} Mvoxel/s, "
-          f"halo overhead {result.halo_overhead:.2f}x")
-    if args.json:
-        print(json.dumps(summary, default=str))
+    options = dict(block_shape=args.block, device=args.device, precision=args.precision,
+                   overwrite=args.overwrite, ngff_version=args.ngff_version, output_dtype=args.dtype,
+                   pyramid=not args.no_pyramid, ship_model=not args.model_on_shared_storage, **cluster_kwargs(args))
+    if args.output_dir is None and len(args.paths) != 2:
+        raise ConfigError(f"restore takes INPUT OUTPUT, or several inputs with --output-dir DIR; got "
+                          f"{len(args.paths)} path(s) {args.paths} without --output-dir")
+    try:
+        if args.output_dir is None:
+            from .engine import restore
+
+            results = [restore(args.paths[0], args.paths[1], args.model, **options)]
+        else:
+            from .batch import restore_many
+
+            results = restore_many(args.paths, args.output_dir, args.model, **options)
+        failed = None
+    except BlockError as exc:
+        results, failed = getattr(exc, "results", []), exc
+    for result in results:
+        print(format_summary(result, name=result.input if len(results) > 1 else ""))
+        if args.json:
+            print(json.dumps(summary_dict(result), default=str))
+    if failed is not None:
+        print(f"bigcare restore: error: {failed}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -92,6 +109,8 @@ def _cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bigcare`` command."""
+    from .cluster import add_cluster_arguments
+
     parser = argparse.ArgumentParser(prog="bigcare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -104,12 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("restore", help="restore an OME-Zarr volume block by block with a model")
-    p.add_argument("input", help="input OME-Zarr image (path or fsspec URL)")
-    p.add_argument("output", help="output OME-Zarr path or URL")
+    p = sub.add_parser("restore", help="restore OME-Zarr volumes block by block with a model",
+                       description="Restore one volume (INPUT OUTPUT) or several (INPUT... --output-dir DIR; "
+                       "globs and @list.txt files of paths are expanded) on one dask cluster. Exit status: "
+                       "0 done, 2 unusable input or option (nothing written), 3 some blocks failed (the "
+                       "others are written; re-run to retry).")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="INPUT OUTPUT, or with --output-dir: inputs (paths, fsspec URLs, globs, @list.txt)")
+    p.add_argument("-o", "--output-dir", default=None, help="batch mode: write OUTPUT_DIR/<input name> per input")
     p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
-    p.add_argument("--scheduler", default=None, help="address of an existing dask scheduler, e.g. tcp://host:8786")
-    p.add_argument("--workers", type=int, default=None, help="local worker processes when no scheduler is given")
+    p.add_argument("--model-on-shared-storage", action="store_true",
+                   help="workers read the model folder by path instead of receiving its bytes once")
     p.add_argument("--block", type=_ints, default=None, help="block shape per spatial axis, e.g. 64,256,256")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N [cuda if available]")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -117,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngff-version", default="0.5", choices=["0.5", "0.4"])
     p.add_argument("--overwrite", action="store_true", help="replace an output of another bigcare run")
     p.add_argument("--no-pyramid", action="store_true", help="skip the multiscale pyramid")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument("--json", action="store_true", help="print each run summary as JSON")
+    add_cluster_arguments(p)
     p.set_defaults(func=_cmd_restore)
 
     p = sub.add_parser("convert", help="stream a TIFF stack into OME-Zarr")

@@ -116,7 +116,7 @@ class RunSpec:
     input_path: str
     input_options: dict | None
     layout: AxisLayout
-    model_path: str | None
+    model_path: str | None  # None: the model was sent to the workers (see bigcare.restore.payload)
     model_hash: str
     device: str
     precision: str
@@ -193,8 +193,15 @@ def run_block(block: Block, spec: RunSpec) -> dict:
     from .restore import load_predictor
 
     _set_threads(spec.torch_threads)
-    predictor = spec.predictor or load_predictor(spec.model_path, device=spec.device, precision=spec.precision,
-                                                 expected_hash=spec.model_hash)
+    if spec.predictor is not None:
+        predictor = spec.predictor
+    elif spec.model_path is None:  # the model's bytes were sent to this worker (ModelPlugin)
+        from .restore.payload import shipped_predictor
+
+        predictor = shipped_predictor(spec.model_hash, spec.device, spec.precision)
+    else:
+        predictor = load_predictor(spec.model_path, device=spec.device, precision=spec.precision,
+                                   expected_hash=spec.model_hash)
     t0 = time.perf_counter()
     source = _open_array(spec.input_url, spec.input_path, "r", _options_key(spec.input_options), spec.run_key)
     region = np.asarray(source[block.read_slices])

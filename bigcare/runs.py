@@ -1,0 +1,317 @@
+"""The life of one volume's restoration run: plan (no writes), start (outputs), finish.
+
+::
+
+    plan_volume_run()      open input, check the model fits, plan blocks, decide
+       (writes nothing)    fresh / resume / replace / refuse
+    start_volume_run()     percentiles (fresh), create outputs metadata-first + done markers,
+       (on the cluster)    the RunSpec and the blocks still to do
+    execute()              one task per block (bigcare.execute), for one run or a batch
+    finish_volume_run()    summary JSON, then BlockError if blocks failed, else the pyramid and
+                           ``bigcare.complete = True``
+
+:func:`bigcare.restore` runs one volume through these steps; :func:`bigcare.batch.restore_many`
+plans every volume first (so a bad input stops the batch before anything is written), then
+runs all their blocks as one queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import zarr
+
+from . import __version__
+from .blocks import BlockPlan, default_block_shape, plan_blocks
+from .errors import ConfigError, InputError, OutputError
+from .models import model_hash
+from .ngff import create_image, update_attrs, write_pyramid
+from .normalize import Normalizer, compute_normalizer
+from .restore import load_predictor
+from .tasks import MARKER, AxisLayout, RunSpec
+from .volume import Axis, Volume, normalise_url, open_volume, store_kwargs
+
+__all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
+           "finish_volume_run", "plan_restoration", "TARGET_VOXELS"]
+
+#: voxels per block (write region) aimed for when no block shape is given
+TARGET_VOXELS = {"cpu": 2**22, "cuda": 2**25}
+
+
+@dataclass
+class ModelRef:
+    """A model as a run uses it: the client-side predictor (metadata) and how workers get it.
+
+    Attributes
+    ----------
+    predictor : Predictor
+        Client-side instance: halo, axes, channels, percentiles.
+    hash : str
+        Model identity (part of the run key).
+    path : str or None
+        Model folder the workers read (shared storage); None when the model is sent.
+    payload : ModelPayload or None
+        The model's bytes, sent once to every worker by a worker plugin.
+    obj : object or None
+        A picklable predictor object (e.g. IdentityPredictor) sent with the run spec.
+    """
+
+    predictor: object
+    hash: str
+    path: str | None = None
+    payload: object | None = None
+    obj: object | None = None
+
+    @property
+    def label(self) -> str:
+        return self.path or (self.payload.source if self.payload is not None else "") or self.hash
+
+
+def resolve_model(model, ship_model: bool = True) -> ModelRef:
+    """Turn ``model`` (folder, ModelPayload or predictor object) into a :class:`ModelRef`."""
+    from .restore.payload import ModelPayload
+
+    if isinstance(model, ModelPayload):
+        model.verify()
+        return ModelRef(model.build("cpu"), model.hash, payload=model)
+    if hasattr(model, "predict"):  # a predictor object: sent with the spec
+        return ModelRef(model, getattr(model, "fingerprint", type(model).__name__), obj=model)
+    mhash = model_hash(model)
+    predictor = load_predictor(str(model), device="cpu")
+    if ship_model:
+        payload = ModelPayload.from_folder(model)
+        if payload.hash != mhash:
+            raise ConfigError(f"model folder {model} changed while it was being read; try again")
+        return ModelRef(predictor, mhash, path=str(model), payload=payload)
+    return ModelRef(predictor, mhash, path=str(model))
+
+
+def _spatial_block(volume: Volume, layout: AxisLayout, block: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """Expand a spatial block shape (Z, Y, X) to every axis of the volume."""
+    if block is None:
+        return None
+    if len(block) != len(layout.spatial):
+        raise ConfigError(
+            f"block has {len(block)} entries {tuple(block)}, expected one per spatial axis "
+            f"{layout.spatial.upper()!r}"
+        )
+    by_axis = dict(zip(layout.spatial, block))
+    return tuple(n if a == "c" else by_axis.get(a, 1) for a, n in zip(volume.axis_names, volume.shape))
+
+
+def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=None, device="cpu"):
+    """Choose output chunks and the block plan for a volume and a predictor.
+
+    Output chunks follow the input's chunks on spatial axes (the same grid), whole channels
+    and one time point. A user block shape that is not a whole number of those chunks makes
+    the output chunk equal to the block instead.
+
+    Returns
+    -------
+    (chunks, BlockPlan)
+    """
+    axes, shape = volume.axis_names, volume.shape
+    spatial = [a in layout.spatial for a in axes]
+    chunks = tuple(n if a == "c" else (c if s else 1) for a, n, c, s in zip(axes, shape, volume.chunks, spatial))
+    halo = tuple(predictor.halo[layout.spatial.index(a)] if s else 0 for a, s in zip(axes, spatial))
+    align = tuple(predictor.align[layout.spatial.index(a)] if s else 1 for a, s in zip(axes, spatial))
+    block = _spatial_block(volume, layout, block_shape)
+    if block is None:
+        target = TARGET_VOXELS["cuda" if str(device).startswith("cuda") else "cpu"]
+        block = default_block_shape(shape, chunks, spatial, halo, target)
+    elif any(b % c and b < n for b, c, n in zip(block, chunks, shape)):
+        chunks = tuple(min(b, n) for b, n in zip(block, shape))
+    return chunks, plan_blocks(shape, block, halo, align, chunks)
+
+
+@dataclass
+class VolumeRun:
+    """One volume's run: what was planned, and (once started) what the workers need."""
+
+    volume: Volume
+    output: str
+    model: ModelRef
+    layout: AxisLayout
+    chunks: tuple
+    plan: BlockPlan
+    run_key: str
+    state: str  # fresh | resume | replace
+    device: str
+    precision: str
+    ngff_version: str
+    output_dtype: str
+    output_options: dict | None
+    torch_threads: int | None
+    attrs: dict = field(default_factory=dict)
+    normalizer: Normalizer | None = None
+    spec: RunSpec | None = None
+    todo: list = field(default_factory=list)
+
+    @property
+    def images(self) -> dict[str, str]:
+        """Output image URL per named output."""
+        names = self.model.predictor.outputs
+        if len(names) == 1:
+            return {names[0]: self.output}
+        return {n: f"{self.output.rstrip('/')}/{n}" for n in names}
+
+
+def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str) -> str:
+    ident = {
+        "input": volume.url, "shape": list(volume.shape), "dtype": str(volume.dtype),
+        "model": mhash, "plan": plan.as_dict(), "outputs": list(outputs), "dtype_out": dtype,
+        "precision": precision,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool) -> str:
+    """'fresh', 'resume', 'replace', or raise OutputError. Nothing is deleted here.
+
+    'replace' is our own output of another run with overwrite asked, or our own output of
+    this run whose creation was cut short (no done markers yet: nothing to lose).
+    """
+    fs, path = fsspec.core.url_to_fs(str(url), **(options or {}))
+    if not fs.exists(path):
+        return "fresh"
+    try:
+        group = zarr.open_group(mode="r", **store_kwargs(url, options))
+        attrs = dict(group.attrs)
+    except Exception:
+        group, attrs = None, {}
+    ours = attrs.get("bigcare")
+    if not isinstance(ours, dict) or "run_key" not in ours:
+        raise OutputError(
+            f"output path {url} already exists and was not written by bigcare; "
+            "choose another path or remove it yourself"
+        )
+    if ours["run_key"] == run_key:
+        try:
+            group[MARKER]
+        except KeyError:  # killed while the outputs were being created: no block was done
+            return "replace"
+        return "resume"
+    if not overwrite:
+        raise OutputError(
+            f"output {url} was written by a different run (other model, input or block layout); "
+            "pass overwrite=True (--overwrite) to replace it, or choose another output path"
+        )
+    return "replace"
+
+
+def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, device="cpu", precision="fp32",
+                    overwrite=False, ngff_version="0.5", output_dtype="float32", storage_options=None,
+                    output_storage_options=None, torch_threads=None) -> VolumeRun:
+    """Open the input, check the model fits, plan the blocks, check the output. Writes nothing."""
+    volume = input if isinstance(input, Volume) else open_volume(input, storage_options=storage_options)
+    if ngff_version not in ("0.4", "0.5"):
+        raise ConfigError(f"ngff_version must be '0.4' or '0.5', got {ngff_version!r}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    output = normalise_url(output)
+    predictor = model.predictor
+    layout = AxisLayout.build(volume.axis_names, [a.type for a in volume.axes], predictor.spatial_axes,
+                              predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
+    chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device)
+    run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision)
+    state = _output_state(output, output_storage_options, run_key, overwrite)
+    return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
+                     ngff_version, output_dtype, output_storage_options, torch_threads)
+
+
+def _channel_axis(volume: Volume) -> int | None:
+    names = volume.axis_names
+    return names.index("c") if "c" in names else None
+
+
+def _create_outputs(run: VolumeRun) -> None:
+    volume, layout, options = run.volume, run.layout, run.output_options
+    in_chunks = dict(zip(volume.axis_names, run.chunks))
+    in_chunks["c"] = layout.n_channel_out
+    out_chunks = tuple(in_chunks[a] for a in layout.out_axes)
+    axes_by_name = {a.name: a for a in volume.axes}
+    scale_by_name = dict(zip(volume.axis_names, volume.scale))
+    trans_by_name = dict(zip(volume.axis_names, volume.levels[0].translation))
+    out_axes = [axes_by_name.get(a, Axis("c", "channel", None)) for a in layout.out_axes]
+    scale = [scale_by_name.get(a, 1.0) for a in layout.out_axes]
+    translation = [trans_by_name.get(a, 0.0) for a in layout.out_axes]
+    images = run.images
+    single = len(images) == 1
+    if not single:
+        zarr.open_group(mode="w", zarr_format=3 if run.ngff_version == "0.5" else 2, attributes=run.attrs,
+                        **store_kwargs(run.output, options))
+    for name, url in images.items():
+        create_image(
+            url, shape=layout.out_shape(volume.shape), dtype=run.output_dtype, chunks=out_chunks, axes=out_axes,
+            scale=scale, translation=translation, ngff_version=run.ngff_version, storage_options=options,
+            name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,
+        )
+    root = zarr.open_group(mode="r+", **store_kwargs(run.output, options))
+    grid = run.plan.grid
+    root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)
+
+
+def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
+    """Percentiles and outputs (fresh runs), the RunSpec, and the blocks still to do."""
+    volume, options, predictor = run.volume, run.output_options, run.model.predictor
+    if run.state in ("fresh", "replace"):
+        try:
+            normalizer = compute_normalizer(volume.to_dask(), _channel_axis(volume), predictor.pmin,
+                                            predictor.pmax, client=client, name=volume.url)
+        except InputError:
+            raise
+        except Exception as exc:  # unreadable chunks etc.: nothing is written yet
+            raise InputError(f"could not read {volume.url} to compute its percentiles: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        if run.state == "replace":  # only now that the new run can start
+            fs, path = fsspec.core.url_to_fs(run.output, **(options or {}))
+            fs.rm(path, recursive=True)
+            fs.invalidate_cache()
+        run.attrs = {"bigcare": {
+            "version": __version__, "run_key": run.run_key, "input": volume.url,
+            "model": run.model.label, "model_hash": run.model.hash, "outputs": list(predictor.outputs),
+            "plan": run.plan.as_dict(), "normalization": normalizer.as_dict(), "complete": False,
+        }}
+        _create_outputs(run)
+    else:
+        run.attrs = dict(zarr.open_group(mode="r", **store_kwargs(run.output, options)).attrs)
+        normalizer = Normalizer.from_dict(run.attrs["bigcare"]["normalization"])
+    run.normalizer = normalizer
+    shipped = run.model.payload is not None or run.model.obj is not None
+    run.spec = RunSpec(
+        input_url=volume.url, input_path=volume.levels[0].path, input_options=volume.storage_options,
+        layout=run.layout, model_path=None if shipped else run.model.path, model_hash=run.model.hash,
+        predictor=run.model.obj, device=run.device, precision=run.precision, normalizer=normalizer,
+        outputs=tuple((n, u, "0") for n, u in run.images.items()), output_options=options,
+        output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
+        torch_threads=run.torch_threads,
+    )
+    done = np.asarray(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options))[...]).astype(bool)
+    run.todo = [b for b in run.plan if not done[b.index]]
+    if run.todo and run.state == "resume" and run.attrs["bigcare"].get("complete"):
+        run.attrs["bigcare"]["complete"] = False  # blocks are missing after all: not complete
+        update_attrs(run.output, {"bigcare": run.attrs["bigcare"]}, storage_options=options)
+    return run
+
+
+def finish_volume_run(run: VolumeRun, result, client=None, pyramid: bool = True) -> None:
+    """Pyramid and completion flag of a run whose blocks all succeeded; summary JSON always.
+
+    With failed blocks the summary is written and the output stays marked incomplete; the
+    caller raises :class:`~bigcare.errors.BlockError`.
+    """
+    from .summary import write_summary
+
+    result.normalization = run.normalizer.as_dict() if run.normalizer else {}
+    result.failed.sort()
+    if not result.failed:
+        if pyramid:
+            for url in run.images.values():
+                write_pyramid(open_volume(url, storage_options=run.output_options), client=client)
+        bigcare_attrs = {**run.attrs["bigcare"], "complete": True, "last_run": result.as_dict()}
+        update_attrs(run.output, {"bigcare": bigcare_attrs}, storage_options=run.output_options)
+    result.summary_path = write_summary(run, result)
