@@ -1,0 +1,310 @@
+"""Benchmark of the lazy patch sampler: throughput (patches/s) and peak memory (RSS).
+
+Data: synthetic (input, target) pairs of uint16 OME-Zarr images (NGFF 0.5, blosc-zstd with
+bitshuffle, as bigcare writes them) on local disk: a lattice of bright blobs over a dim
+background plus a few bits of noise (compressible, and with foreground for the sampler to
+find). Generated slab by slab by tasks on a local cluster, never held in memory, then the
+pyramid is written blockwise.
+
+Figures:
+
+- ``throughput``: 16x64x64 (input, target) patch pairs per second streamed by
+  ``PatchSampler.batches()`` (batch 16, read ahead 4) with no cluster (local thread pool), a
+  LocalCluster of 1 worker and one of 2 workers (1 thread each); plus a single-thread profile
+  of one read task (chunk fetch / decode / copy and normalise) to show the bottleneck;
+- ``memory``: peak RSS of the client process plus every worker process while a sampler is
+  built on a ~2 GB and a ~16 GB pair and streams batches, each in a fresh process and cluster.
+
+Usage::
+
+    python benchmarks/sampling.py                       # both, default sizes (16 GB: ~5 min of data generation)
+    python benchmarks/sampling.py --quick               # small sizes, a minute or so
+    python benchmarks/sampling.py throughput --chunks 16,64,64 --batches 300
+    python benchmarks/sampling.py memory --sizes-gb 2 16 --data /tmp/bigcare-bench
+
+The figures are printed, the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from bigcare.ngff import create_image, write_pyramid
+from bigcare.training.regions import read_patches, region_reader, run_tasks
+from bigcare.training.sampling import PatchSampler
+from bigcare.volume import Axis, cached_array, open_volume
+
+PATCH = (16, 64, 64)
+#: "zstd" is what bigcare's writers use (ngff.create_image); "lz4" decodes about 10x faster.
+CODECS = {"zstd": BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+          "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")}
+AXES = tuple(Axis(a, "space", "micrometer") for a in "zyx")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def _bumps(n: int, period: int, width: float, phase: float) -> np.ndarray:
+    d = (np.arange(n) + phase) % period - period / 2
+    return np.exp(-0.5 * (d / width) ** 2).astype(np.float32)
+
+
+def _write_slab(url: str, z0: int, z1: int, role: str, seed: int) -> int:
+    """Task: generate and write level-0 slab ``z0:z1`` of one image."""
+    vol = open_volume(url)
+    arr = cached_array(vol.url, vol.levels[0].path, None, vol.zarr_format, "r+", vol.levels[0])
+    _, ny, nx = vol.shape
+    fz = _bumps(vol.shape[0], 64, 5.0, 7.0)[z0:z1]
+    fy, fx = _bumps(ny, 96, 8.0, 11.0), _bumps(nx, 96, 8.0, 23.0)
+    clean = 1000.0 * fz[:, None, None] * fy[None, :, None] * fx[None, None, :]
+    rng = np.random.default_rng([seed, z0])
+    if role == "target":
+        slab = (100 + clean).astype(np.uint16)
+        slab += rng.integers(0, 4, slab.shape, dtype=np.uint16)
+    else:
+        slab = (100 + 0.3 * clean).astype(np.uint16)
+        slab += rng.integers(0, 64, slab.shape, dtype=np.uint16)
+    arr[z0:z1] = slab
+    return z1 - z0
+
+
+def make_pair(root: str, shape, chunks, codec: str, client) -> tuple[str, str, float]:
+    """Write (or reuse) an input/target pair under ``root``; return paths and seconds taken."""
+    paths = []
+    t0 = time.perf_counter()
+    for role in ("input", "target"):
+        url = os.path.join(root, f"{role}.zarr")
+        paths.append(url)
+        try:
+            vol = open_volume(url)
+            if (vol.shape == tuple(shape) and vol.levels[0].chunks == tuple(chunks) and vol.attrs.get("complete")
+                    and vol.attrs.get("codec") == codec):
+                continue
+        except Exception:
+            pass
+        vol = create_image(url, shape=shape, dtype=np.uint16, chunks=chunks, axes=AXES, scale=(1.0, 0.5, 0.5),
+                           overwrite=True, attrs={"complete": False, "codec": codec})
+        if codec != "zstd":  # bigcare writes blosc-zstd-bitshuffle; swap the (still empty) arrays' codec
+            group = zarr.open_group(url, mode="r+")
+            for lv in vol.levels:
+                group.create_array(lv.path, shape=lv.shape, chunks=lv.chunks, dtype=lv.dtype, fill_value=0,
+                                   compressors=CODECS[codec], dimension_names=list("zyx"), overwrite=True)
+            vol = open_volume(url)
+        slabs = [(url, z, min(z + chunks[0], shape[0]), role, 1 if role == "input" else 2)
+                 for z in range(0, shape[0], chunks[0])]
+        for _ in run_tasks(_write_slab, slabs, client=client, window=4, ordered=False):
+            pass
+        write_pyramid(vol, client=client)
+        from bigcare.ngff import update_attrs
+
+        update_attrs(url, {"complete": True})
+    return paths[0], paths[1], time.perf_counter() - t0
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+# --- throughput ----------------------------------------------------------------------------------
+
+
+def _stream(sampler: PatchSampler, n_batches: int, warmup: int = 10) -> float:
+    it = sampler.batches("train")
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    dt = time.perf_counter() - t0
+    it.close()
+    return n_batches * sampler.batch_size / dt
+
+
+def profile_task(sampler: PatchSampler, n: int = 256) -> dict:
+    """Single-thread cost per patch pair: the whole task, and its chunk fetch and decode parts."""
+    pos = sampler.train_positions[:n]
+    scaling = sampler._scaling("train", np.arange(n))
+    t0 = time.perf_counter()
+    read_patches(sampler._plan, pos[:, 0], pos[:, 1:], scaling, np.zeros(n, np.uint8))
+    total = time.perf_counter() - t0
+    fetch = decode = 0.0
+    n_chunks = 0
+    for src in sampler._plan.sources[:1]:
+        for ref in (src.input, src.target):
+            reader = region_reader(ref)
+            for row in pos:
+                sel = ref.selection(row[1:], src.footprint)
+                ranges = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(sel, reader._chunks)]
+                for coords in np.ndindex(*[len(r) for r in ranges]):
+                    key = reader._encode_key(tuple(r[i] for r, i in zip(ranges, coords)))
+                    t = time.perf_counter()
+                    buf = reader._fetch(key)
+                    fetch += time.perf_counter() - t
+                    t = time.perf_counter()
+                    reader._decoder.decode(buf)
+                    decode += time.perf_counter() - t
+                    n_chunks += 1
+    return {"task_ms_per_patch": 1e3 * total / n, "fetch_ms_per_patch": 1e3 * fetch / n,
+            "decode_ms_per_patch": 1e3 * decode / n, "chunks_per_patch": n_chunks / n / 2,
+            "patches_per_s_one_thread": n / total}
+
+
+def throughput(args) -> dict:
+    from distributed import Client, LocalCluster
+
+    shape = tuple(args.shape)
+    chunks = tuple(args.chunks)
+    os.makedirs(args.data, exist_ok=True)
+    root = os.path.join(args.data, f"throughput-{args.codec}-" + "x".join(map(str, shape)) + "-c" + "x".join(map(str, chunks)))
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        x, y, gen_s = make_pair(root, shape, chunks, args.codec, client)
+    out = {"shape": list(shape), "chunks": list(chunks), "codec": args.codec, "patch": list(PATCH), "batch_size": 16,
+           "data_gb_raw": 2 * math.prod(shape) * 2 / 1e9, "data_gb_disk": (_du(x) + _du(y)) / 1e9,
+           "generation_s": round(gen_s, 1)}
+    print(f"data: 2 x {shape} uint16 chunks {chunks} blosc-{args.codec}: {out['data_gb_raw']:.2f} GB raw, "
+          f"{out['data_gb_disk']:.2f} GB on disk, generated in {gen_s:.1f} s", flush=True)
+    kwargs = dict(n_patches=args.patches, seed=0, batch_size=16, read_ahead=4)
+    t = time.perf_counter()
+    sampler = PatchSampler([(x, y)], PATCH, **kwargs)
+    out["draw_s"] = round(time.perf_counter() - t, 2)
+    sampler.tables
+    out["profile"] = prof = profile_task(sampler)
+    print(f"one read task, one thread: {prof['task_ms_per_patch']:.2f} ms per patch pair "
+          f"(fetch {prof['fetch_ms_per_patch']:.2f}, decode {prof['decode_ms_per_patch']:.2f} ms; "
+          f"{prof['chunks_per_patch']:.1f} chunks per patch per image)", flush=True)
+    rates = {}
+    rates["threads"] = _stream(sampler, args.batches)
+    print(f"no cluster (thread pool): {rates['threads']:.0f} patches/s", flush=True)
+    for workers, threads in ((1, 1), (2, 1)):
+        with LocalCluster(n_workers=workers, threads_per_worker=threads, dashboard_address=None,
+                          silence_logs=40) as cluster, Client(cluster) as client:
+            s = PatchSampler([(x, y)], PATCH, client=client, **kwargs)
+            s._tables = sampler.tables  # same statistics; not part of the streaming figure
+            name = f"cluster_{workers}w"
+            rates[name] = _stream(s, args.batches)
+            print(f"LocalCluster {workers} worker(s) x {threads} thread: {rates[name]:.0f} patches/s", flush=True)
+    out["patches_per_s"] = {k: round(v) for k, v in rates.items()}
+    return out
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+def _rss_tree(proc) -> tuple[int, int]:
+    import psutil
+
+    own = proc.memory_info().rss
+    total = own
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return own, total
+
+
+def rss_child(args) -> dict:
+    """In a fresh process: build a sampler on the pair, stream batches, report peak RSS."""
+    import psutil
+    from distributed import Client, LocalCluster
+
+    proc = psutil.Process()
+    peak = {"client": 0, "total": 0}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            own, total = _rss_tree(proc)
+            peak["client"], peak["total"] = max(peak["client"], own), max(peak["total"], total)
+            time.sleep(0.02)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        base_client, base_total = _rss_tree(proc)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        t = time.perf_counter()
+        sampler = PatchSampler([(args.x, args.y)], PATCH, n_patches=args.patches, seed=0, client=client)
+        draw_s = time.perf_counter() - t
+        t = time.perf_counter()
+        sampler.tables
+        stats_s = time.perf_counter() - t
+        rate = _stream(sampler, args.batches)
+        stop.set()
+        watcher.join()
+    return {"baseline_client_mb": base_client / 2**20, "baseline_total_mb": base_total / 2**20,
+            "peak_client_mb": peak["client"] / 2**20, "peak_total_mb": peak["total"] / 2**20,
+            "draw_s": draw_s, "stats_s": stats_s, "patches_per_s": rate,
+            "coarse": sampler.provenance["sources"][0]["coarse_factors"]}
+
+
+def memory(args) -> dict:
+    from distributed import Client, LocalCluster
+
+    results = {}
+    for gb in args.sizes_gb:
+        # a pair of images of gb / 2 each, (Z, 2048, 2048) voxels (smaller lateral size for tiny runs)
+        side = 2048 if gb >= 1 else 512
+        z = max(PATCH[0], round(gb * 1e9 / 2 / 2 / side / side / 16) * 16)
+        shape = (z, side, side)
+        root = os.path.join(args.data, f"memory-{args.codec}-{gb}gb")
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40) as cluster, \
+                Client(cluster) as client:
+            x, y, gen_s = make_pair(root, shape, tuple(args.chunks), args.codec, client)
+        raw = 2 * math.prod(shape) * 2 / 1e9
+        print(f"data {gb} GB: 2 x {shape} uint16, {raw:.1f} GB raw, {(_du(x) + _du(y)) / 1e9:.2f} GB on disk, "
+              f"generated in {gen_s:.0f} s", flush=True)
+        cmd = [sys.executable, __file__, "_rss", "--x", x, "--y", y, "--patches", str(args.patches),
+               "--batches", str(args.batches)]
+        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        res.update({"shape": list(shape), "data_gb_raw": round(raw, 2), "generation_s": round(gen_s, 1)})
+        results[f"{gb}gb"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items()}
+        print(f"  peak RSS: client {res['peak_client_mb']:.0f} MB, client + 2 workers {res['peak_total_mb']:.0f} MB "
+              f"(at start {res['baseline_total_mb']:.0f} MB); draw {res['draw_s']:.1f} s, statistics "
+              f"{res['stats_s']:.1f} s, {res['patches_per_s']:.0f} patches/s", flush=True)
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", nargs="?", default="all", choices=["all", "throughput", "memory", "_rss"])
+    parser.add_argument("--data", default="/tmp/bigcare-bench", help="folder for the generated data (kept, reused)")
+    parser.add_argument("--shape", type=lambda s: tuple(map(int, s.split(","))), default=(128, 1024, 1024),
+                        help="throughput image shape Z,Y,X (default 128,1024,1024)")
+    parser.add_argument("--chunks", type=lambda s: tuple(map(int, s.split(","))), default=(16, 64, 64),
+                        help="chunk shape Z,Y,X of the generated images (default 16,64,64)")
+    parser.add_argument("--codec", choices=sorted(CODECS), default="zstd",
+                        help="blosc codec of the generated images (default zstd, bigcare's own)")
+    parser.add_argument("--patches", type=int, default=20000, help="n_patches of the sampler")
+    parser.add_argument("--batches", type=int, default=200, help="batches timed per configuration")
+    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[2, 16], help="memory: dataset sizes (GB, pair)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: throughput 64x512x512, memory 0.25 and 1 GB")
+    parser.add_argument("--x"), parser.add_argument("--y")
+    args = parser.parse_args(argv)
+    if args.what == "_rss":
+        print(json.dumps(rss_child(args)))
+        return
+    if args.quick:
+        args.shape, args.sizes_gb, args.batches, args.patches = (64, 512, 512), [0.25, 1], 60, 2000
+    figures = {}
+    if args.what in ("all", "throughput"):
+        figures["throughput"] = throughput(args)
+    if args.what in ("all", "memory"):
+        figures["memory"] = memory(args)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Sampled patches written once to zarr, then streamed from there (optional).
+
+Reading a patch from a huge image decodes every chunk it touches; reading it from a patch store
+decodes exactly one small chunk. When the same patches are seen for many epochs, writing them
+once pays off. Layout (zarr v3 group)::
+
+    store.zarr/
+      zarr.json            attrs["bigcare_patch_store"]: version, patch shape, batch size, seed,
+                           augmentation, the sampler's provenance, and per split n + complete
+      train/x, train/y     float32 (n, 1, *patch_shape), one patch per chunk, normalised
+      train/positions      int64 (n, 1 + D), the sampler's positions, same row order
+      val/...
+
+The metadata and empty arrays are written first, then one task per group of rows reads its
+patches and writes its own rows (no two tasks share a chunk), and the split is marked complete
+last; a store whose split is not complete is refused when read.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from bigcare.errors import ConfigError, InputError, OutputError
+from bigcare.training.regions import augment, read_patches, run_tasks
+from bigcare.volume import normalise_url, store_kwargs
+
+__all__ = ["PatchStore", "write_store"]
+
+_KEY = "bigcare_patch_store"
+_ROWS_PER_TASK = 64
+
+
+def _write_rows(plan, url: str, storage_options, split: str, first: int, sources, starts, scaling) -> int:
+    """Task: read one group of patches (no augmentation) and write them as rows ``first ...``."""
+    x, y = read_patches(plan, sources, starts, scaling, np.zeros(len(sources), np.uint8))
+    for name, data in (("x", x), ("y", y)):
+        arr = zarr.open_array(path=f"{split}/{name}", mode="r+", zarr_format=3, **store_kwargs(url, storage_options))
+        arr[first:first + len(data)] = data
+    return len(sources)
+
+
+def write_store(sampler, url, *, split: str = "train", storage_options: dict | None = None,
+                overwrite: bool = False) -> "PatchStore":
+    """Write one split of ``sampler``'s patches to a patch store (see the module docstring).
+
+    Parameters
+    ----------
+    sampler : PatchSampler
+        The sampler whose positions and normalisation are written.
+    url : str or os.PathLike
+        Local path or fsspec URL of the store; a store may hold both splits.
+    split : {"train", "val"}
+        Which positions.
+    storage_options : dict, optional
+        fsspec options for ``url``.
+    overwrite : bool
+        Replace this split if the store already holds it.
+
+    Returns
+    -------
+    PatchStore
+
+    Raises
+    ------
+    OutputError
+        If ``url`` holds something that is not a patch store, or already holds ``split`` and
+        ``overwrite`` is False.
+    """
+    positions = sampler._positions(split)
+    split = "train" if split == "train" else "val"
+    url = normalise_url(url)
+    kwargs = store_kwargs(url, storage_options)
+    try:
+        group = zarr.open_group(mode="r+", zarr_format=3, **kwargs)
+    except (FileNotFoundError, zarr.errors.BaseZarrError):
+        group = None
+    if group is not None and _KEY not in group.attrs:
+        raise OutputError(f"{url}: exists and is not a bigcare patch store; refusing to write into it")
+    if group is not None and split in group.attrs[_KEY].get("splits", {}) and not overwrite:
+        raise OutputError(f"{url}: already holds the {split!r} split; pass overwrite=True to replace it")
+    if group is None:
+        try:
+            group = zarr.open_group(mode="w-", zarr_format=3, **kwargs)
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+            raise OutputError(f"{url}: exists and is not a bigcare patch store; refusing to write into it") from None
+    n, shape = len(positions), sampler.patch_shape
+    meta = dict(group.attrs.get(_KEY, {}))
+    splits = {k: v for k, v in meta.get("splits", {}).items() if k != split}
+    meta.update({"version": 1, "patch_shape": list(shape), "batch_size": sampler.batch_size, "seed": sampler.seed,
+                 "augment": sampler.augment, "rotations": sampler.rotations, "provenance": sampler.provenance,
+                 "splits": {**splits, split: {"n": n, "complete": False}}})
+    group.attrs[_KEY] = meta
+    for name in ("x", "y"):
+        group.create_array(f"{split}/{name}", shape=(n, 1) + shape, chunks=(1, 1) + shape, dtype=np.float32,
+                           compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), overwrite=True)
+    group.create_array(f"{split}/positions", shape=positions.shape, chunks=positions.shape or (1,), dtype=np.int64,
+                       overwrite=True)
+    if positions.size:
+        group[f"{split}/positions"][...] = positions
+    plan = sampler._plan if sampler.client is None else sampler.client.scatter(sampler._plan, broadcast=True, hash=False)
+    items = []
+    for a in range(0, n, _ROWS_PER_TASK):
+        idx = np.arange(a, min(a + _ROWS_PER_TASK, n))
+        items.append((plan, url, storage_options, split, a, positions[idx, 0], positions[idx, 1:],
+                      sampler._scaling(split, idx)))
+    written = sum(run_tasks(_write_rows, items, client=sampler.client, window=8, ordered=False))
+    if written != n:
+        raise OutputError(f"{url}: wrote {written} of {n} {split} patches")
+    meta["splits"][split]["complete"] = True
+    group.attrs[_KEY] = meta
+    return PatchStore(url, storage_options=storage_options)
+
+
+_ARRAYS: dict[tuple, zarr.Array] = {}
+_LOCK = threading.Lock()
+
+
+def _read_rows(url: str, storage_options, split: str, n: int, index: np.ndarray, codes: np.ndarray):
+    """Task: rows ``index`` of one split of ``n`` patches, augmented by ``codes``."""
+    out = []
+    for name in ("x", "y"):
+        key = (url, split, name, n)
+        with _LOCK:
+            arr = _ARRAYS.get(key)
+        if arr is None:
+            arr = zarr.open_array(path=f"{split}/{name}", mode="r", zarr_format=3, **store_kwargs(url, storage_options))
+            with _LOCK:
+                _ARRAYS[key] = arr
+        order = np.argsort(index)
+        data = np.empty((len(index),) + arr.shape[1:], arr.dtype)
+        data[order] = arr.get_orthogonal_selection((index[order],))
+        for i, code in enumerate(codes):
+            if code:
+                data[i, 0] = augment(data[i, 0], int(code)).copy()
+        out.append(data)
+    return tuple(out)
+
+
+class PatchStore:
+    """Stream batches from patches written by :meth:`PatchSampler.write_patch_store`.
+
+    Parameters
+    ----------
+    url : str or os.PathLike
+        The store.
+    storage_options : dict, optional
+        fsspec options.
+    batch_size : int, optional
+        Default: the sampler's.
+    read_ahead : int
+        Batches read ahead on a thread pool.
+
+    Raises
+    ------
+    InputError
+        If ``url`` is not a patch store.
+    """
+
+    def __init__(self, url, *, storage_options: dict | None = None, batch_size: int | None = None, read_ahead: int = 4):
+        self.url = normalise_url(url)
+        self.storage_options = storage_options
+        self._load()
+        self.patch_shape = tuple(self._meta["patch_shape"])
+        self.batch_size = int(batch_size or self._meta["batch_size"])
+        self.read_ahead = int(read_ahead)
+
+    def _load(self) -> None:
+        try:
+            group = zarr.open_group(mode="r", zarr_format=3, **store_kwargs(self.url, self.storage_options))
+        except (FileNotFoundError, zarr.errors.BaseZarrError):
+            raise InputError(f"{self.url}: not a zarr group; expected a bigcare patch store") from None
+        if _KEY not in group.attrs:
+            raise InputError(f"{self.url}: zarr group without {_KEY!r} attributes; expected a bigcare patch store")
+        self._meta = dict(group.attrs[_KEY])
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Complete splits and their numbers of patches."""
+        return {k: v["n"] for k, v in self._meta["splits"].items() if v["complete"]}
+
+    @property
+    def provenance(self) -> dict:
+        """The sampler's provenance at writing time."""
+        return self._meta["provenance"]
+
+    def batches(self, split: str = "train", *, epochs: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (x, y) batches as :meth:`PatchSampler.batches` does (same order rules)."""
+        from bigcare.training.sampling import batch_order
+
+        name = "train" if split == "train" else "val" if split in ("val", "validation") else None
+        if name is None:
+            raise ConfigError(f"split: expected 'train' or 'val', got {split!r}")
+        self._load()  # the store may have gained a split since it was opened
+        if name not in self.splits:
+            raise InputError(f"{self.url}: holds no complete {name!r} split (has {sorted(self.splits)})")
+        n_codes = 8 if self._meta["rotations"] else 4 if self._meta["augment"] else 1
+        items = ((self.url, self.storage_options, name, self.splits[name], idx, codes)
+                 for idx, codes in batch_order(self.splits[name], batch_size=self.batch_size, seed=self._meta["seed"],
+                                               epochs=epochs, n_codes=n_codes, shuffle=name == "train"))
+        yield from run_tasks(_read_rows, items, window=self.read_ahead + 1, ordered=True)

@@ -1,0 +1,402 @@
+"""Lazy training patches from any number of OME-Zarr images (DESIGN decision 6).
+
+:class:`PatchSampler` never loads an image. Building it reads only the coarse grid of each
+target (a pyramid level, see :mod:`bigcare.training.positions`) to draw seeded,
+foreground-aware patch positions in disjoint train/validation regions. Streaming batches runs
+one task per batch (:func:`bigcare.training.regions.read_patches`) on the cluster, or on a local
+thread pool, with ``read_ahead`` batches in flight::
+
+    sources ──► coarse target grids ──► positions (train | val) ──► batch tasks ──► (x, y)
+     (pairs or     (pyramid level,        seeded, foreground,         read the patch   normalised,
+      channels)     never level 0)        disjoint tiles)             regions only     augmented
+
+Normalisation follows CSBDeep's training data generation: every image gets percentile values
+(of its full-resolution level, computed lazily: exact when small, from a seeded subsample of
+chunks when large) at a small table of percentiles spanning ``pmin_range`` and ``pmax_range``;
+each sample draws ``pmin`` and ``pmax`` uniformly from the ranges, and its input and its target
+are each mapped by ``(v - P_pmin) / (P_pmax - P_pmin + eps)`` with its own image's values
+(interpolated in the table). The statistics are computed on first use (a batch, the provenance,
+the patch store), never while drawing positions.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from bigcare.errors import ConfigError
+from bigcare.training.positions import COARSE_CELLS, Geometry, choose_coarse, draw_positions, read_coarse
+from bigcare.training.regions import ReadPlan, SourcePlan, normalise, read_patches, run_tasks
+from bigcare.training.sources import Source, image_ref, percentile_table, resolve
+
+__all__ = ["Source", "PatchSampler", "batch_order"]
+
+#: Percentiles per range end the normalisation table holds (linearly spaced, interpolated).
+TABLE_POINTS = 5
+#: Patches per cluster task at least (several batches): the cluster's per-task cost is a few ms.
+TASK_PATCHES = 64
+#: Coarse grids kept in memory while drawing (all sources together); more are re-read.
+CACHE_CELLS = 2**24
+
+
+def _isint(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check(name: str, value, ok: bool, expected: str):
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _check_range(name: str, value, lo: float, hi: float) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected two numbers (low, high), got {value!r}") from None
+    _check(name, value, lo <= a <= b <= hi, f"two percentiles with {lo} <= low <= high <= {hi}")
+    return a, b
+
+
+def batch_order(n: int, *, batch_size: int, seed: int, epochs: int | None, n_codes: int,
+                shuffle: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Indices and augmentation codes of each batch over ``n`` patches.
+
+    ``shuffle`` (training): every epoch is a seeded permutation with fresh augmentation codes
+    in ``0 .. n_codes - 1``; epochs run into each other so every batch is full, and the tail
+    that does not fill a batch after the last epoch is dropped; endless when ``epochs`` is None.
+    Otherwise (validation): the stored order, code 0, the last batch possibly smaller, one pass
+    when ``epochs`` is None.
+    """
+    if not shuffle:
+        for _ in range(1 if epochs is None else epochs):
+            for a in range(0, n, batch_size):
+                idx = np.arange(a, min(a + batch_size, n))
+                yield idx, np.zeros(len(idx), np.uint8)
+        return
+    if n == 0:
+        return
+    pending_idx, pending_codes = np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        pending_idx = np.concatenate([pending_idx, np.random.default_rng([seed, 6, epoch]).permutation(n)])
+        codes = np.random.default_rng([seed, 7, epoch]).integers(0, n_codes, size=n).astype(np.uint8)
+        pending_codes = np.concatenate([pending_codes, codes])
+        epoch += 1
+        while len(pending_idx) >= batch_size:
+            yield pending_idx[:batch_size], pending_codes[:batch_size]
+            pending_idx, pending_codes = pending_idx[batch_size:], pending_codes[batch_size:]
+
+
+class PatchSampler:
+    """Seeded, foreground-aware training patches streamed lazily from OME-Zarr images.
+
+    Parameters
+    ----------
+    sources : sequence of Source, str, tuple or mapping
+        Training sources of any sizes: a :class:`Source`; a path (one image whose channels 0
+        and 1 are input and target); an ``(input, target)`` pair of paths; or a mapping of
+        :class:`Source` fields (as in a YAML config).
+    patch_shape : tuple of int
+        ``(Y, X)`` or ``(Z, Y, X)``, matched to each image's last spatial axes. 2D patches from
+        a 3D image are single Z slices; time points are sampled like positions.
+    n_patches : int
+        Training plus validation patches.
+    validation_fraction : float
+        Share of the patches (at least one when > 0) drawn, as validation, from regions that no
+        training patch touches (see :mod:`bigcare.training.positions`).
+    foreground_threshold, foreground_percentile : float
+        CSBDeep's ``patch_filter`` rule on the coarse target: keep a position when the maximum
+        over its patch exceeds ``foreground_threshold * percentile(target, foreground_percentile)``.
+        ``foreground_threshold=0`` samples uniformly.
+    coarse_level : int, optional
+        Pyramid level of the targets used to find foreground; by default the coarsest level with
+        cells of at most half a patch (reduced further, blockwise, when still large).
+    pmin_range, pmax_range : (float, float)
+        Ranges of the per-sample normalisation percentiles (CSBDeep: 1-3 and 99.5-99.9).
+    augment : bool
+        Random flips of Y and X per sample and epoch; also 90-degree rotations in the (Y, X)
+        plane, but only when every source has equal Y and X voxel sizes and the patch is square
+        in (Y, X) (otherwise a rotation would change the physical sampling). Never along Z.
+    seed : int
+        Seed of the positions, the per-sample percentiles, the epoch orders and augmentations.
+    client : distributed.Client, optional
+        Cluster that runs the reads; default a local thread pool.
+    batch_size : int
+        Patches per batch.
+    read_ahead : int
+        Batches read ahead while the consumer works on the current one.
+
+    Attributes
+    ----------
+    train_positions, val_positions : numpy.ndarray of int64, shape (n, 1 + D)
+        Column 0 the source index, then the patch's start voxel along the source's
+        non-channel axes (right-aligned; -1 in leading columns of sources with fewer axes).
+        Read-only; reproducible from the seed.
+
+    Raises
+    ------
+    ConfigError
+        If a parameter is invalid: patch larger than an image, channel out of range, ...
+    InputError
+        If an image is missing or unreadable, a pair is not aligned, or no foreground is found.
+    """
+
+    def __init__(self, sources: Sequence[Source | str | tuple], patch_shape: tuple[int, ...], *,
+                 n_patches: int, validation_fraction: float = 0.1,
+                 foreground_threshold: float = 0.4, foreground_percentile: float = 99.9,
+                 coarse_level: int | None = None, pmin_range=(1.0, 3.0), pmax_range=(99.5, 99.9),
+                 augment: bool = True, seed: int = 0, client=None, batch_size: int = 16, read_ahead: int = 4):
+        if isinstance(sources, (str, os.PathLike, Source, Mapping)) or not isinstance(sources, Sequence) or not sources:
+            raise ConfigError(f"sources: expected a non-empty list of sources, got {sources!r:.200}")
+        try:
+            patch_shape = tuple(int(p) for p in patch_shape)
+        except (TypeError, ValueError):
+            raise ConfigError(f"patch_shape: expected 2 or 3 positive integers, got {patch_shape!r}") from None
+        _check("patch_shape", patch_shape, len(patch_shape) in (2, 3) and min(patch_shape) >= 1,
+               "2 or 3 positive integers (YX or ZYX)")
+        _check("n_patches", n_patches, _isint(n_patches) and n_patches >= 1, "a positive integer")
+        _check("validation_fraction", validation_fraction,
+               isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1, "a number in [0, 1)")
+        _check("foreground_threshold", foreground_threshold,
+               isinstance(foreground_threshold, (int, float)) and 0 <= foreground_threshold < math.inf, "a number >= 0")
+        _check("foreground_percentile", foreground_percentile,
+               isinstance(foreground_percentile, (int, float)) and 0 < foreground_percentile <= 100, "a number in (0, 100]")
+        self.pmin_range = _check_range("pmin_range", pmin_range, 0.0, 100.0)
+        self.pmax_range = _check_range("pmax_range", pmax_range, 0.0, 100.0)
+        _check("pmin_range", pmin_range, self.pmin_range[1] < self.pmax_range[0], f"values below pmax_range {pmax_range}")
+        _check("seed", seed, _isint(seed) and seed >= 0, "a non-negative integer")
+        _check("batch_size", batch_size, _isint(batch_size) and batch_size >= 1, "a positive integer")
+        _check("read_ahead", read_ahead, _isint(read_ahead) and read_ahead >= 0, "a non-negative integer")
+        _check("coarse_level", coarse_level, coarse_level is None or (_isint(coarse_level) and coarse_level >= 0),
+               "None or a pyramid level >= 0")
+        n_val = max(1, round(n_patches * validation_fraction)) if validation_fraction > 0 else 0
+        if n_patches - n_val < 1:
+            raise ConfigError(f"n_patches: {n_patches} leaves no training patch with validation_fraction={validation_fraction}")
+
+        self.patch_shape = patch_shape
+        self.n_patches = int(n_patches)
+        self.validation_fraction = float(validation_fraction)
+        self.foreground_threshold = float(foreground_threshold)
+        self.foreground_percentile = float(foreground_percentile)
+        self.seed = int(seed)
+        self.client = client
+        self.batch_size = int(batch_size)
+        self.read_ahead = int(read_ahead)
+        self._sources = [resolve(s, i, patch_shape) for i, s in enumerate(sources)]
+        self.rotations = bool(augment) and patch_shape[-1] == patch_shape[-2] and all(r.square_voxels for r in self._sources)
+        self.augment = bool(augment)
+
+        grids = [choose_coarse(r.target, r.axes, r.footprint, r.spatial, level=coarse_level, budget=COARSE_CELLS)
+                 for r in self._sources]
+        geoms = [Geometry(tuple(r.target.shape[i] for i in r.axes), r.footprint, g, r.tile_unit)
+                 for r, g in zip(self._sources, grids)]
+        cache: dict[int, np.ndarray] = {}
+
+        def coarse(i: int) -> np.ndarray:
+            if i in cache:
+                return cache[i]
+            r = self._sources[i]
+            arr = read_coarse(image_ref(r.target, r.target_channel, grids[i].level), grids[i],
+                              geoms[i].shape, client=client)
+            if sum(a.size for a in cache.values()) + arr.size <= CACHE_CELLS:
+                cache[i] = arr
+            return arr
+
+        self._draw = draw_positions(
+            geoms, coarse, n_train=self.n_patches - n_val, n_val=n_val, threshold=self.foreground_threshold,
+            percentile=self.foreground_percentile, seed=self.seed, names=[r.input.url for r in self._sources],
+        )
+        cache.clear()
+        for a in (self._draw.train, self._draw.val):
+            a.flags.writeable = False
+        rng = np.random.default_rng([self.seed, 5])
+        self._percentiles = {split: np.stack([rng.uniform(*self.pmin_range, size=len(pos)),
+                                              rng.uniform(*self.pmax_range, size=len(pos))], axis=1)
+                             for split, pos in (("train", self._draw.train), ("val", self._draw.val))}
+        self._plan = ReadPlan(
+            tuple(SourcePlan(image_ref(r.input, r.input_channel), image_ref(r.target, r.target_channel), r.footprint)
+                  for r in self._sources),
+            patch_shape,
+            (np.result_type(*[r.input.dtype for r in self._sources]), np.result_type(*[r.target.dtype for r in self._sources])),
+        )
+        self._tables: list[dict] | None = None
+        self._plan_future = None
+
+    # --- positions and statistics ----------------------------------------------------------------
+
+    @property
+    def train_positions(self) -> np.ndarray:
+        """Training positions (see the class docstring)."""
+        return self._draw.train
+
+    @property
+    def val_positions(self) -> np.ndarray:
+        """Validation positions, from regions disjoint from every training patch."""
+        return self._draw.val
+
+    @property
+    def axes(self) -> str:
+        """Axes of a patch, CSBDeep style: ``"YX"`` or ``"ZYX"``."""
+        return "ZYX"[3 - len(self.patch_shape):]
+
+    def percentile_grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """The percentiles of the per-image tables: (low ones, high ones)."""
+        return (np.unique(np.linspace(*self.pmin_range, TABLE_POINTS)),
+                np.unique(np.linspace(*self.pmax_range, TABLE_POINTS)))
+
+    @property
+    def tables(self) -> list[dict]:
+        """Per source, the percentile tables of its input and target (computed on first use).
+
+        Each is ``{"input": {"low": [...], "high": [...], "method": ...}, "target": {...}}``,
+        values at :meth:`percentile_grid`.
+        """
+        if self._tables is None:
+            lows, highs = self.percentile_grid()
+            grid = np.concatenate([lows, highs])
+            done: dict[tuple, dict] = {}
+            tables = []
+            for r in self._sources:
+                entry = {}
+                for role, vol, ch in (("input", r.input, r.input_channel), ("target", r.target, r.target_channel)):
+                    ref = image_ref(vol, ch)
+                    if ref.key + (ch,) not in done:
+                        values, method = percentile_table(ref, vol, grid, client=self.client, seed=self.seed)
+                        done[ref.key + (ch,)] = {"low": values[:len(lows)].tolist(), "high": values[len(lows):].tolist(),
+                                                 "method": method}
+                    entry[role] = done[ref.key + (ch,)]
+                tables.append(entry)
+            self._tables = tables
+        return self._tables
+
+    def _scaling(self, split: str, index: np.ndarray) -> np.ndarray:
+        """``(lo_x, hi_x, lo_y, hi_y)`` per position, interpolated in the tables."""
+        lows, highs = self.percentile_grid()
+        positions = self._positions(split)
+        p = self._percentiles[split][index]
+        out = np.empty((len(index), 4), np.float64)
+        for s, table in enumerate(self.tables):
+            rows = positions[index, 0] == s
+            if not rows.any():
+                continue
+            for j, role in enumerate(("input", "target")):
+                out[rows, 2 * j] = np.interp(p[rows, 0], lows, table[role]["low"])
+                out[rows, 2 * j + 1] = np.interp(p[rows, 1], highs, table[role]["high"])
+        return out
+
+    def _positions(self, split: str) -> np.ndarray:
+        if split in ("train",):
+            return self._draw.train
+        if split in ("val", "validation"):
+            return self._draw.val
+        raise ConfigError(f"split: expected 'train' or 'val', got {split!r}")
+
+    # --- streaming -------------------------------------------------------------------------------
+
+    def batches(self, split: str = "train", *, epochs: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream normalised (input, target) batches.
+
+        Without a client, each batch is one task on a local thread pool that reads, augments and
+        normalises its patches. With a client, each task reads several batches (at least
+        ``TASK_PATCHES`` patches, so the per-task overhead of the cluster is paid rarely) and
+        returns them in the images' own data type (half the bytes of float32 for uint16); the
+        normalisation runs here. Either way the batches are identical and come in order.
+
+        Parameters
+        ----------
+        split : {"train", "val"}
+            Training batches are reshuffled and re-augmented every epoch (an epoch is one pass
+            over ``train_positions``; passes run into each other, so every batch is full).
+            Validation batches come in a fixed order, without augmentation, the last one
+            possibly smaller.
+        epochs : int, optional
+            Passes over the positions; default endless for ``"train"``, one for ``"val"``.
+
+        Yields
+        ------
+        (x, y) : numpy.ndarray
+            float32, each ``(batch_size, 1, *patch_shape)``.
+        """
+        positions = self._positions(split)
+        if epochs is not None and not (isinstance(epochs, (int, np.integer)) and epochs >= 0):
+            raise ConfigError(f"epochs: expected None or an integer >= 0, got {epochs!r}")
+        self.tables  # statistics before the first task
+        n_codes = 8 if self.rotations else 4 if self.augment else 1
+        order = batch_order(len(positions), batch_size=self.batch_size, seed=self.seed, epochs=epochs,
+                            n_codes=n_codes, shuffle=split == "train")
+        if self.client is None:
+            items = ((self._plan, positions[idx, 0], positions[idx, 1:], self._scaling(split, idx), codes)
+                     for idx, codes in order)
+            yield from run_tasks(read_patches, items, window=self.read_ahead + 1, ordered=True)
+            return
+
+        if self._plan_future is None:
+            self._plan_future = self.client.scatter(self._plan, broadcast=True, hash=False)
+        per_task = max(1, -(-TASK_PATCHES // self.batch_size))
+        pending: collections.deque = collections.deque()  # (scaling, batch sizes) of the tasks in flight
+
+        def items():
+            while True:
+                group = list(itertools.islice(order, per_task))
+                if not group:
+                    return
+                idx = np.concatenate([g[0] for g in group])
+                pending.append((self._scaling(split, idx), [len(g[0]) for g in group]))
+                yield self._plan_future, positions[idx, 0], positions[idx, 1:], None, np.concatenate([g[1] for g in group])
+
+        window = -(-self.read_ahead // per_task) + 1
+        for x, y in run_tasks(read_patches, items(), client=self.client, window=window, ordered=True):
+            scaling, sizes = pending.popleft()
+            a = 0
+            for n in sizes:
+                yield normalise(x[a:a + n], scaling[a:a + n, :2]), normalise(y[a:a + n], scaling[a:a + n, 2:])
+                a += n
+
+    # --- records ---------------------------------------------------------------------------------
+
+    @property
+    def provenance(self) -> dict:
+        """What the model config records about its training data (JSON-serialisable).
+
+        Sources (paths, channels, shapes, patch counts, foreground fraction, coarse grid), patch
+        shape and axes, counts, seed, the foreground rule, augmentation, and the normalisation
+        (percentile ranges and each image's percentile table). Computes the statistics when
+        not done yet. Storage options are never included.
+        """
+        lows, highs = self.percentile_grid()
+        return {
+            "sampler": "bigcare.PatchSampler",
+            "sources": [{
+                "input": r.input.url, "target": None if r.source.target is None else r.target.url,
+                "input_channel": r.input_channel, "target_channel": r.target_channel,
+                "axes": r.names, "shape": [int(r.input.shape[i]) for i in r.axes], **extra,
+            } for r, extra in zip(self._sources, self._draw.per_source)],
+            "patch_shape": list(self.patch_shape), "axes": self.axes,
+            "n_patches": self.n_patches, "n_train": len(self._draw.train), "n_val": len(self._draw.val),
+            "validation_fraction": self.validation_fraction, "seed": self.seed,
+            "foreground": {"threshold": self.foreground_threshold, "percentile": self.foreground_percentile},
+            "split": {"tiles_with_foreground": self._draw.n_tiles, "validation_tiles": self._draw.n_val_tiles},
+            "augment": {"flips": self.augment, "rotations": self.rotations},
+            "normalization": {"pmin_range": list(self.pmin_range), "pmax_range": list(self.pmax_range),
+                              "percentiles_low": lows.tolist(), "percentiles_high": highs.tolist(),
+                              "sources": self.tables},
+            "batch_size": self.batch_size,
+        }
+
+    def write_patch_store(self, url, *, split: str = "train", storage_options: dict | None = None,
+                          overwrite: bool = False):
+        """Read the patches of one split once and write them, normalised, to a zarr patch store.
+
+        See :class:`bigcare.training.patchstore.PatchStore`; training can then stream from it
+        (``store.batches(...)``, same batches as :meth:`batches` apart from the augmentation
+        draw). One task per group of patches writes its own rows; rows are stored one patch per
+        chunk.
+        """
+        from bigcare.training.patchstore import write_store
+
+        return write_store(self, url, split=split, storage_options=storage_options, overwrite=overwrite)
