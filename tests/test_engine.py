@@ -255,21 +255,35 @@ def test_overwrite_keeps_the_old_output_when_the_new_input_is_unusable(tmp_path,
     np.testing.assert_array_equal(read(out), before)
 
 
-def test_gpu_runs_request_one_gpu_resource_per_block_task():
-    """The GPU path is the CPU path with device="cuda": each block task asks for one GPU."""
-    from types import SimpleNamespace
+def test_gpu_runs_request_one_gpu_resource_per_block_task(tmp_path):
+    """device="cuda" is the CPU path plus a GPU resource per block task: with one worker that
+    advertises GPU=1 and one that does not, every block runs on the GPU worker. The identity
+    predictor never touches torch, so this runs for real on a CPU-only machine."""
+    import subprocess
+    import sys
+    import time
 
-    from bigcare.blocks import plan_blocks
-    from bigcare.engine import _execute
+    from distributed import Client, LocalCluster, get_task_stream
 
-    class RecordingClient:
-        def map(self, fn, items, **kwargs):
-            self.items, self.kwargs = list(items), kwargs
-            return []
+    from bigcare.restore.identity import IdentityPredictor
 
-    plan = plan_blocks((8, 8, 8), (4, 8, 8), (0, 0, 0), (1, 1, 1))
-    for device, expected in (("cuda:1", {"GPU": 1}), ("cpu", None)):
-        client = RecordingClient()
-        _execute(client, list(plan), SimpleNamespace(device=device, run_key="0" * 64), plan, {}, progress=False)
-        assert client.kwargs["resources"] == expected
-        assert len(client.items) == 2 and client.kwargs["pure"] is False
+    data = smooth_volume((8, 32, 32))
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(4, 16, 16))
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        gpu_worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address, "--nthreads", "1",
+             "--resources", "GPU=1", "--name", "gpu0", "--no-dashboard", "--host", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client.wait_for_workers(2, timeout=60)
+            gpu_address = next(a for a, w in client.scheduler_info()["workers"].items() if w.get("name") == "gpu0")
+            with get_task_stream(client) as stream:
+                bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", IdentityPredictor("zyx"),
+                                client=client, device="cuda", block_shape=(4, 16, 16), pyramid=False, progress=False)
+            workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("bigcare-block")}
+            assert workers == {gpu_address}
+        finally:
+            gpu_worker.terminate()
+            gpu_worker.wait(timeout=30)
+    np.testing.assert_array_equal(read(tmp_path / "out.ome.zarr"), data)
