@@ -1,6 +1,17 @@
-"""Training CARE networks: patch sources, losses and the trainer."""
+"""Training CARE networks: patch sources, losses, the trainer and its config.
 
-from .trainer import TrainResult, fit
+- ``sampling.py`` (+ ``positions.py``, ``regions.py``, ``patchstore.py``): lazy, seeded,
+  foreground-aware patches from OME-Zarr images of any size (:class:`PatchSampler`);
+- ``patches.py``: the small in-memory equivalent (:class:`ArrayPairSampler`);
+- ``trainer.py``: :func:`fit` (Adam, reduce-on-plateau, best/last checkpoints, resume);
+- ``config.py``: the validated YAML schema of ``bigcare train``; ``run.py``: :func:`train`.
+"""
+
+from .config import TrainConfig, describe_schema, load_train_config
 from .patches import ArrayPairSampler
+from .run import train
+from .sampling import PatchSampler, Source
+from .trainer import TrainResult, fit
 
-__all__ = ["fit", "TrainResult", "ArrayPairSampler"]
+__all__ = ["train", "fit", "TrainResult", "TrainConfig", "load_train_config", "describe_schema",
+           "PatchSampler", "Source", "ArrayPairSampler"]
