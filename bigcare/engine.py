@@ -53,18 +53,20 @@ def _client_for(client, scheduler, cluster, cluster_config, workers, device, pro
 
 def block_error(runs, results) -> BlockError:
     """One BlockError naming every failed block of every run (first five per run in full)."""
-    parts, n_failed, n_todo = [], 0, 0
+    parts, listing, n_failed, n_todo = [], [], 0, 0
     for run, result in zip(runs, results):
         n_todo += result.blocks_total - result.blocks_skipped
         if not result.failed:
             continue
         n_failed += len(result.failed)
         where = f"{run.output}: " if len(runs) > 1 else ""
-        parts.append(where + "; ".join(f"block {i} (write region {w}): {e}" for i, w, e in result.failed[:5])
-                     + (f"; ... {len(result.failed) - 5} more" if len(result.failed) > 5 else ""))
+        shown = ", ".join(str(i) for i, _, _ in result.failed[:100])
+        listing.append(where + shown + (f", ... ({len(result.failed)} in all)" if len(result.failed) > 100 else ""))
+        parts.append(where + "; ".join(f"block {i} (write region {w}): {e}" for i, w, e in result.failed[:5]))
     err = BlockError(
         f"{n_failed} of {n_todo} block(s) failed; the others are written and marked done, re-run the "
-        f"same command to retry. First failures: " + " | ".join(parts)
+        f"same command to retry. Failed blocks: {' | '.join(listing)} (with errors in bigcare_summary.json). "
+        f"First failures: " + " | ".join(parts)
     )
     err.results = list(results)
     return err
