@@ -154,9 +154,25 @@ def slurm_cluster(config: dict):
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise ConfigError("--cluster slurm needs dask-jobqueue: pip install 'bigcare[slurm]'") from None
-    settings = {f"jobqueue.slurm.{k}": v for k, v in config["jobqueue"]["slurm"].items()}
-    with dask.config.set(settings):
-        return SLURMCluster()
+    # dask-jobqueue reads its config lazily (also when jobs start), so the settings are kept
+    # under a name of bigcare's own: the user's jobqueue.slurm config is left as it is
+    merged = {**dask.config.get("jobqueue.slurm", {}), **config["jobqueue"]["slurm"]}
+    dask.config.set({"jobqueue.bigcare-slurm": merged})
+    ours = config.get("bigcare") or {}
+    unknown = set(ours) - {"adapt", "tls", "shared-temp-directory"}
+    if unknown:
+        raise ConfigError(f"slurm config: unknown key(s) bigcare.{sorted(unknown)}; expected adapt, tls, "
+                          "shared-temp-directory")
+    kwargs = {}
+    if ours.get("tls"):
+        from distributed import Security
+
+        kwargs = {"security": Security.temporary(), "protocol": "tls://"}
+        if ours.get("shared-temp-directory"):
+            shared = os.path.expanduser(os.path.expandvars(ours["shared-temp-directory"]))
+            os.makedirs(shared, mode=0o700, exist_ok=True)
+            kwargs["shared_temp_directory"] = shared
+    return SLURMCluster(config_name="bigcare-slurm", **kwargs)
 
 
 _K8S_API = "kubernetes.dask.org/v1"
