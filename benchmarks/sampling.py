@@ -119,16 +119,39 @@ def _du(path: str) -> int:
 # --- throughput ----------------------------------------------------------------------------------
 
 
-def _stream(sampler: PatchSampler, n_batches: int, warmup: int = 10) -> float:
+def _cpu_seconds(procs) -> float:
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _stream(sampler: PatchSampler, n_batches: int, warmup: int = 10) -> dict:
+    """Patches/s of the batch stream, and patches per CPU-second of this process and its workers.
+
+    The second figure does not depend on what else runs on the machine: on ``k`` idle cores the
+    stream can reach about ``k`` times it.
+    """
+    import psutil
+
     it = sampler.batches("train")
     for _ in range(warmup):
         next(it)
-    t0 = time.perf_counter()
+    me = psutil.Process()
+    procs = [me] + me.children(recursive=True)
+    t0, c0 = time.perf_counter(), _cpu_seconds(procs)
     for _ in range(n_batches):
         next(it)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds(procs) - c0
     it.close()
-    return n_batches * sampler.batch_size / dt
+    n = n_batches * sampler.batch_size
+    return {"patches_per_s": n / dt, "patches_per_cpu_s": n / cpu, "load_avg_1min": os.getloadavg()[0]}
 
 
 def profile_task(sampler: PatchSampler, n: int = 256) -> dict:
@@ -185,29 +208,31 @@ def throughput(args) -> dict:
           f"(fetch {prof['fetch_ms_per_patch']:.2f}, decode {prof['decode_ms_per_patch']:.2f} ms; "
           f"{prof['chunks_per_patch']:.1f} chunks per patch per image)", flush=True)
     rates = {}
-    rates["threads"] = _stream(sampler, args.batches)
-    print(f"no cluster (thread pool): {rates['threads']:.0f} patches/s", flush=True)
+    rates["threads"] = r = _stream(sampler, args.batches)
+    print(f"no cluster (thread pool): {r['patches_per_s']:.0f} patches/s, {r['patches_per_cpu_s']:.0f} per CPU-second "
+          f"(load average {r['load_avg_1min']:.1f})", flush=True)
     for workers, threads in ((1, 1), (2, 1)):
         with LocalCluster(n_workers=workers, threads_per_worker=threads, dashboard_address=None,
                           silence_logs=40) as cluster, Client(cluster) as client:
             s = PatchSampler([(x, y)], PATCH, client=client, **kwargs)
             s._tables = sampler.tables  # same statistics; not part of the streaming figure
             name = f"cluster_{workers}w"
-            rates[name] = _stream(s, args.batches)
-            print(f"LocalCluster {workers} worker(s) x {threads} thread: {rates[name]:.0f} patches/s", flush=True)
-    out["patches_per_s"] = {k: round(v) for k, v in rates.items()}
+            rates[name] = r = _stream(s, args.batches)
+            print(f"LocalCluster {workers} worker(s) x {threads} thread: {r['patches_per_s']:.0f} patches/s, "
+                  f"{r['patches_per_cpu_s']:.0f} per CPU-second (load average {r['load_avg_1min']:.1f})", flush=True)
+    out["stream"] = {k: {m: round(v, 1) for m, v in r.items()} for k, r in rates.items()}
     return out
 
 
 # --- memory --------------------------------------------------------------------------------------
 
 
-def _rss_tree(proc) -> tuple[int, int]:
+def _rss_tree(proc, children) -> tuple[int, int]:
     import psutil
 
     own = proc.memory_info().rss
     total = own
-    for child in proc.children(recursive=True):
+    for child in children:
         try:
             total += child.memory_info().rss
         except psutil.Error:
@@ -226,13 +251,14 @@ def rss_child(args) -> dict:
 
     def watch():
         while not stop.is_set():
-            own, total = _rss_tree(proc)
+            own, total = _rss_tree(proc, children)
             peak["client"], peak["total"] = max(peak["client"], own), max(peak["total"], total)
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40) as cluster, \
             Client(cluster) as client:
-        base_client, base_total = _rss_tree(proc)
+        children = proc.children(recursive=True)  # nannies, workers (listed once: scanning /proc is slow)
+        base_client, base_total = _rss_tree(proc, children)
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         t = time.perf_counter()
@@ -241,7 +267,7 @@ def rss_child(args) -> dict:
         t = time.perf_counter()
         sampler.tables
         stats_s = time.perf_counter() - t
-        rate = _stream(sampler, args.batches)
+        rate = _stream(sampler, args.batches)["patches_per_s"]
         stop.set()
         watcher.join()
     return {"baseline_client_mb": base_client / 2**20, "baseline_total_mb": base_total / 2**20,

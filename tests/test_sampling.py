@@ -349,3 +349,33 @@ def test_empty_target_is_an_input_error(tmp_path):
                        axes=[Axis(a, "space") for a in "zyx"], scale=(1.0, 1.0, 1.0))
     with pytest.raises(InputError, match="no foreground found"):
         PatchSampler([(vol.url, vol.url)], PATCH, n_patches=10)
+
+
+def test_sampled_percentiles_agree_with_exact_ones(pair, monkeypatch):
+    from bigcare.training import sources
+    from bigcare.volume import open_volume
+
+    x, _, noisy, _ = pair
+    ref = image_ref(open_volume(x), None)
+    q = [1, 2, 3, 99.5, 99.9]
+    exact, method = sources.percentile_table(ref, q)
+    assert method == "exact"
+    np.testing.assert_allclose(exact, np.percentile(noisy, q), rtol=1e-6)
+    monkeypatch.setattr(sources, "EXACT_LIMIT", 1000)
+    sampled, method = sources.percentile_table(ref, q, n_chunks=64, sample_voxels=2**16)
+    assert method == "sampled"
+    assert np.all(np.abs(sampled - exact) < 0.02 * (exact[-1] - exact[0]))
+
+
+def test_batch_order_visits_every_training_patch_once_per_epoch():
+    from bigcare.training.sampling import batch_order
+
+    batches = list(batch_order(36, batch_size=8, seed=0, epochs=2, n_codes=8, shuffle=True))
+    assert [len(i) for i, _ in batches] == [8] * 9  # epochs run into each other: every batch full
+    seen = np.concatenate([i for i, _ in batches])
+    assert sorted(seen[:36]) == list(range(36)) and np.bincount(seen, minlength=36).tolist() == [2] * 36
+    codes = np.concatenate([c for _, c in batches])
+    assert set(codes) == set(range(8))
+    val = list(batch_order(20, batch_size=8, seed=0, epochs=None, n_codes=8, shuffle=False))
+    assert [i.tolist() for i, _ in val] == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
+    assert not any(c.any() for _, c in val)

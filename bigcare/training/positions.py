@@ -94,7 +94,7 @@ class Geometry:
         out = []
         for n, p, f, m in zip(self.shape, self.footprint, self.grid.factors, self.grid.shape):
             last = n - p  # last valid start
-            out.append(np.clip(last + 1 - np.arange(m) * f, 0, f).astype(np.float64))
+            out.append(np.clip(last + 1 - np.arange(m) * f, 0, f).astype(np.float32))
         return out
 
     def window(self) -> tuple[int, ...]:
@@ -304,28 +304,29 @@ def draw_positions(geoms: Sequence[Geometry], coarse: Callable[[int], np.ndarray
         return np.random.default_rng([seed, *key])
 
     depth = max(len(g.shape) for g in geoms)
-    k = 2
+    k = 2  # tiles of k patch lengths: 4 when there are enough of them, else down to 2
     if n_val:
+        needed = max(20, math.ceil(2 * (n_train + n_val) / n_val))  # validation gets >= 2 tiles
         for k in (4, 3, 2):
-            n_tiles = sum(math.prod(-(-m // t) for m, t in zip(g.grid.shape, _tile_cells(g, k))) for g in geoms)
-            if n_tiles >= max(20, math.ceil(2 * n_train / max(n_val, 1))):
+            if sum(math.prod(-(-m // t) for m, t in zip(g.grid.shape, _tile_cells(g, k))) for g in geoms) >= needed:
                 break
     tiles = [_tile_cells(g, k) for g in geoms]
 
     # pass 1: per tile, the foreground starts whose patches stay inside the tile (those a
     # validation tile keeps whatever its neighbours are)
-    tile_fg, fg_fraction = [], []
+    tile_fg, fg_total, fg_fraction = [], [], []
     for i, g in enumerate(geoms):
         fg = _foreground(coarse(i), g, threshold, percentile)
         w = _weights(g)
         fgw = w * fg
-        fg_fraction.append(float(fgw.sum() / max(w.sum(), 1)))
+        fg_total.append(float(fgw.sum(dtype=np.float64)))
+        fg_fraction.append(fg_total[-1] / max(float(w.sum(dtype=np.float64)), 1.0))
         inside = []
-        for m, t, k in zip(g.grid.shape, tiles[i], g.window()):
+        for m, t, kmax in zip(g.grid.shape, tiles[i], g.window()):
             c = np.arange(m)
-            inside.append(np.minimum(c + k, m) <= np.minimum((c // t + 1) * t, m))
+            inside.append(np.minimum(c + kmax, m) <= np.minimum((c // t + 1) * t, m))
         tile_fg.append(_tile_sums(fgw * functools.reduce(np.multiply.outer, inside), tiles[i]))
-    if not any(t.any() for t in tile_fg):
+    if not any(fg_total):
         raise InputError(
             f"no foreground found in {', '.join(names)}: no patch position has a target maximum above "
             f"foreground_threshold={threshold} x the {percentile} percentile; lower foreground_threshold "
@@ -358,7 +359,7 @@ def draw_positions(geoms: Sequence[Geometry], coarse: Callable[[int], np.ndarray
         return fgw * in_train, fgw * in_val
 
     # pass 2: eligible weight per source and split; allocate the counts across sources
-    totals = np.array([[c.sum() for c in candidates(i)] for i in range(len(geoms))]).reshape(-1, 2)
+    totals = np.array([[c.sum(dtype=np.float64) for c in candidates(i)] for i in range(len(geoms))]).reshape(-1, 2)
     counts = np.zeros((len(geoms), 2), np.int64)
     for split, n in ((0, n_train), (1, n_val)):
         if n == 0:
@@ -383,7 +384,7 @@ def draw_positions(geoms: Sequence[Geometry], coarse: Callable[[int], np.ndarray
             if n == 0:
                 continue
             r = rng(3, i, split)
-            cdf = np.cumsum(weights.ravel())
+            cdf = np.cumsum(weights.ravel(), dtype=np.float64)
             cells = np.searchsorted(cdf, r.random(n) * cdf[-1], side="right")
             cells = np.minimum(cells, cdf.size - 1)
             coords = np.unravel_index(cells, g.grid.shape)

@@ -48,6 +48,16 @@ def _isint(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _interp(x: np.ndarray, grid: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Linear interpolation of each row of ``values`` (given at ``grid``) at its own ``x``."""
+    if len(grid) == 1:
+        return values[:, 0].copy()
+    j = np.clip(np.searchsorted(grid, x, side="right") - 1, 0, len(grid) - 2)
+    t = np.clip((x - grid[j]) / (grid[j + 1] - grid[j]), 0.0, 1.0)
+    rows = np.arange(len(x))
+    return values[rows, j] * (1 - t) + values[rows, j + 1] * t
+
+
 def _check(name: str, value, ok: bool, expected: str):
     if not ok:
         raise ConfigError(f"{name}: expected {expected}, got {value!r}")
@@ -225,6 +235,7 @@ class PatchSampler:
             (np.result_type(*[r.input.dtype for r in self._sources]), np.result_type(*[r.target.dtype for r in self._sources])),
         )
         self._tables: list[dict] | None = None
+        self._table_arrays: list[np.ndarray] | None = None
         self._plan_future = None
 
     # --- positions and statistics ----------------------------------------------------------------
@@ -246,8 +257,8 @@ class PatchSampler:
 
     def percentile_grid(self) -> tuple[np.ndarray, np.ndarray]:
         """The percentiles of the per-image tables: (low ones, high ones)."""
-        return (np.unique(np.linspace(*self.pmin_range, TABLE_POINTS)),
-                np.unique(np.linspace(*self.pmax_range, TABLE_POINTS)))
+        return (np.unique(np.round(np.linspace(*self.pmin_range, TABLE_POINTS), 6)),
+                np.unique(np.round(np.linspace(*self.pmax_range, TABLE_POINTS), 6)))
 
     @property
     def tables(self) -> list[dict]:
@@ -266,7 +277,7 @@ class PatchSampler:
                 for role, vol, ch in (("input", r.input, r.input_channel), ("target", r.target, r.target_channel)):
                     ref = image_ref(vol, ch)
                     if ref.key + (ch,) not in done:
-                        values, method = percentile_table(ref, vol, grid, client=self.client, seed=self.seed)
+                        values, method = percentile_table(ref, grid, client=self.client, seed=self.seed)
                         done[ref.key + (ch,)] = {"low": values[:len(lows)].tolist(), "high": values[len(lows):].tolist(),
                                                  "method": method}
                     entry[role] = done[ref.key + (ch,)]
@@ -276,17 +287,15 @@ class PatchSampler:
 
     def _scaling(self, split: str, index: np.ndarray) -> np.ndarray:
         """``(lo_x, hi_x, lo_y, hi_y)`` per position, interpolated in the tables."""
-        lows, highs = self.percentile_grid()
-        positions = self._positions(split)
+        grids = self.percentile_grid()
+        if self._table_arrays is None:  # (sources, grid points) per role and end
+            self._table_arrays = [np.array([t[role][end] for t in self.tables], np.float64)
+                                  for role in ("input", "target") for end in ("low", "high")]
+        sources = self._positions(split)[index, 0]
         p = self._percentiles[split][index]
         out = np.empty((len(index), 4), np.float64)
-        for s, table in enumerate(self.tables):
-            rows = positions[index, 0] == s
-            if not rows.any():
-                continue
-            for j, role in enumerate(("input", "target")):
-                out[rows, 2 * j] = np.interp(p[rows, 0], lows, table[role]["low"])
-                out[rows, 2 * j + 1] = np.interp(p[rows, 1], highs, table[role]["high"])
+        for k, table in enumerate(self._table_arrays):
+            out[:, k] = _interp(p[:, k % 2], grids[k % 2], table[sources])
         return out
 
     def _positions(self, split: str) -> np.ndarray:
@@ -305,7 +314,8 @@ class PatchSampler:
         normalises its patches. With a client, each task reads several batches (at least
         ``TASK_PATCHES`` patches, so the per-task overhead of the cluster is paid rarely) and
         returns them in the images' own data type (half the bytes of float32 for uint16); the
-        normalisation runs here. Either way the batches are identical and come in order.
+        normalisation runs here; at least one task per worker thread is in flight besides
+        ``read_ahead`` batches. Either way the batches are identical and come in order.
 
         Parameters
         ----------
@@ -349,7 +359,8 @@ class PatchSampler:
                 pending.append((self._scaling(split, idx), [len(g[0]) for g in group]))
                 yield self._plan_future, positions[idx, 0], positions[idx, 1:], None, np.concatenate([g[1] for g in group])
 
-        window = -(-self.read_ahead // per_task) + 1
+        threads = sum(self.client.nthreads().values()) or 1  # keep every worker thread busy
+        window = max(-(-self.read_ahead // per_task), threads) + 1
         for x, y in run_tasks(read_patches, items(), client=self.client, window=window, ordered=True):
             scaling, sizes = pending.popleft()
             a = 0

@@ -12,7 +12,9 @@ shape and returns what the sampler needs:
 
 :func:`percentile_table` gives an image channel's percentiles of the full-resolution level
 (exact up to 2**24 voxels, otherwise from 256 randomly chosen chunks, as
-:func:`bigcare.normalize.compute_normalizer` does) at many percentiles in one pass.
+:func:`bigcare.normalize.compute_normalizer` does) at many percentiles in one pass, with
+tasks that carry chunk coordinates (no dask graph of the whole level, whose size grows with
+the image).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.training.regions import ImageRef
+from bigcare.training.regions import ImageRef, region_reader, run_tasks
 from bigcare.volume import Volume, open_volume
 
 __all__ = ["Source", "resolve", "percentile_table", "image_ref"]
@@ -192,27 +194,70 @@ def resolve(item, index: int, patch_shape: tuple[int, ...]) -> Resolved:
     return Resolved(src, inp, tgt, ic, tc, tuple(axes_in), names, tuple(footprint), spatial, tile_unit, square)
 
 
-def percentile_table(ref: ImageRef, volume: Volume, percentiles: np.ndarray, *, client, seed: int) -> tuple[np.ndarray, str]:
-    """Percentiles of one channel of level 0: exact when small, else from sampled chunks."""
-    import dask
+def _sample_regions(ref: ImageRef, regions, n: int) -> np.ndarray:
+    """Task: for each (start, size, seed), a seeded random subset of at most ``n`` voxels, float32."""
+    out = []
+    for start, size, seed in regions:
+        values = region_reader(ref).read(ref.selection(start, size)).ravel()
+        if values.size > n:
+            values = values[np.sort(np.random.default_rng(seed).choice(values.size, size=n, replace=False))]
+        out.append(values.astype(np.float32))
+    return np.concatenate(out)
 
-    from bigcare.normalize import _compute, _sample_chunk
 
-    data = volume.to_dask(0)
-    if ref.channel_axis is not None:
-        data = data[(slice(None),) * ref.channel_axis + (ref.channel,)]
-    if data.size <= EXACT_LIMIT:
-        values, method = np.asarray(_compute(data, client), np.float32).reshape(1, -1), "exact"
+def percentile_table(ref: ImageRef, percentiles, *, client=None, seed: int = 0,
+                     n_chunks: int = 256, sample_voxels: int = 2**22) -> tuple[np.ndarray, str]:
+    """Percentiles of one channel of an image level, without a dask graph of the whole level.
+
+    Exact when the channel holds at most ``EXACT_LIMIT`` voxels (read in one go); otherwise
+    ``n_chunks`` distinct chunks are drawn at random (seeded) and each read by one task that
+    returns a random subset of ``sample_voxels / n_chunks`` voxels, as
+    :func:`bigcare.normalize.compute_normalizer` samples. Many percentiles cost one pass.
+
+    Parameters
+    ----------
+    ref : ImageRef
+        The image level and channel.
+    percentiles : array-like of float
+        Percentiles in [0, 100].
+    client : distributed.Client, optional
+        Runs the chunk reads; else a local thread pool.
+    seed : int
+        Seed of the chunk choice and the subsets.
+    n_chunks, sample_voxels : int
+        Sampling sizes for large images.
+
+    Returns
+    -------
+    (numpy.ndarray, str)
+        The values at ``percentiles`` and ``"exact"`` or ``"sampled"``.
+
+    Raises
+    ------
+    InputError
+        If the sampled voxels hold no finite value.
+    """
+    shape = [n for i, n in enumerate(ref.level.shape) if i != ref.channel_axis]
+    chunks = [c for i, c in enumerate(ref.level.chunks) if i != ref.channel_axis]
+    if math.prod(shape) <= EXACT_LIMIT:
+        values = region_reader(ref).read(ref.selection([0] * len(shape), shape)).ravel().astype(np.float32)
+        method = "exact"
     else:
-        rng = np.random.default_rng([seed, 9])
-        grid = data.numblocks
-        picks = rng.choice(math.prod(grid), size=min(256, math.prod(grid)), replace=False)
-        per_chunk = max(1, 2**22 // len(picks))
-        parts = [dask.delayed(_sample_chunk)(data.blocks[np.unravel_index(p, grid)][None], per_chunk, seed + k)
-                 for k, p in enumerate(picks)]
-        values, method = np.concatenate(_compute(parts, client), axis=1), "sampled"
+        grid = [-(-n // c) for n, c in zip(shape, chunks)]
+        total, want = math.prod(grid), min(n_chunks, math.prod(grid))
+        rng, picks = np.random.default_rng([seed, 9]), np.zeros(0, np.int64)
+        while len(picks) < want:  # distinct chunks without a permutation of the whole grid
+            picks = np.unique(np.concatenate([picks, rng.integers(0, total, size=2 * want)]))
+        picks = rng.permutation(picks)[:want]
+        regions = []
+        for k, flat in enumerate(picks):
+            start = [int(i) * c for i, c in zip(np.unravel_index(flat, grid), chunks)]
+            regions.append((start, [min(c, n - a) for c, n, a in zip(chunks, shape, start)], seed + k))
+        items = [(ref, regions[a:a + 8], max(1, sample_voxels // want)) for a in range(0, want, 8)]
+        values = np.concatenate(list(run_tasks(_sample_regions, items, client=client, window=8, ordered=False)))
+        method = "sampled"
     with np.errstate(all="ignore"):
-        table = np.nanpercentile(values[0], percentiles) if values.size else np.full(len(percentiles), np.nan)
+        table = np.nanpercentile(values, percentiles) if values.size else np.full(len(percentiles), np.nan)
     if not np.all(np.isfinite(table)):
         raise InputError(f"{ref.url} (channel {ref.channel}) holds no finite values; cannot normalise it")
     return table, method
