@@ -70,6 +70,11 @@ def test_cli_restore_on_scheduler_and_worker_processes_equals_local_run(tmp_path
     summary = json.loads((tmp_path / "remote.ome.zarr" / "bigcare_summary.json").read_text())
     assert summary["cluster"]["scheduler"] == procs.address and summary["cluster"]["workers"] == 2
     assert summary["complete"] and summary["blocks"]["computed"] == 8
+    assert summary["voxels"] == 16 * 64 * 64 and summary["voxels_per_second"] > 0
+    assert (summary["retries"], summary["rescheduled"], summary["failed_blocks"]) == (0, 0, [])
+    assert summary["halo_overhead"] > 1 and summary["peak_worker_rss_mb"] > 50
+    assert set(summary["seconds_in"]) == {"read", "predict", "write"} and summary["seconds_in"]["predict"] > 0
+    assert "Mvoxel/s" in out and "peak worker RSS" in out and "task seconds: read" in out
     # the workers got the model's bytes and built it at most once each
     counts = builds(remote)
     assert len(counts) == 2 and sum(counts.values()) >= 1 and max(counts.values()) <= 1
