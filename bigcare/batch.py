@@ -142,7 +142,7 @@ def restore_many(inputs, output_dir, model, *, client=None, scheduler=None, clus
         with shipping(c, [ref.payload] if any(r.todo for r in runs) else []):
             results = execute(c, runs, progress=progress)
         for run, result in zip(runs, results):
-            finish_volume_run(run, result, c, pyramid)
+            finish_volume_run(run, result, c, pyramid, progress)
     write_batch_summary(normalise_url(output_dir), output_storage_options, runs, results, time.perf_counter() - t0)
     if any(r.failed for r in results):
         raise block_error(runs, results)

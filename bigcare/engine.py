@@ -175,7 +175,7 @@ def restore(
         start_volume_run(run, c)
         with shipping(c, [ref.payload] if run.todo else []):
             (result,) = execute(c, [run], progress=progress)
-        finish_volume_run(run, result, c, pyramid)
+        finish_volume_run(run, result, c, pyramid, progress)
     if result.failed:
         raise block_error([run], [result])
     return result

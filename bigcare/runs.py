@@ -7,8 +7,8 @@
     start_volume_run()     percentiles (fresh), create outputs metadata-first + done markers,
        (on the cluster)    the RunSpec and the blocks still to do
     execute()              one task per block (bigcare.execute), for one run or a batch
-    finish_volume_run()    summary JSON, then BlockError if blocks failed, else the pyramid and
-                           ``bigcare.complete = True``
+    finish_volume_run()    if every block is done: the pyramid and ``bigcare.complete = True``;
+                           always: the summary JSON (the caller raises BlockError on failures)
 
 :func:`bigcare.restore` runs one volume through these steps; :func:`bigcare.batch.restore_many`
 plans every volume first (so a bad input stops the batch before anything is written), then
@@ -298,7 +298,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     return run
 
 
-def finish_volume_run(run: VolumeRun, result, client=None, pyramid: bool = True) -> None:
+def finish_volume_run(run: VolumeRun, result, client=None, pyramid: bool = True, progress: bool = False) -> None:
     """Pyramid and completion flag of a run whose blocks all succeeded; summary JSON always.
 
     With failed blocks the summary is written and the output stays marked incomplete; the
@@ -311,7 +311,7 @@ def finish_volume_run(run: VolumeRun, result, client=None, pyramid: bool = True)
     if not result.failed:
         if pyramid:
             for url in run.images.values():
-                write_pyramid(open_volume(url, storage_options=run.output_options), client=client)
+                write_pyramid(open_volume(url, storage_options=run.output_options), client=client, progress=progress)
         bigcare_attrs = {**run.attrs["bigcare"], "complete": True, "last_run": result.as_dict()}
         update_attrs(run.output, {"bigcare": bigcare_attrs}, storage_options=run.output_options)
     result.summary_path = write_summary(run, result)

@@ -200,3 +200,20 @@ def test_a_block_that_fails_once_is_retried_and_counted(tmp_path, client):
     assert (result.retries, result.blocks_computed, result.failed) == (8, 8, [])
     np.testing.assert_array_equal(read(tmp_path / "out.ome.zarr"), data)
     assert json.loads((tmp_path / "out.ome.zarr" / "bigcare_summary.json").read_text())["retries"] == 8
+
+
+def test_run_killed_while_creating_outputs_starts_over(tmp_path, client):
+    """Outputs whose done markers were never created (killed right after the metadata) hold no
+    finished block: the next run replaces them instead of failing to resume."""
+    import shutil
+
+    data = smooth_volume((8, 32, 64), seed=4)
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=BLOCK)
+    model = make_model(tmp_path / "model")
+    kwargs = dict(client=client, block_shape=BLOCK, progress=False)
+    bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", model, **kwargs)
+    reference = read(tmp_path / "out.ome.zarr")
+    shutil.rmtree(tmp_path / "out.ome.zarr" / MARKER)
+    result = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", model, **kwargs)
+    assert (result.blocks_computed, result.blocks_skipped) == (2, 0)
+    np.testing.assert_array_equal(read(tmp_path / "out.ome.zarr"), reference)
