@@ -78,9 +78,17 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .cluster import cluster_client, cluster_kwargs
     from .training import train
 
-    result = train(args.config)
+    named = cluster_kwargs(args)
+    if args.scheduler or args.cluster != "local" or args.cluster_config or args.workers:
+        # a cluster named on the command line replaces the config's cluster: section
+        with cluster_client(named["scheduler"], cluster=named["cluster"], config=named["cluster_config"],
+                            n_workers=named["workers"], security=named["security"]) as client:
+            result = train(args.config, client=client)
+    else:
+        result = train(args.config)
     print(f"trained {result.epochs} epoch(s) ({result.epochs - result.start_epoch} now); best validation loss "
           f"{min(result.val_loss):.4f} at epoch {result.best_epoch + 1}; model: {result.model_dir / 'best'}")
     return 0
@@ -162,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="CONFIG keys (YAML; unknown keys are errors):\n" + describe_schema())
     p.add_argument("config", help="YAML training config")
+    add_cluster_arguments(p)  # override the config's cluster: section
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("synth", help="write synthetic (noisy, clean) OME-Zarr pairs for trying out training")

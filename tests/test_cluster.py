@@ -113,3 +113,24 @@ def test_damaged_model_bytes_are_refused_before_anything_is_written(tmp_path, re
     with pytest.raises(ModelError, match="damaged: its bytes hash to"):
         bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", damaged, client=remote)
     assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_cli_train_reads_its_patches_on_a_named_scheduler(tmp_path, procs, remote):
+    import yaml
+    from distributed import get_task_stream
+
+    from bigcare.synth import write_pair
+
+    write_pair(tmp_path / "in.ome.zarr", tmp_path / "gt.ome.zarr", (24, 64, 64), chunks=(12, 32, 32), photons=5, seed=0)
+    config = {
+        "model_dir": str(tmp_path / "model"),
+        "data": {"sources": [{"input": str(tmp_path / "in.ome.zarr"), "target": str(tmp_path / "gt.ome.zarr")}],
+                 "patch_shape": [8, 32, 32], "n_patches": 16},
+        "network": {"depth": 1, "n_filter_base": 4},
+        "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
+    }
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    with get_task_stream(remote) as stream:
+        assert main(["train", str(tmp_path / "train.yaml"), "--scheduler", procs.address]) == 0
+    assert stream.data, "no task ran on the named scheduler's workers"
+    assert (tmp_path / "model" / "best" / "model.safetensors").exists()
