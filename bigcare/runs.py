@@ -72,7 +72,24 @@ class ModelRef:
 
 
 def resolve_model(model, ship_model: bool = True) -> ModelRef:
-    """Turn ``model`` (folder, ModelPayload or predictor object) into a :class:`ModelRef`."""
+    """Turn ``model`` into a :class:`ModelRef`: client-side predictor, hash, how workers get it.
+
+    Parameters
+    ----------
+    model : str, os.PathLike, ModelPayload or predictor object
+        A model folder, a model's bytes, or a picklable predictor (sent with the run spec).
+    ship_model : bool
+        For a folder: send its bytes to the workers (True) or let them read the path (False).
+
+    Returns
+    -------
+    ModelRef
+
+    Raises
+    ------
+    ModelError
+        If the folder is missing or invalid, or a payload's bytes do not match its hash.
+    """
     from .restore.payload import ModelPayload
 
     if isinstance(model, ModelPayload):
@@ -206,7 +223,30 @@ def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool)
 def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, device="cpu", precision="fp32",
                     overwrite=False, ngff_version="0.5", output_dtype="float32", storage_options=None,
                     output_storage_options=None, torch_threads=None) -> VolumeRun:
-    """Open the input, check the model fits, plan the blocks, check the output. Writes nothing."""
+    """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
+
+    Parameters
+    ----------
+    input : str, os.PathLike or Volume
+        The OME-Zarr image.
+    output : str or os.PathLike
+        Output path or URL.
+    model : ModelRef
+        From :func:`resolve_model`.
+    block_shape, device, precision, overwrite, ngff_version, output_dtype, storage_options,
+    output_storage_options, torch_threads
+        As in :func:`bigcare.restore`.
+
+    Returns
+    -------
+    VolumeRun
+        With ``state`` "fresh", "resume" or "replace".
+
+    Raises
+    ------
+    InputError, ModelMismatchError, OutputError, ConfigError
+        When the input, the model or the output cannot be used.
+    """
     volume = input if isinstance(input, Volume) else open_volume(input, storage_options=storage_options)
     if ngff_version not in ("0.4", "0.5"):
         raise ConfigError(f"ngff_version must be '0.4' or '0.5', got {ngff_version!r}")
@@ -256,7 +296,25 @@ def _create_outputs(run: VolumeRun) -> None:
 
 
 def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
-    """Percentiles and outputs (fresh runs), the RunSpec, and the blocks still to do."""
+    """Percentiles and outputs (fresh runs), the RunSpec, and the blocks still to do.
+
+    Parameters
+    ----------
+    run : VolumeRun
+        A planned run; ``normalizer``, ``attrs``, ``spec`` and ``todo`` are filled in.
+    client : distributed.Client, optional
+        Where the percentile reads run.
+
+    Returns
+    -------
+    VolumeRun
+        The same object.
+
+    Raises
+    ------
+    InputError
+        If the input cannot be read for its percentiles (nothing is written then).
+    """
     volume, options, predictor = run.volume, run.output_options, run.model.predictor
     if run.state in ("fresh", "replace"):
         try:
