@@ -132,7 +132,7 @@ def _cpu_seconds(procs) -> float:
     return total
 
 
-def _stream(sampler: PatchSampler, n_batches: int, warmup: int = 10) -> dict:
+def _stream(sampler, n_batches: int, warmup: int = 10) -> dict:
     """Patches/s of the batch stream, and patches per CPU-second of this process and its workers.
 
     The second figure does not depend on what else runs on the machine: on ``k`` idle cores the
@@ -140,7 +140,7 @@ def _stream(sampler: PatchSampler, n_batches: int, warmup: int = 10) -> dict:
     """
     import psutil
 
-    it = sampler.batches("train")
+    it = sampler.batches("train")  # a PatchSampler or a PatchStore
     for _ in range(warmup):
         next(it)
     me = psutil.Process()
@@ -220,6 +220,18 @@ def throughput(args) -> dict:
             rates[name] = r = _stream(s, args.batches)
             print(f"LocalCluster {workers} worker(s) x {threads} thread: {r['patches_per_s']:.0f} patches/s, "
                   f"{r['patches_per_cpu_s']:.0f} per CPU-second (load average {r['load_avg_1min']:.1f})", flush=True)
+    # the optional patch store: written once (thread pool), then streamed
+    store_url = os.path.join(root, "patches.zarr")
+    small = PatchSampler([(x, y)], PATCH, n_patches=args.store_patches, validation_fraction=0.0, seed=0)
+    small._tables = sampler.tables
+    t = time.perf_counter()
+    store = small.write_patch_store(store_url, overwrite=True)
+    write_s = time.perf_counter() - t
+    rates["patch_store"] = r = _stream(store, min(args.batches, args.store_patches // 16 - 10))
+    out["patch_store"] = {"patches": args.store_patches, "write_s": round(write_s, 1),
+                          "gb_on_disk": round(_du(store_url) / 1e9, 2)}
+    print(f"patch store: {args.store_patches} patches written in {write_s:.1f} s ({_du(store_url) / 1e9:.2f} GB), "
+          f"then {r['patches_per_s']:.0f} patches/s, {r['patches_per_cpu_s']:.0f} per CPU-second", flush=True)
     out["stream"] = {k: {m: round(v, 1) for m, v in r.items()} for k, r in rates.items()}
     return out
 
@@ -315,6 +327,7 @@ def main(argv=None) -> None:
                         help="blosc codec of the generated images (default zstd, bigcare's own)")
     parser.add_argument("--patches", type=int, default=20000, help="n_patches of the sampler")
     parser.add_argument("--batches", type=int, default=200, help="batches timed per configuration")
+    parser.add_argument("--store-patches", type=int, default=2048, help="patches written to the patch store")
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=[2, 16], help="memory: dataset sizes (GB, pair)")
     parser.add_argument("--quick", action="store_true", help="small sizes: throughput 64x512x512, memory 0.25 and 1 GB")
     parser.add_argument("--x"), parser.add_argument("--y")
@@ -323,7 +336,7 @@ def main(argv=None) -> None:
         print(json.dumps(rss_child(args)))
         return
     if args.quick:
-        args.shape, args.sizes_gb, args.batches, args.patches = (64, 512, 512), [0.25, 1], 60, 2000
+        args.shape, args.sizes_gb, args.batches, args.patches, args.store_patches = (64, 512, 512), [0.25, 1], 60, 2000, 512
     figures = {}
     if args.what in ("all", "throughput"):
         figures["throughput"] = throughput(args)

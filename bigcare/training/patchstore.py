@@ -1,24 +1,27 @@
 """Sampled patches written once to zarr, then streamed from there (optional).
 
-Reading a patch from a huge image decodes every chunk it touches; reading it from a patch store
-decodes exactly one small chunk. When the same patches are seen for many epochs, writing them
-once pays off. Layout (zarr v3 group)::
+Reading a patch from a huge image decodes every chunk it touches (about 8 for a patch the size
+of a chunk); reading it from a patch store decodes exactly one. When the same patches are seen
+for many epochs, writing them once pays off. Layout (zarr v3 group)::
 
     store.zarr/
       zarr.json            attrs["bigcare_patch_store"]: version, patch shape, batch size, seed,
                            augmentation, the sampler's provenance, and per split n + complete
-      train/x, train/y     float32 (n, 1, *patch_shape), one patch per chunk, normalised
-      train/positions      int64 (n, 1 + D), the sampler's positions, same row order
+      train/x, train/y     (n, 1, *patch_shape) in the images' data type, one patch per chunk,
+                           not augmented, not normalised (half the bytes of float32 for uint16)
+      train/scaling        float64 (n, 4): lo_x, hi_x, lo_y, hi_y of each patch's normalisation
+      train/positions      int64 (n, 1 + D): the sampler's positions, same row order
       val/...
 
 The metadata and empty arrays are written first, then one task per group of rows reads its
 patches and writes its own rows (no two tasks share a chunk), and the split is marked complete
-last; a store whose split is not complete is refused when read.
+last; a split that is not complete is refused when read. Streaming reads each patch's chunk
+directly (:class:`bigcare.training.regions.RegionReader`), augments and normalises it exactly
+as :meth:`PatchSampler.batches` does, so both give the same batches.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,8 +29,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from bigcare.errors import ConfigError, InputError, OutputError
-from bigcare.training.regions import augment, read_patches, run_tasks
-from bigcare.volume import normalise_url, store_kwargs
+from bigcare.training.regions import ImageRef, augment, normalise, read_patches, region_reader, run_tasks
+from bigcare.volume import Level, normalise_url, store_kwargs
 
 __all__ = ["PatchStore", "write_store"]
 
@@ -35,9 +38,17 @@ _KEY = "bigcare_patch_store"
 _ROWS_PER_TASK = 64
 
 
-def _write_rows(plan, url: str, storage_options, split: str, first: int, sources, starts, scaling) -> int:
-    """Task: read one group of patches (no augmentation) and write them as rows ``first ...``."""
-    x, y = read_patches(plan, sources, starts, scaling, np.zeros(len(sources), np.uint8))
+def _split_name(split: str) -> str:
+    if split == "train":
+        return "train"
+    if split in ("val", "validation"):
+        return "val"
+    raise ConfigError(f"split: expected 'train' or 'val', got {split!r}")
+
+
+def _write_rows(plan, url: str, storage_options, split: str, first: int, sources, starts) -> int:
+    """Task: read one group of patches (raw, not augmented) and write them as rows ``first ...``."""
+    x, y = read_patches(plan, sources, starts, None, np.zeros(len(sources), np.uint8))
     for name, data in (("x", x), ("y", y)):
         arr = zarr.open_array(path=f"{split}/{name}", mode="r+", zarr_format=3, **store_kwargs(url, storage_options))
         arr[first:first + len(data)] = data
@@ -72,7 +83,7 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
         ``overwrite`` is False.
     """
     positions = sampler._positions(split)
-    split = "train" if split == "train" else "val"
+    split = _split_name(split)
     url = normalise_url(url)
     kwargs = store_kwargs(url, storage_options)
     try:
@@ -95,19 +106,17 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
                  "augment": sampler.augment, "rotations": sampler.rotations, "provenance": sampler.provenance,
                  "splits": {**splits, split: {"n": n, "complete": False}}})
     group.attrs[_KEY] = meta
-    for name in ("x", "y"):
-        group.create_array(f"{split}/{name}", shape=(n, 1) + shape, chunks=(1, 1) + shape, dtype=np.float32,
+    for name, dtype in zip(("x", "y"), sampler._plan.dtypes):
+        group.create_array(f"{split}/{name}", shape=(n, 1) + shape, chunks=(1, 1) + shape, dtype=dtype,
                            compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), overwrite=True)
-    group.create_array(f"{split}/positions", shape=positions.shape, chunks=positions.shape or (1,), dtype=np.int64,
-                       overwrite=True)
-    if positions.size:
-        group[f"{split}/positions"][...] = positions
+    for name, data in (("positions", positions), ("scaling", sampler._scaling(split, np.arange(n)))):
+        arr = group.create_array(f"{split}/{name}", shape=data.shape, chunks=(max(1, n),) + data.shape[1:],
+                                 dtype=data.dtype, overwrite=True)
+        if n:
+            arr[...] = data
     plan = sampler._plan if sampler.client is None else sampler.client.scatter(sampler._plan, broadcast=True, hash=False)
-    items = []
-    for a in range(0, n, _ROWS_PER_TASK):
-        idx = np.arange(a, min(a + _ROWS_PER_TASK, n))
-        items.append((plan, url, storage_options, split, a, positions[idx, 0], positions[idx, 1:],
-                      sampler._scaling(split, idx)))
+    items = [(plan, url, storage_options, split, a, positions[a:a + _ROWS_PER_TASK, 0], positions[a:a + _ROWS_PER_TASK, 1:])
+             for a in range(0, n, _ROWS_PER_TASK)]
     written = sum(run_tasks(_write_rows, items, client=sampler.client, window=8, ordered=False))
     if written != n:
         raise OutputError(f"{url}: wrote {written} of {n} {split} patches")
@@ -116,28 +125,17 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
     return PatchStore(url, storage_options=storage_options)
 
 
-_ARRAYS: dict[tuple, zarr.Array] = {}
-_LOCK = threading.Lock()
-
-
-def _read_rows(url: str, storage_options, split: str, n: int, index: np.ndarray, codes: np.ndarray):
-    """Task: rows ``index`` of one split of ``n`` patches, augmented by ``codes``."""
+def _read_rows(refs: tuple[ImageRef, ImageRef], index: np.ndarray, codes: np.ndarray, scaling: np.ndarray):
+    """Task: rows ``index`` of one split, augmented by ``codes`` and normalised."""
     out = []
-    for name in ("x", "y"):
-        key = (url, split, name, n)
-        with _LOCK:
-            arr = _ARRAYS.get(key)
-        if arr is None:
-            arr = zarr.open_array(path=f"{split}/{name}", mode="r", zarr_format=3, **store_kwargs(url, storage_options))
-            with _LOCK:
-                _ARRAYS[key] = arr
-        order = np.argsort(index)
-        data = np.empty((len(index),) + arr.shape[1:], arr.dtype)
-        data[order] = arr.get_orthogonal_selection((index[order],))
-        for i, code in enumerate(codes):
-            if code:
-                data[i, 0] = augment(data[i, 0], int(code)).copy()
-        out.append(data)
+    for ref, s in zip(refs, (scaling[:, :2], scaling[:, 2:])):
+        reader = region_reader(ref)
+        shape = ref.level.shape[1:]
+        data = np.empty((len(index),) + shape, reader.dtype)
+        full = tuple(slice(0, n) for n in shape)
+        for k, (i, code) in enumerate(zip(index, codes)):
+            data[k, 0] = augment(reader.read((slice(int(i), int(i) + 1),) + full)[0, 0], int(code))
+        out.append(normalise(data, s))
     return tuple(out)
 
 
@@ -153,7 +151,7 @@ class PatchStore:
     batch_size : int, optional
         Default: the sampler's.
     read_ahead : int
-        Batches read ahead on a thread pool.
+        Batches read ahead on a local thread pool.
 
     Raises
     ------
@@ -169,7 +167,7 @@ class PatchStore:
         self.batch_size = int(batch_size or self._meta["batch_size"])
         self.read_ahead = int(read_ahead)
 
-    def _load(self) -> None:
+    def _load(self) -> zarr.Group:
         try:
             group = zarr.open_group(mode="r", zarr_format=3, **store_kwargs(self.url, self.storage_options))
         except (FileNotFoundError, zarr.errors.BaseZarrError):
@@ -177,6 +175,7 @@ class PatchStore:
         if _KEY not in group.attrs:
             raise InputError(f"{self.url}: zarr group without {_KEY!r} attributes; expected a bigcare patch store")
         self._meta = dict(group.attrs[_KEY])
+        return group
 
     @property
     def splits(self) -> dict[str, int]:
@@ -189,17 +188,22 @@ class PatchStore:
         return self._meta["provenance"]
 
     def batches(self, split: str = "train", *, epochs: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (x, y) batches as :meth:`PatchSampler.batches` does (same order rules)."""
+        """Stream (x, y) batches as :meth:`PatchSampler.batches` does (same order rules and values)."""
         from bigcare.training.sampling import batch_order
 
-        name = "train" if split == "train" else "val" if split in ("val", "validation") else None
-        if name is None:
-            raise ConfigError(f"split: expected 'train' or 'val', got {split!r}")
-        self._load()  # the store may have gained a split since it was opened
+        name = _split_name(split)
+        group = self._load()  # the store may have gained a split since it was opened
         if name not in self.splits:
             raise InputError(f"{self.url}: holds no complete {name!r} split (has {sorted(self.splits)})")
+        refs = []
+        for role in ("x", "y"):
+            arr = group[f"{name}/{role}"]
+            level = Level(f"{name}/{role}", tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype),
+                          (1.0,) * arr.ndim, (0.0,) * arr.ndim)
+            refs.append(ImageRef(self.url, self.storage_options, 3, level, None, None))
+        scaling = np.asarray(group[f"{name}/scaling"][...])
         n_codes = 8 if self._meta["rotations"] else 4 if self._meta["augment"] else 1
-        items = ((self.url, self.storage_options, name, self.splits[name], idx, codes)
+        items = ((tuple(refs), idx, codes, scaling[idx])
                  for idx, codes in batch_order(self.splits[name], batch_size=self.batch_size, seed=self._meta["seed"],
                                                epochs=epochs, n_codes=n_codes, shuffle=name == "train"))
         yield from run_tasks(_read_rows, items, window=self.read_ahead + 1, ordered=True)
