@@ -14,6 +14,7 @@ __all__ = [
     "OutputError",
     "ConfigError",
     "BlockError",
+    "format_validation_error",
 ]
 
 
@@ -43,3 +44,24 @@ class ConfigError(BigcareError, ValueError):
 
 class BlockError(BigcareError, RuntimeError):
     """One or more blocks failed; the message lists which and why."""
+
+
+def format_validation_error(err) -> str:
+    """One line naming every bad key of a pydantic ``ValidationError`` (``a.b: message (got x)``)."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed)"
+        if e["type"] == "missing":
+            parts.append(f"{loc}: required key missing")
+        elif loc and isinstance(e.get("input"), dict):  # a cross-field rule of a section
+            parts.append(f"{loc}: {msg}")
+        elif loc:
+            got = repr(e.get("input"))
+            got = got if len(got) <= 80 else got[:77] + "..."
+            parts.append(f"{loc}: {msg} (got {got})")
+        else:
+            parts.append(msg)
+    return "; ".join(parts)

@@ -87,7 +87,7 @@ def test_resume_continues_from_the_saved_epoch(pairs, tmp_path, client):
     (lambda c: c["training"].update(epochs="ten"), r"training\.epochs: .*integer"),
     (lambda c: c["data"].update(patch_shape=[8, 31, 32]), r"multiples of 2\*\*network\.depth = 2"),
     (lambda c: c["data"]["sources"][0].update(inputs="x"), r"data\.sources\.0\.inputs: unknown key"),
-    (lambda c: c.pop("model_dir"), r"model_dir: Field required"),
+    (lambda c: c.pop("model_dir"), r"model_dir: required key missing"),
     (lambda c: c["training"].update(loss="l3"), r"training\.loss"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, message):

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from bigcare.errors import ModelError, ModelMismatchError, OutputError
+from bigcare.errors import ModelError, ModelMismatchError, OutputError, format_validation_error
 from bigcare.models.unet import UNet, UNetConfig
 
 __all__ = [
@@ -97,26 +97,6 @@ class ModelConfig(BaseModel, extra="forbid"):
 
 def _canonical_json(config: ModelConfig) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-
-def _format_validation(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (not allowed)"
-        if e["type"] == "missing":
-            parts.append(f"{loc}: required key missing")
-        elif loc and isinstance(e.get("input"), dict):  # a cross-field rule of a section
-            parts.append(f"{loc}: {msg}")
-        elif loc:
-            got = repr(e.get("input"))
-            got = got if len(got) <= 80 else got[:77] + "..."
-            parts.append(f"{loc}: {msg} (got {got})")
-        else:
-            parts.append(msg)
-    return "; ".join(parts)
 
 
 def save_model(
@@ -215,7 +195,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as e:
-        raise ModelError(f"{cfile} is not a valid model config: {_format_validation(e)}") from None
+        raise ModelError(f"{cfile} is not a valid model config: {format_validation_error(e)}") from None
 
 
 def _read_weights(wfile: pathlib.Path) -> dict[str, torch.Tensor]:

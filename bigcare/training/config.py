@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, format_validation_error
 
 __all__ = ["TrainConfig", "DataConfig", "NetworkConfig", "TrainingConfig", "ClusterConfig",
            "load_train_config", "describe_schema"]
@@ -123,17 +123,6 @@ class TrainConfig(_Strict):
         return self
 
 
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        got = e.get("input")
-        shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-        lines.append(f"{key}: {msg}{shown}")
-    return "; ".join(lines)
-
-
 def load_train_config(config) -> TrainConfig:
     """Read and validate a training config from a YAML path, a dict, or a TrainConfig.
 
@@ -159,7 +148,7 @@ def load_train_config(config) -> TrainConfig:
     try:
         return TrainConfig.model_validate(config)
     except ValidationError as e:
-        raise ConfigError(f"{where}: {_format(e)}") from None
+        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
 
 
 def describe_schema() -> str:
