@@ -291,7 +291,7 @@ def test_region_reader_matches_zarr(tmp_path, layout):
         a = [int(rng.integers(0, n)) for n in data.shape]
         b = [int(rng.integers(s + 1, n + 1)) for s, n in zip(a, data.shape)]
         sel = tuple(slice(s, e) for s, e in zip(a, b))
-        np.testing.assert_array_equal(reader.read(sel, {}), data[sel])
+        np.testing.assert_array_equal(reader.read(sel), data[sel])
 
 
 # --- errors ----------------------------------------------------------------------------------------

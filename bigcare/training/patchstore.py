@@ -132,9 +132,11 @@ def _read_rows(refs: tuple[ImageRef, ImageRef], index: np.ndarray, codes: np.nda
         reader = region_reader(ref)
         shape = ref.level.shape[1:]
         data = np.empty((len(index),) + shape, reader.dtype)
+        row = np.empty((1,) + shape, reader.dtype)
         full = tuple(slice(0, n) for n in shape)
         for k, (i, code) in enumerate(zip(index, codes)):
-            data[k, 0] = augment(reader.read((slice(int(i), int(i) + 1),) + full)[0, 0], int(code))
+            reader.read((slice(int(i), int(i) + 1),) + full, row)
+            data[k, 0] = augment(row[0, 0], int(code))
         out.append(normalise(data, s))
     return tuple(out)
 
