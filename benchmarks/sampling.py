@@ -41,7 +41,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from bigcare.ngff import create_image, write_pyramid
-from bigcare.training.regions import read_patches, region_reader, run_tasks
+from bigcare.training.regions import chunk_buffers, read_patches, region_reader, run_tasks
 from bigcare.training.sampling import PatchSampler
 from bigcare.volume import Axis, cached_array, open_volume
 
@@ -163,19 +163,21 @@ def profile_task(sampler: PatchSampler, n: int = 256) -> dict:
     total = time.perf_counter() - t0
     fetch = decode = 0.0
     n_chunks = 0
+    buffers = chunk_buffers()
     for src in sampler._plan.sources[:1]:
         for ref in (src.input, src.target):
             reader = region_reader(ref)
+            out = np.empty(reader._nbytes, np.uint8)
             for row in pos:
                 sel = ref.selection(row[1:], src.footprint)
                 ranges = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(sel, reader._chunks)]
                 for coords in np.ndindex(*[len(r) for r in ranges]):
                     key = reader._encode_key(tuple(r[i] for r, i in zip(ranges, coords)))
                     t = time.perf_counter()
-                    buf = reader._fetch(key)
+                    buf = reader._fetch(key, buffers)
                     fetch += time.perf_counter() - t
                     t = time.perf_counter()
-                    reader._decoder.decode(buf)
+                    reader._decoder.decode(buf, out=out)
                     decode += time.perf_counter() - t
                     n_chunks += 1
     return {"task_ms_per_patch": 1e3 * total / n, "fetch_ms_per_patch": 1e3 * fetch / n,
