@@ -17,10 +17,15 @@ Figures:
 
 Usage::
 
-    python benchmarks/sampling.py                       # both, default sizes (16 GB: ~5 min of data generation)
-    python benchmarks/sampling.py --quick               # small sizes, a minute or so
-    python benchmarks/sampling.py throughput --chunks 16,64,64 --batches 300
+    python benchmarks/sampling.py                       # both, default sizes (the 16 GB pair takes
+                                                        # ~12 min to generate on 2 busy cores; reused after)
+    python benchmarks/sampling.py --quick               # small sizes, a few minutes
+    python benchmarks/sampling.py throughput --codec lz4 --chunks 16,64,64 --batches 300
     python benchmarks/sampling.py memory --sizes-gb 2 16 --data /tmp/bigcare-bench
+
+Generated data stay under ``--data`` and are reused by later runs (their generation time is
+kept in their attributes and reported again). Throughput is also given per CPU-second of the
+client and its workers, a figure that depends less on what else runs on the machine.
 
 The figures are printed, the last line is JSON.
 """
@@ -81,8 +86,7 @@ def _write_slab(url: str, z0: int, z1: int, role: str, seed: int) -> int:
 
 def make_pair(root: str, shape, chunks, codec: str, client) -> tuple[str, str, float]:
     """Write (or reuse) an input/target pair under ``root``; return paths and seconds taken."""
-    paths = []
-    t0 = time.perf_counter()
+    paths, seconds = [], 0.0
     for role in ("input", "target"):
         url = os.path.join(root, f"{role}.zarr")
         paths.append(url)
@@ -90,9 +94,11 @@ def make_pair(root: str, shape, chunks, codec: str, client) -> tuple[str, str, f
             vol = open_volume(url)
             if (vol.shape == tuple(shape) and vol.levels[0].chunks == tuple(chunks) and vol.attrs.get("complete")
                     and vol.attrs.get("codec") == codec):
+                seconds += vol.attrs.get("generation_s", 0.0)  # reused: report how long it took when made
                 continue
         except Exception:
             pass
+        t0 = time.perf_counter()
         vol = create_image(url, shape=shape, dtype=np.uint16, chunks=chunks, axes=AXES, scale=(1.0, 0.5, 0.5),
                            overwrite=True, attrs={"complete": False, "codec": codec})
         if codec != "zstd":  # bigcare writes blosc-zstd-bitshuffle; swap the (still empty) arrays' codec
@@ -108,8 +114,9 @@ def make_pair(root: str, shape, chunks, codec: str, client) -> tuple[str, str, f
         write_pyramid(vol, client=client)
         from bigcare.ngff import update_attrs
 
-        update_attrs(url, {"complete": True})
-    return paths[0], paths[1], time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
+        update_attrs(url, {"complete": True, "generation_s": time.perf_counter() - t0})
+    return paths[0], paths[1], seconds
 
 
 def _du(path: str) -> int:
@@ -158,6 +165,7 @@ def profile_task(sampler: PatchSampler, n: int = 256) -> dict:
     """Single-thread cost per patch pair: the whole task, and its chunk fetch and decode parts."""
     pos = sampler.train_positions[:n]
     scaling = sampler._scaling("train", np.arange(n))
+    read_patches(sampler._plan, pos[:, 0], pos[:, 1:], scaling, np.zeros(n, np.uint8))  # page cache warm
     t0 = time.perf_counter()
     read_patches(sampler._plan, pos[:, 0], pos[:, 1:], scaling, np.zeros(n, np.uint8))
     total = time.perf_counter() - t0
@@ -299,18 +307,18 @@ def memory(args) -> dict:
         side = 2048 if gb >= 1 else 512
         z = max(PATCH[0], round(gb * 1e9 / 2 / 2 / side / side / 16) * 16)
         shape = (z, side, side)
-        root = os.path.join(args.data, f"memory-{args.codec}-{gb}gb")
+        root = os.path.join(args.data, f"memory-{args.codec}-{gb:g}gb")
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40) as cluster, \
                 Client(cluster) as client:
             x, y, gen_s = make_pair(root, shape, tuple(args.chunks), args.codec, client)
         raw = 2 * math.prod(shape) * 2 / 1e9
-        print(f"data {gb} GB: 2 x {shape} uint16, {raw:.1f} GB raw, {(_du(x) + _du(y)) / 1e9:.2f} GB on disk, "
+        print(f"data {gb:g} GB: 2 x {shape} uint16, {raw:.1f} GB raw, {(_du(x) + _du(y)) / 1e9:.2f} GB on disk, "
               f"generated in {gen_s:.0f} s", flush=True)
         cmd = [sys.executable, __file__, "_rss", "--x", x, "--y", y, "--patches", str(args.patches),
                "--batches", str(args.batches)]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         res.update({"shape": list(shape), "data_gb_raw": round(raw, 2), "generation_s": round(gen_s, 1)})
-        results[f"{gb}gb"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items()}
+        results[f"{gb:g}gb"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items()}
         print(f"  peak RSS: client {res['peak_client_mb']:.0f} MB, client + 2 workers {res['peak_total_mb']:.0f} MB "
               f"(at start {res['baseline_total_mb']:.0f} MB); draw {res['draw_s']:.1f} s, statistics "
               f"{res['stats_s']:.1f} s, {res['patches_per_s']:.0f} patches/s", flush=True)
