@@ -16,7 +16,7 @@ from bigcare.ngff import create_image
 from bigcare.training import positions as positions_module
 from bigcare.training import sampling as sampling_module
 from bigcare.training.patchstore import PatchStore
-from bigcare.training.regions import RegionReader, augment
+from bigcare.training.regions import RegionReader, augment, tune_malloc
 from bigcare.training.sampling import PatchSampler, Source
 from bigcare.training.sources import image_ref
 from bigcare.volume import Axis
@@ -249,6 +249,17 @@ def test_cluster_batches_equal_thread_pool_batches(client, pair):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
     assert len(list(remote.batches("val"))) == 1
+
+
+def test_malloc_is_tuned_in_dask_workers_only(client):
+    # workers start with MALLOC_TRIM_THRESHOLD_ (dask's nanny); this process got it in
+    # os.environ from starting the cluster, but its malloc must keep its dynamic threshold
+    import os
+    import sys
+
+    assert set(client.run(tune_malloc).values()) == {True}
+    assert "MALLOC_TRIM_THRESHOLD_" in os.environ or not sys.platform.startswith("linux")
+    assert tune_malloc() is False
 
 
 def test_patch_store_streams_the_same_batches(tmp_path, pair):

@@ -192,7 +192,7 @@ class ChunkBuffers:
 
 
 _LOCAL = threading.local()
-_MALLOC_TUNED = False
+_MALLOC_TUNED: bool | None = None
 
 #: glibc's ``M_MMAP_THRESHOLD`` and ``M_TOP_PAD`` in processes started with ``MALLOC_TRIM_THRESHOLD_``.
 MMAP_THRESHOLD = TOP_PAD = 4 << 20
@@ -210,13 +210,25 @@ def tune_malloc() -> bool:
     60 us; 2.8 vs 1.2 ms of CPU per 16x64x64 patch pair). Setting ``M_MMAP_THRESHOLD`` and
     ``M_TOP_PAD`` to 4 MiB serves those from the heap and keeps at most 4 MiB more of it per
     arena; the trim threshold (what dask set it for) is left alone. Runs once per process,
-    only when that variable is set and glibc is the C library; returns whether it changed
-    anything.
+    only when that variable was set when the process started (``/proc/self/environ``: a
+    process that starts a LocalCluster gets it in ``os.environ`` too, but its malloc keeps the
+    dynamic threshold, which must not be switched off) and glibc is the C library; returns
+    whether this process is tuned.
     """
     global _MALLOC_TUNED
-    if _MALLOC_TUNED or "MALLOC_TRIM_THRESHOLD_" not in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if _MALLOC_TUNED is None:
+        _MALLOC_TUNED = _tune_malloc()
+    return _MALLOC_TUNED
+
+
+def _tune_malloc() -> bool:
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            started_with = {item.split(b"=", 1)[0] for item in f.read().split(b"\0") if b"=" in item}
+    except OSError:
         return False
-    _MALLOC_TUNED = True
+    if b"MALLOC_TRIM_THRESHOLD_" not in started_with or b"MALLOC_MMAP_THRESHOLD_" in started_with:
+        return False
     try:
         import ctypes
 
