@@ -62,3 +62,25 @@ def write_volume(url, data, *, axes="zyx", chunks=None, scale=None, ngff_version
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def smooth_volume(shape, seed=0):
+    """A smooth random float32 volume (values ~0-4): the networks' output differs visibly from it."""
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    return ndi.gaussian_filter(rng.random(shape, dtype=np.float32), 1.5).astype(np.float32) * 4
+
+
+def read(url, path="0"):
+    """The whole array ``path`` of the zarr group at ``url``."""
+    import zarr
+
+    return np.asarray(zarr.open_array(store=str(url), path=path, mode="r")[...])
+
+
+def builds(client) -> dict:
+    """Networks built from sent models, per worker process."""
+    from bigcare.restore import payload
+
+    return client.run(lambda: payload.BUILDS["count"])

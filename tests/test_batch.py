@@ -7,32 +7,15 @@ import json
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
-import zarr
 
 import bigcare
 from bigcare.batch import expand_inputs, output_paths
 from bigcare.cli import main
 from bigcare.errors import ConfigError, InputError
 
-from conftest import make_model, write_volume
+from conftest import builds, make_model, read, smooth_volume, write_volume
 
 BLOCK = (8, 32, 32)
-
-
-def smooth_volume(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    return ndi.gaussian_filter(rng.random(shape, dtype=np.float32), 1.5).astype(np.float32) * 4
-
-
-def read(url, path="0"):
-    return np.asarray(zarr.open_array(store=str(url), path=path, mode="r")[...])
-
-
-def builds(client) -> dict:
-    from bigcare.restore import payload
-
-    return client.run(lambda: payload.BUILDS["count"])
 
 
 def test_cli_batch_restores_every_volume_with_one_model_load_per_worker(tmp_path, client, capsys):

@@ -1,6 +1,5 @@
 """Block planning: coverage, alignment, halos, chunk alignment of writes."""
 
-import itertools
 
 import numpy as np
 import pytest

@@ -8,8 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
-import zarr
 from distributed import Client
 
 import bigcare
@@ -18,26 +16,10 @@ from bigcare.errors import ModelError
 from bigcare.models import model_hash
 from bigcare.restore.payload import ModelPayload
 
-from conftest import make_model, write_volume
+from conftest import builds, make_model, read, smooth_volume, write_volume
 from dask_procs import DaskProcesses
 
 BLOCK = (8, 32, 32)
-
-
-def smooth_volume(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    return ndi.gaussian_filter(rng.random(shape, dtype=np.float32), 1.5).astype(np.float32) * 4
-
-
-def read(url, path="0"):
-    return np.asarray(zarr.open_array(store=str(url), path=path, mode="r")[...])
-
-
-def builds(client) -> dict:
-    """Networks built from sent models, per worker process."""
-    from bigcare.restore import payload
-
-    return client.run(lambda: payload.BUILDS["count"])
 
 
 @pytest.fixture(scope="module")

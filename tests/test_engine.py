@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 import zarr
 
 import bigcare
@@ -15,16 +14,7 @@ from bigcare.errors import BlockError, InputError, ModelMismatchError, OutputErr
 from bigcare.tasks import MARKER
 from bigcare.volume import open_volume
 
-from conftest import make_model, write_volume
-
-
-def smooth_volume(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    return ndi.gaussian_filter(rng.random(shape, dtype=np.float32), 1.5).astype(np.float32) * 4
-
-
-def read(url, path="0"):
-    return np.asarray(zarr.open_array(store=str(url), path=path, mode="r")[...])
+from conftest import make_model, read, smooth_volume, write_volume
 
 
 @pytest.mark.parametrize(
@@ -261,7 +251,6 @@ def test_gpu_runs_request_one_gpu_resource_per_block_task(tmp_path):
     predictor never touches torch, so this runs for real on a CPU-only machine."""
     import subprocess
     import sys
-    import time
 
     from distributed import Client, LocalCluster, get_task_stream
 

@@ -16,7 +16,6 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 import zarr
 from distributed import Client
 
@@ -25,19 +24,10 @@ from bigcare.cli import main
 from bigcare.restore.identity import IdentityPredictor
 from bigcare.tasks import MARKER
 
-from conftest import make_model, write_volume
+from conftest import make_model, read, smooth_volume, write_volume
 from dask_procs import DaskProcesses
 
 BLOCK = (8, 32, 32)
-
-
-def smooth_volume(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    return ndi.gaussian_filter(rng.random(shape, dtype=np.float32), 1.5).astype(np.float32) * 4
-
-
-def read(url, path="0"):
-    return np.asarray(zarr.open_array(store=str(url), path=path, mode="r")[...])
 
 
 def markers(url) -> np.ndarray:

@@ -9,23 +9,17 @@ import logging
 import fsspec
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 import zarr
 
 import bigcare
 from bigcare.cli import main
 from bigcare.errors import OutputError
 
-from conftest import make_model
+from conftest import make_model, smooth_volume
 
 BLOCK = (8, 32, 32)
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bigcare-test", "AWS_SECRET_ACCESS_KEY": "bigcare-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def smooth_volume(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    return ndi.gaussian_filter(rng.random(shape, dtype=np.float32), 1.5).astype(np.float32) * 4
 
 
 @pytest.fixture(scope="module")
