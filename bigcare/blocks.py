@@ -22,6 +22,12 @@ The read region starts and ends on multiples of the alignment ``a`` (the network
 divisor), so the pooling grid of a block coincides with the pooling grid of the whole volume
 and a block's prediction equals the whole-volume prediction wherever the halo covers the
 receptive field. Because no two write regions share a chunk, blocks write without locks.
+
+Methods that change the grid (isotropic restoration upsamples Z) plan on the *output* grid and
+carry a ``zoom`` factor per axis: the halo and the alignment then apply to the *window* (the
+region of the upsampled grid the network sees), and the read region is the input rows that
+window interpolates from (:func:`bigcare.resample.source_range`). Without zoom the window is the
+read region.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .errors import ConfigError
+from .resample import source_range, zoom_length
 
 __all__ = ["Block", "BlockPlan", "plan_blocks", "default_block_shape"]
 
@@ -49,11 +56,20 @@ class Block:
     read : tuple of (start, stop)
         The input region it reads, per axis, in input voxels (write region + halo, aligned,
         clipped to the volume).
+    window : tuple of (start, stop), optional
+        Only for plans with zoom: the region of the output grid the predictor sees (write
+        region + halo, aligned, clipped); the read region is what it is interpolated from.
     """
 
     index: tuple[int, ...]
     write: tuple[tuple[int, int], ...]
     read: tuple[tuple[int, int], ...]
+    window: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def predicted(self) -> tuple[tuple[int, int], ...]:
+        """The region the predictor sees, in output voxels (the read region without zoom)."""
+        return self.read if self.window is None else self.window
 
     @property
     def write_slices(self) -> tuple[slice, ...]:
@@ -65,8 +81,8 @@ class Block:
 
     @property
     def crop(self) -> tuple[slice, ...]:
-        """Slices that cut the write region out of a prediction of the read region."""
-        return tuple(slice(w0 - r0, w1 - r0) for (w0, w1), (r0, _) in zip(self.write, self.read))
+        """Slices that cut the write region out of the prediction (of :attr:`predicted`)."""
+        return tuple(slice(w0 - r0, w1 - r0) for (w0, w1), (r0, _) in zip(self.write, self.predicted))
 
     @property
     def write_voxels(self) -> int:
@@ -76,15 +92,25 @@ class Block:
     def read_voxels(self) -> int:
         return math.prod(b - a for a, b in self.read)
 
+    @property
+    def predicted_voxels(self) -> int:
+        return math.prod(b - a for a, b in self.predicted)
+
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """The block grid over a volume: shape, block shape, halo and alignment per axis."""
+    """The block grid over a volume: shape, block shape, halo and alignment per axis.
+
+    ``shape`` is the output grid. With ``zoom`` (output voxels per input voxel per axis, 1.0 for
+    unchanged axes) the input grid is ``in_shape``; without, the two grids are the same.
+    """
 
     shape: tuple[int, ...]
     block_shape: tuple[int, ...]
     halo: tuple[int, ...]
     align: tuple[int, ...]
+    zoom: tuple[float, ...] | None = None
+    in_shape: tuple[int, ...] | None = None
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -96,14 +122,19 @@ class BlockPlan:
 
     def block(self, index: Sequence[int]) -> Block:
         """The block at grid position ``index``."""
-        write, read = [], []
-        for i, n, b, h, a in zip(index, self.shape, self.block_shape, self.halo, self.align):
+        write, read, window = [], [], []
+        zoom = self.zoom or (1.0,) * len(self.shape)
+        in_shape = self.in_shape or self.shape
+        for i, n, b, h, a, f, m in zip(index, self.shape, self.block_shape, self.halo, self.align, zoom, in_shape):
             w0, w1 = i * b, min(n, (i + 1) * b)
             r0 = max(0, (w0 - h) // a * a)
             r1 = min(n, -(-(w1 + h) // a) * a)
             write.append((w0, w1))
-            read.append((r0, r1))
-        return Block(tuple(index), tuple(write), tuple(read))
+            window.append((r0, r1))
+            read.append((r0, r1) if f == 1.0 else source_range(r0, r1, f, m))
+        if self.zoom is None:
+            return Block(tuple(index), tuple(write), tuple(read))
+        return Block(tuple(index), tuple(write), tuple(read), tuple(window))
 
     def __iter__(self) -> Iterator[Block]:
         for index in itertools.product(*(range(g) for g in self.grid)):
@@ -111,18 +142,20 @@ class BlockPlan:
 
     @property
     def overhead(self) -> float:
-        """Voxels read (and computed) per voxel written, over the whole plan (>= 1)."""
-        read = sum(b.read_voxels for b in self)
-        return read / math.prod(self.shape)
+        """Voxels predicted per voxel written, over the whole plan (>= 1): the recomputed halo."""
+        return sum(b.predicted_voxels for b in self) / math.prod(self.shape)
 
     def as_dict(self) -> dict:
         """JSON-friendly description, used in run keys and summaries."""
-        return {
+        d = {
             "shape": list(self.shape),
             "block_shape": list(self.block_shape),
             "halo": list(self.halo),
             "align": list(self.align),
         }
+        if self.zoom is not None:
+            d.update(zoom=list(self.zoom), in_shape=list(self.in_shape))
+        return d
 
 
 def plan_blocks(
@@ -131,13 +164,14 @@ def plan_blocks(
     halo: Sequence[int],
     align: Sequence[int],
     chunks: Sequence[int] | None = None,
+    zoom: Sequence[float] | None = None,
 ) -> BlockPlan:
     """Plan the blocks that cover a volume.
 
     Parameters
     ----------
     shape : sequence of int
-        Shape of the volume (input and output grids are the same here).
+        Shape of the input volume.
     block_shape : sequence of int
         Write-region shape per axis. Must be a whole number of ``chunks`` along every axis
         (clipped at the volume's end), so that no two blocks write the same chunk.
@@ -147,6 +181,10 @@ def plan_blocks(
         Read regions start (and, away from the border, end) on multiples of this.
     chunks : sequence of int, optional
         The output's chunk (or shard) shape; checked against ``block_shape``.
+    zoom : sequence of float, optional
+        Output voxels per input voxel per axis (see :mod:`bigcare.resample`); the output grid
+        is then the zoomed one, and ``block_shape``, ``halo``, ``align`` and ``chunks`` are in
+        output voxels.
 
     Returns
     -------
@@ -158,8 +196,15 @@ def plan_blocks(
         If the lengths disagree, a size is not positive, or a block is not a whole number of
         chunks.
     """
-    shape, block_shape = tuple(map(int, shape)), tuple(map(int, block_shape))
+    in_shape, block_shape = tuple(map(int, shape)), tuple(map(int, block_shape))
     halo, align = tuple(map(int, halo)), tuple(map(int, align))
+    if zoom is not None:
+        zoom = tuple(float(f) for f in zoom)
+        if len(zoom) != len(in_shape) or any(not f > 0 for f in zoom):
+            raise ConfigError(f"zoom must be one positive factor per axis of shape {in_shape}, got {zoom}")
+        if all(f == 1.0 for f in zoom):
+            zoom = None
+    shape = in_shape if zoom is None else tuple(zoom_length(n, f) for n, f in zip(in_shape, zoom))
     for name, value in (("block_shape", block_shape), ("halo", halo), ("align", align)):
         if len(value) != len(shape):
             raise ConfigError(
@@ -178,7 +223,9 @@ def plan_blocks(
                     f"block_shape {block_shape} is not a whole number of output chunks {tuple(chunks)} "
                     f"along axis {axis}; choose a multiple of {c}"
                 )
-    return BlockPlan(shape, block_shape, halo, align)
+    if zoom is None:
+        return BlockPlan(shape, block_shape, halo, align)
+    return BlockPlan(shape, block_shape, halo, align, zoom, in_shape)
 
 
 def default_block_shape(

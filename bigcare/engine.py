@@ -27,7 +27,7 @@ from .execute import RunResult, execute, shipping
 from .normalize import Normalizer, compute_normalizer
 from .restore import load_predictor
 from .runs import TARGET_VOXELS, finish_volume_run, plan_restoration, plan_volume_run, resolve_model, start_volume_run
-from .tasks import AxisLayout, predict_region
+from .tasks import AxisLayout, predict_region, volume_zoom, zoom_region
 
 __all__ = ["restore", "predict", "RunResult", "plan_restoration", "TARGET_VOXELS", "block_error"]
 
@@ -201,7 +201,7 @@ def predict(data: np.ndarray, model, *, axes: str, device: str = "cpu", precisio
     Returns
     -------
     dict of str to numpy.ndarray
-        One float32 array per named output.
+        One float32 array per named output; for an isotropic model on the Z-upsampled grid.
     """
     import dask.array as da
 
@@ -213,4 +213,5 @@ def predict(data: np.ndarray, model, *, axes: str, device: str = "cpu", precisio
     if normalizer is None:
         normalizer = compute_normalizer(da.from_array(data), axes.find("c") if "c" in axes else None,
                                         predictor.pmin, predictor.pmax, name="the array")
-    return predict_region(predictor, layout, np.asarray(data), normalizer)
+    region = zoom_region(np.asarray(data), volume_zoom(predictor, layout))
+    return predict_region(predictor, layout, region, normalizer)

@@ -45,7 +45,7 @@ class RunResult:
     seconds : float
         From the first submitted block to this run's last finished block.
     halo_overhead : float
-        Voxels read per voxel written over the whole plan.
+        Voxels predicted per voxel written over the whole plan (the recomputed halo).
     normalization : dict
         The percentile statistics used.
     peak_worker_rss_mb : float

@@ -27,12 +27,13 @@ import zarr
 
 from . import __version__
 from .blocks import BlockPlan, default_block_shape, plan_blocks
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, InputError, ModelMismatchError, OutputError
 from .models import model_hash
 from .ngff import create_image, update_attrs, write_pyramid
 from .normalize import Normalizer, compute_normalizer
 from .restore import load_predictor
-from .tasks import MARKER, AxisLayout, RunSpec
+from .resample import zoom_length
+from .tasks import MARKER, AxisLayout, RunSpec, volume_zoom
 from .volume import Axis, Volume, normalise_url, open_volume, store_kwargs
 
 __all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
@@ -123,17 +124,22 @@ def _spatial_block(volume: Volume, layout: AxisLayout, block: tuple[int, ...] | 
 def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=None, device="cpu"):
     """Choose output chunks and the block plan for a volume and a predictor.
 
-    Output chunks follow the input's chunks on spatial axes (the same grid), whole channels
-    and one time point. A user block shape that is not a whole number of those chunks makes
-    the output chunk equal to the block instead.
+    Output chunks follow the input's chunks on spatial axes (the same grid; on an upsampled
+    axis, the input chunk times the factor), whole channels and one time point. A user block
+    shape (in output voxels) that is not a whole number of those chunks makes the output chunk
+    equal to the block instead.
 
     Returns
     -------
     (chunks, BlockPlan)
     """
-    axes, shape = volume.axis_names, volume.shape
+    axes, in_shape = volume.axis_names, volume.shape
+    zoom = volume_zoom(predictor, layout)
+    factors = zoom or (1.0,) * len(axes)
+    shape = tuple(zoom_length(n, f) for n, f in zip(in_shape, factors))
     spatial = [a in layout.spatial for a in axes]
-    chunks = tuple(n if a == "c" else (c if s else 1) for a, n, c, s in zip(axes, shape, volume.chunks, spatial))
+    chunks = tuple(n if a == "c" else (min(n, max(1, round(c * f))) if s else 1)
+                   for a, n, c, s, f in zip(axes, shape, volume.chunks, spatial, factors))
     halo = tuple(predictor.halo[layout.spatial.index(a)] if s else 0 for a, s in zip(axes, spatial))
     align = tuple(predictor.align[layout.spatial.index(a)] if s else 1 for a, s in zip(axes, spatial))
     block = _spatial_block(volume, layout, block_shape)
@@ -142,7 +148,25 @@ def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=
         block = default_block_shape(shape, chunks, spatial, halo, target)
     elif any(b % c and b < n for b, c, n in zip(block, chunks, shape)):
         chunks = tuple(min(b, n) for b, n in zip(block, shape))
-    return chunks, plan_blocks(shape, block, halo, align, chunks)
+    return chunks, plan_blocks(in_shape, block, halo, align, chunks, zoom)
+
+
+def _check_anisotropy(volume: Volume, predictor) -> None:
+    """An isotropic model's factor must match the volume's Z / lateral voxel sizes (within 5%)."""
+    factor = getattr(predictor, "factor", None)
+    if factor is None:
+        return
+    scale = dict(zip(volume.axis_names, volume.scale))
+    if "z" not in scale or "x" not in scale:
+        return
+    ratio = scale["z"] / scale["x"]
+    if abs(ratio - factor) > 0.05 * factor:
+        raise ModelMismatchError(
+            f"the isotropic model was trained for an axial factor of {factor:g} (Z voxel size / "
+            f"lateral voxel size), but {volume.url} has voxel sizes z={scale['z']:g}, x={scale['x']:g} "
+            f"(ratio {ratio:g}); train a model for this volume, or fix its voxel sizes "
+            "(bigcare convert --voxel-size)"
+        )
 
 
 @dataclass
@@ -256,6 +280,7 @@ def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, device=
     predictor = model.predictor
     layout = AxisLayout.build(volume.axis_names, [a.type for a in volume.axes], predictor.spatial_axes,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
+    _check_anisotropy(volume, predictor)
     chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device)
     run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision)
     state = _output_state(output, output_storage_options, run_key, overwrite)
@@ -277,7 +302,8 @@ def _create_outputs(run: VolumeRun) -> None:
     scale_by_name = dict(zip(volume.axis_names, volume.scale))
     trans_by_name = dict(zip(volume.axis_names, volume.levels[0].translation))
     out_axes = [axes_by_name.get(a, Axis("c", "channel", None)) for a in layout.out_axes]
-    scale = [scale_by_name.get(a, 1.0) for a in layout.out_axes]
+    zoom = dict(zip(volume.axis_names, run.plan.zoom or (1.0,) * len(volume.axis_names)))
+    scale = [scale_by_name.get(a, 1.0) / zoom.get(a, 1.0) for a in layout.out_axes]
     translation = [trans_by_name.get(a, 0.0) for a in layout.out_axes]
     images = run.images
     single = len(images) == 1
@@ -286,7 +312,7 @@ def _create_outputs(run: VolumeRun) -> None:
                         **store_kwargs(run.output, options))
     for name, url in images.items():
         create_image(
-            url, shape=layout.out_shape(volume.shape), dtype=run.output_dtype, chunks=out_chunks, axes=out_axes,
+            url, shape=layout.out_shape(run.plan.shape), dtype=run.output_dtype, chunks=out_chunks, axes=out_axes,
             scale=scale, translation=translation, ngff_version=run.ngff_version, storage_options=options,
             name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,
         )
@@ -346,7 +372,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         predictor=run.model.obj, device=run.device, precision=run.precision, normalizer=normalizer,
         outputs=tuple((n, u, "0") for n, u in run.images.items()), output_options=options,
         output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
-        torch_threads=run.torch_threads,
+        torch_threads=run.torch_threads, zoom=run.plan.zoom,
     )
     done = np.asarray(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options))[...]).astype(bool)
     run.todo = [b for b in run.plan if not done[b.index]]

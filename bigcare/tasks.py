@@ -22,9 +22,10 @@ import zarr
 from .blocks import Block
 from .errors import ModelMismatchError
 from .normalize import Normalizer
+from .resample import upsample_rows, zoom_length
 from .volume import store_kwargs
 
-__all__ = ["AxisLayout", "RunSpec", "run_block", "predict_region", "MARKER"]
+__all__ = ["AxisLayout", "RunSpec", "run_block", "predict_region", "zoom_region", "volume_zoom", "MARKER"]
 
 #: Name of the done-marker array kept in the output's root group (one uint8 per block).
 MARKER = "bigcare_done"
@@ -128,6 +129,7 @@ class RunSpec:
     run_key: str
     torch_threads: int | None = None
     predictor: object | None = None  # a shipped predictor object instead of a model folder
+    zoom: tuple[float, ...] | None = None  # per volume axis, for methods that change the grid
 
 
 def _options_key(options: dict | None) -> str:
@@ -174,6 +176,32 @@ def predict_region(predictor, layout: AxisLayout, region: np.ndarray, normalizer
     return {name: layout.from_core(y) for name, y in results.items()}
 
 
+def volume_zoom(predictor, layout: AxisLayout) -> tuple[float, ...] | None:
+    """The predictor's zoom per axis of the volume (None when it keeps the grid)."""
+    zoom = getattr(predictor, "zoom", None)
+    if zoom is None or all(f == 1.0 for f in zoom):
+        return None
+    by_axis = dict(zip(layout.spatial, zoom))
+    return tuple(float(by_axis.get(a, 1.0)) for a in layout.in_axes)
+
+
+def zoom_region(region: np.ndarray, zoom: tuple[float, ...] | None, read=None, window=None) -> np.ndarray:
+    """Upsample a read region (or the whole volume) onto the output grid along zoomed axes.
+
+    ``read`` and ``window`` are the block's input and output regions (global coordinates);
+    omitted, the region is the whole volume and the window is the whole output grid.
+    """
+    if zoom is None:
+        return region
+    for axis, f in enumerate(zoom):
+        if f == 1.0:
+            continue
+        i0 = 0 if read is None else read[axis][0]
+        o0, o1 = (0, zoom_length(region.shape[axis], f)) if window is None else window[axis]
+        region = upsample_rows(region, axis, f, i0, o0, o1)
+    return region
+
+
 def _cast(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
@@ -204,7 +232,7 @@ def run_block(block: Block, spec: RunSpec) -> dict:
                                    expected_hash=spec.model_hash)
     t0 = time.perf_counter()
     source = _open_array(spec.input_url, spec.input_path, "r", _options_key(spec.input_options), spec.run_key)
-    region = np.asarray(source[block.read_slices])
+    region = zoom_region(np.asarray(source[block.read_slices]), spec.zoom, block.read, block.window)
     t1 = time.perf_counter()
     predictions = predict_region(predictor, spec.layout, region, spec.normalizer)
     t2 = time.perf_counter()

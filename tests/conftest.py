@@ -19,9 +19,14 @@ def client():
     cluster.close()
 
 
-def make_model(path, *, ndim=3, depth=2, n_filter_base=4, kernel_size=None, n_in=1, n_out=1, heads=None, seed=0):
-    """Save a tiny random U-Net as a model folder and return its path."""
-    from bigcare.models import Head, UNet, UNetConfig, save_model
+def make_model(path, *, ndim=3, depth=2, n_filter_base=4, kernel_size=None, n_in=1, n_out=1, heads=None, seed=0,
+               isotropic=None):
+    """Save a tiny random U-Net as a model folder and return its path.
+
+    ``isotropic``: a dict of :class:`~bigcare.models.IsotropicConfig` fields makes it a 2D
+    isotropic-restoration model.
+    """
+    from bigcare.models import Head, IsotropicConfig, UNet, UNetConfig, save_model
     from bigcare.models.store import ModelConfig
 
     kwargs = {} if heads is None else {"heads": [Head(**h) for h in heads]}
@@ -34,7 +39,8 @@ def make_model(path, *, ndim=3, depth=2, n_filter_base=4, kernel_size=None, n_in
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
-    save_model(path, model, ModelConfig(axes="ZYX" if ndim == 3 else "YX", architecture=arch))
+    extra = {} if isotropic is None else {"kind": "isotropic", "isotropic": IsotropicConfig(**isotropic)}
+    save_model(path, model, ModelConfig(axes="ZYX" if ndim == 3 else "YX", architecture=arch, **extra))
     return path
 
 

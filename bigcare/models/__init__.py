@@ -7,6 +7,7 @@
 """
 
 from bigcare.models.store import (
+    IsotropicConfig,
     ModelConfig,
     Normalization,
     load_config,
@@ -33,6 +34,7 @@ __all__ = [
     "receptive_radius",
     "halo",
     "Normalization",
+    "IsotropicConfig",
     "ModelConfig",
     "save_model",
     "load_config",

@@ -30,6 +30,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "Normalization",
+    "IsotropicConfig",
     "ModelConfig",
     "save_model",
     "load_config",
@@ -54,6 +55,18 @@ class Normalization(BaseModel, extra="forbid"):
         return self
 
 
+class IsotropicConfig(BaseModel, extra="forbid"):
+    """How an isotropic-restoration model (a 2D network) is applied to an anisotropic volume."""
+
+    factor: float = Field(gt=1, le=64, description="Axial subsampling factor sigma: Z voxel size / "
+                          "lateral voxel size of the volumes the model restores. Z is upsampled by it.")
+    combine: Literal["mean", "geometric"] = Field(
+        "mean", description="How the XZ and YZ predictions are combined: arithmetic mean, or "
+        "CSBDeep's geometric mean of their positive parts.")
+    psf: dict[str, Any] = Field(default_factory=dict, description="The PSF the training data was "
+                                "degraded with (for the record).")
+
+
 class ModelConfig(BaseModel, extra="forbid"):
     """Everything needed to rebuild and use a model, stored as ``config.json``."""
 
@@ -61,7 +74,9 @@ class ModelConfig(BaseModel, extra="forbid"):
         "bigcare-model", description="Marks the folder as a bigcare model."
     )
     format_version: Literal[1] = Field(1, description="Version of this folder format.")
-    kind: Literal["care"] = Field("care", description="The restoration method.")
+    kind: Literal["care", "isotropic"] = Field(
+        "care", description="The restoration method: 'care' (same grid) or 'isotropic' (a 2D "
+        "network applied to XZ and YZ slices of a Z-upsampled volume).")
     axes: str = Field(
         description="Spatial axes of the network, upper case ('ZYX' or 'YX'); one per "
         "architecture.ndim."
@@ -70,6 +85,7 @@ class ModelConfig(BaseModel, extra="forbid"):
     normalization: Normalization = Field(
         default_factory=Normalization, description="Input percentile normalisation."
     )
+    isotropic: IsotropicConfig | None = Field(None, description="Only for kind 'isotropic'.")
     provenance: dict[str, Any] = Field(
         default_factory=dict,
         description="Training data, patch shape, epochs, losses, versions, date (free form).",
@@ -92,11 +108,18 @@ class ModelConfig(BaseModel, extra="forbid"):
                 f"axes {self.axes!r} has {len(self.axes)} axes but architecture.ndim is "
                 f"{self.architecture.ndim}"
             )
+        if (self.kind == "isotropic") != (self.isotropic is not None):
+            raise ValueError("kind 'isotropic' needs an 'isotropic' section, and only it may have one")
+        if self.kind == "isotropic" and self.axes != "YX":
+            raise ValueError(f"an isotropic model is a 2D network with axes 'YX', got axes {self.axes!r}")
         return self
 
 
 def _canonical_json(config: ModelConfig) -> str:
-    return json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    # a CARE model's JSON has no "isotropic" key at all, so its hash is what it was before the
+    # isotropic kind existed
+    exclude = {"isotropic"} if config.isotropic is None else None
+    return json.dumps(config.model_dump(mode="json", exclude=exclude), sort_keys=True, separators=(",", ":"))
 
 
 def save_model(

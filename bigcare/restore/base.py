@@ -9,7 +9,7 @@ import numpy as np
 
 from ..normalize import Normalizer
 
-__all__ = ["Predictor", "load_predictor"]
+__all__ = ["Predictor", "load_predictor", "build_predictor"]
 
 
 class Predictor(Protocol):
@@ -24,7 +24,12 @@ class Predictor(Protocol):
     n_channel_in, n_channel_out : int
         Channels expected on input and produced per output.
     halo, align : tuple of int
-        Context and grid alignment per spatial axis (see :mod:`bigcare.blocks`).
+        Context and grid alignment per spatial axis (see :mod:`bigcare.blocks`), in the grid
+        the predictor sees.
+    zoom : tuple of float, optional
+        Output voxels per input voxel per spatial axis, for methods that change the grid
+        (isotropic restoration: ``(factor, 1, 1)``). The engine upsamples the input by it
+        (:mod:`bigcare.resample`) before :meth:`predict`. Absent means the same grid.
     pmin, pmax : float
         Normalisation percentiles the model was trained with.
     """
@@ -41,6 +46,18 @@ class Predictor(Protocol):
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore one region ``x`` (C, *spatial) given in raw intensities."""
         ...
+
+
+def build_predictor(model, config, *, device: str = "cpu", precision: str = "fp32") -> Predictor:
+    """The predictor of a loaded network, chosen by its config's ``kind``."""
+    from .care import CAREPredictor
+
+    net = CAREPredictor(model, config, device=device, precision=precision)
+    if config.kind == "isotropic":
+        from .isotropic import IsotropicPredictor
+
+        return IsotropicPredictor(net)
+    return net
 
 
 _CACHE: dict[tuple, Predictor] = {}
@@ -74,9 +91,15 @@ def load_predictor(model_path: str, *, device: str = "cpu", precision: str = "fp
     with _CACHE_LOCK:
         predictor = _CACHE.get(key)
         if predictor is None:
-            from .care import CAREPredictor  # the only method so far
+            from ..errors import ModelMismatchError
+            from ..models import load_model, model_hash
 
-            predictor = CAREPredictor.from_folder(model_path, device=device, precision=precision,
-                                                  expected_hash=expected_hash)
+            if expected_hash is not None and model_hash(model_path) != expected_hash:
+                raise ModelMismatchError(
+                    f"model folder {model_path} changed since the run was planned (hash differs); "
+                    "re-run the command to plan again"
+                )
+            model, config = load_model(model_path, device=device)
+            predictor = build_predictor(model, config, device=device, precision=precision)
             _CACHE[key] = predictor
     return predictor

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelMismatchError
-from ..models import UNet, divisor, halo, load_model, model_hash
+from ..models import UNet, divisor, halo
 from ..models.store import ModelConfig
 from ..normalize import Normalizer
 
@@ -51,22 +51,54 @@ class CAREPredictor:
         self._kinds = {h.name: ("intensity" if h.activation == "linear" else
                                 "scale" if h.activation == "softplus" else "raw") for h in arch.heads}
 
-    @classmethod
-    def from_folder(cls, path, *, device="cpu", precision="fp32", expected_hash=None) -> "CAREPredictor":
-        """Load a model folder (never unpickling) and wrap it."""
-        if expected_hash is not None and model_hash(path) != expected_hash:
-            raise ModelMismatchError(
-                f"model folder {path} changed since the run was planned (hash differs); "
-                "re-run the command to plan again"
-            )
-        model, config = load_model(path, device=device)
-        return cls(model, config, device=device, precision=precision)
-
     def _autocast(self):
         dtype = PRECISIONS[self.precision]
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def forward_normalized(self, xn: np.ndarray, max_voxels: int | None = None) -> dict[str, np.ndarray]:
+        """Run the network on normalised regions ``xn`` of shape (B, C, *spatial).
+
+        Each region is padded at its high end by reflection to the pooling grid, and the
+        prediction cropped back. Regions go through the network ``max_voxels`` (input voxels
+        per call, default: all) at a time, so a batch of many 2D slices fills the device
+        without holding every activation at once.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            Per head, float32 (B, C_out, *spatial), in normalised units.
+        """
+        if xn.shape[1] != self.n_channel_in:
+            raise ModelMismatchError(
+                f"model expects {self.n_channel_in} input channel(s), the region has {xn.shape[1]}"
+            )
+        spatial = xn.shape[2:]
+        pads = [(0, 0), (0, 0)] + [(0, -n % a) for n, a in zip(spatial, self.align)]
+        if any(p for _, p in pads):
+            xn = np.pad(xn, pads, mode="reflect")
+        per_item = int(np.prod(xn.shape[1:]))
+        step = len(xn) if max_voxels is None else max(1, max_voxels // per_item)
+        crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)
+        out = {name: np.empty((len(xn), self.n_channel_out) + tuple(spatial), np.float32) for name in self.outputs}
+        for a in range(0, len(xn), step):
+            tensor = torch.from_numpy(np.ascontiguousarray(xn[a:a + step], dtype=np.float32)).to(
+                self.device, non_blocking=True)
+            with _COMPUTE_LOCK, torch.inference_mode(), self._autocast():
+                raw = self.model(tensor)
+            for name in self.outputs:
+                out[name][a:a + step] = raw[name][crop].float().cpu().numpy()
+        return out
+
+    def denormalize(self, name: str, y: np.ndarray, normalizer: Normalizer) -> np.ndarray:
+        """Map head ``name``'s normalised prediction back to intensity units (float32)."""
+        kind = self._kinds[name]
+        if kind == "intensity":
+            y = normalizer.denormalize(y)
+        elif kind == "scale":
+            y = normalizer.denormalize(y) - normalizer.denormalize(np.zeros_like(y))
+        return y.astype(np.float32, copy=False)
 
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore region ``x`` of shape (C, *spatial) in raw intensities.
@@ -80,22 +112,5 @@ class CAREPredictor:
             raise ModelMismatchError(
                 f"model expects {self.n_channel_in} input channel(s), the region has {x.shape[0]}"
             )
-        spatial = x.shape[1:]
-        xn = normalizer.normalize(x)
-        pads = [(0, 0)] + [(0, -n % a) for n, a in zip(spatial, self.align)]
-        if any(p for _, p in pads):
-            xn = np.pad(xn, pads, mode="reflect")
-        tensor = torch.from_numpy(np.ascontiguousarray(xn))[None].to(self.device, non_blocking=True)
-        with _COMPUTE_LOCK, torch.inference_mode(), self._autocast():
-            raw = self.model(tensor)
-        crop = (0, slice(None)) + tuple(slice(0, n) for n in spatial)
-        out = {}
-        for name in self.outputs:
-            y = raw[name][crop].float().cpu().numpy()
-            kind = self._kinds[name]
-            if kind == "intensity":
-                y = normalizer.denormalize(y)
-            elif kind == "scale":
-                y = normalizer.denormalize(y) - normalizer.denormalize(np.zeros_like(y))
-            out[name] = y.astype(np.float32, copy=False)
-        return out
+        raw = self.forward_normalized(normalizer.normalize(x)[None])
+        return {name: self.denormalize(name, y[0], normalizer) for name, y in raw.items()}

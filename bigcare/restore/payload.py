@@ -99,13 +99,13 @@ class ModelPayload:
             )
 
     def build(self, device: str = "cpu", precision: str = "fp32"):
-        """The :class:`~bigcare.restore.care.CAREPredictor` of this model (no pickle involved)."""
+        """The predictor of this model (:func:`~bigcare.restore.base.build_predictor`; no pickle)."""
         from pydantic import ValidationError
         from safetensors.torch import load as load_safetensors
 
         from ..models import UNet
         from ..models.store import ModelConfig
-        from .care import CAREPredictor
+        from .base import build_predictor
 
         self.verify()
         try:
@@ -119,7 +119,7 @@ class ModelPayload:
         except RuntimeError as exc:
             raise ModelError(f"model sent from {self.source}: weights do not match its config: {exc}") from None
         BUILDS["count"] += 1
-        return CAREPredictor(model, config, device=device, precision=precision)
+        return build_predictor(model, config, device=device, precision=precision)
 
 
 class ModelPlugin(WorkerPlugin):
