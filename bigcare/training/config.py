@@ -12,6 +12,17 @@ Example (every key but ``model_dir`` and ``data.sources`` has a default)::
     network: {depth: 2, n_filter_base: 32}
     training: {epochs: 100, steps_per_epoch: 100, batch_size: 16, loss: mae}
 
+An isotropic-restoration model trains on the lateral slices of the volume it will restore (no
+target image): give the volume as the only source, 2D patches and an ``isotropic`` section::
+
+    model_dir: models/brain_iso
+    data:
+      sources: [{input: brain.ome.zarr}]
+      patch_shape: [64, 64]
+    isotropic:
+      psf: {kind: gaussian, sigma_xy: 2.0, sigma_z: 5.0}   # physical units of the volume
+      # factor: 2.5   default: Z voxel size / X voxel size of the first source
+
 Unknown keys and wrong types are errors that name the key (``training.epoch: unknown key``).
 """
 
@@ -26,7 +37,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from ..errors import ConfigError, format_validation_error
 
 __all__ = ["TrainConfig", "DataConfig", "NetworkConfig", "TrainingConfig", "ClusterConfig",
-           "load_train_config", "describe_schema"]
+           "IsotropicTrainConfig", "PSFConfig", "load_train_config", "describe_schema"]
 
 
 class _Strict(BaseModel, extra="forbid", validate_assignment=True):
@@ -105,6 +116,36 @@ class ClusterConfig(_Strict):
     workers: int | None = Field(None, ge=1, description="Local worker processes when no scheduler is given.")
 
 
+class PSFConfig(_Strict):
+    """The microscope's PSF, in the volume's physical units (e.g. micrometres)."""
+
+    kind: Literal["gaussian", "widefield", "confocal", "lightsheet", "file"] = Field(
+        description="gaussian (sigma_xy, sigma_z), widefield (na, wavelength, refractive_index), confocal "
+        "(+ excitation_wavelength), lightsheet (+ sheet_na or sheet_sigma), file (path, voxel_size).")
+    sigma_xy: float | None = Field(None, gt=0, description="Gaussian: lateral standard deviation.")
+    sigma_z: float | None = Field(None, gt=0, description="Gaussian: axial standard deviation.")
+    na: float | None = Field(None, gt=0, description="Detection numerical aperture.")
+    wavelength: float | None = Field(None, gt=0, description="Emission wavelength.")
+    excitation_wavelength: float | None = Field(None, gt=0, description="Confocal: excitation wavelength.")
+    refractive_index: float | None = Field(None, gt=0, description="Immersion refractive index.")
+    sheet_na: float | None = Field(None, gt=0, description="Light sheet: illumination NA.")
+    sheet_sigma: float | None = Field(None, gt=0, description="Light sheet: sheet profile standard deviation.")
+    path: str | None = Field(None, description="File: measured PSF (TIFF or .npy, ZYX).")
+    voxel_size: list[float] | None = Field(None, description="File: the PSF's voxel size [z, y, x].")
+
+
+class IsotropicTrainConfig(_Strict):
+    """Isotropic restoration: train a 2D network on the volume's own lateral slices."""
+
+    psf: PSFConfig = Field(description="The PSF whose axial blur the lateral slices are given.")
+    factor: float | None = Field(None, gt=1, description="Axial subsampling factor; default the first "
+                                 "source's Z voxel size / X voxel size.")
+    split: bool = Field(True, description="Blur with the split PSF (the axial blur beyond the lateral one "
+                        "the slices already carry) rather than the full rotated PSF.")
+    combine: Literal["mean", "geometric"] = Field("mean", description="How prediction combines its XZ "
+                                                  "and YZ passes.")
+
+
 class TrainConfig(_Strict):
     """Everything ``bigcare train`` needs."""
 
@@ -113,9 +154,17 @@ class TrainConfig(_Strict):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    isotropic: IsotropicTrainConfig | None = Field(None, description="Isotropic restoration (see above).")
 
     @model_validator(mode="after")
     def _patch_fits_network(self):
+        if self.isotropic is not None:
+            if len(self.data.patch_shape) != 2:
+                raise ValueError(f"isotropic training needs 2D patches (YX), got data.patch_shape "
+                                 f"{self.data.patch_shape}")
+            if any(s.target is not None for s in self.data.sources):
+                raise ValueError("isotropic training learns from the volume itself: give data.sources "
+                                 "without 'target'")
         div = 2 ** self.network.depth
         if any(s % div for s in self.data.patch_shape):
             raise ValueError(f"data.patch_shape {self.data.patch_shape} must be multiples of "
@@ -158,7 +207,11 @@ def describe_schema() -> str:
     def walk(model, prefix):
         for name, field in model.model_fields.items():
             ann = field.annotation
-            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            options = [a for a in (getattr(ann, "__args__", None) or (ann,)) if a is not type(None)]
+            sub = options[0] if len(options) == 1 and isinstance(options[0], type) and \
+                issubclass(options[0], BaseModel) else None
+            if sub is not None and ann is not sub:
+                lines.append(f"  {prefix}{name}: optional section ({field.description or ''})")
             if sub is None and name == "sources":
                 sub = SourceConfig
                 lines.append(f"  {prefix}{name}: list of sources (required)")

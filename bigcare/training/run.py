@@ -11,7 +11,10 @@ import torch
 from .. import __version__
 from ..models import UNet, UNetConfig
 from ..models.store import ModelConfig, Normalization
+from ..errors import ConfigError
+from ..models import IsotropicConfig
 from .config import TrainConfig, load_train_config
+from .isotropic import LateralDegradation, degrade_batches, psf_kernels
 from .trainer import TrainResult, fit
 
 __all__ = ["train"]
@@ -19,6 +22,9 @@ __all__ = ["train"]
 
 def train(config, *, client=None, progress: bool = True) -> TrainResult:
     """Train a CARE network as a config describes (see :mod:`bigcare.training.config`).
+
+    With an ``isotropic`` section, a 2D isotropic-restoration network is trained on the lateral
+    slices of the source volume, degraded by the PSF (:mod:`bigcare.training.isotropic`).
 
     Parameters
     ----------
@@ -47,6 +53,11 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
     precision = cfg.training.precision or ("bf16" if device.startswith("cuda") else "fp32")
     data, net, opt = cfg.data, cfg.network, cfg.training
     ndim = len(data.patch_shape)
+    sources = [s.model_dump(exclude_none=True) for s in data.sources]
+    degradation, iso = None, None
+    if cfg.isotropic is not None:
+        sources, degradation, iso = _isotropic_setup(cfg, sources)
+    read_shape = degradation.read_shape(tuple(data.patch_shape)) if degradation else tuple(data.patch_shape)
 
     if client is None:
         from ..cluster import cluster_client
@@ -56,7 +67,7 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
         context = contextlib.nullcontext(client)
     with context as c:
         sampler = PatchSampler(
-            [s.model_dump(exclude_none=True) for s in data.sources], tuple(data.patch_shape),
+            sources, read_shape,
             n_patches=data.n_patches, validation_fraction=data.validation_fraction,
             foreground_threshold=data.foreground_threshold, foreground_percentile=data.foreground_percentile,
             pmin_range=data.pmin_range, pmax_range=data.pmax_range, augment=data.augment, seed=opt.seed,
@@ -67,7 +78,11 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
             batches = store.batches("train")
         else:
             batches = sampler.batches("train")
-        validation = list(sampler.batches("val", epochs=1))
+        validation = sampler.batches("val", epochs=1)
+        if degradation is not None:
+            batches = degrade_batches(batches, degradation, opt.seed)
+            validation = degrade_batches(validation, degradation, opt.seed + 1)
+        validation = list(validation)
         arch = UNetConfig(ndim=ndim, depth=net.depth, n_filter_base=net.n_filter_base, kernel_size=net.kernel_size,
                           n_conv_per_depth=net.n_conv_per_depth, residual=net.residual)
         provenance = {
@@ -79,15 +94,43 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
         }
         # prediction normalises with the middle of the per-sample percentile ranges used in training
         normalization = Normalization(pmin=sum(data.pmin_range) / 2, pmax=sum(data.pmax_range) / 2)
+        kind = {} if iso is None else {"kind": "isotropic", "isotropic": iso}
         model_config = ModelConfig(axes="ZYX"[-ndim:], architecture=arch, normalization=normalization,
-                                   provenance=provenance)
+                                   provenance=provenance, **kind)
         torch.manual_seed(opt.seed)
         model = UNet(arch)
         if progress:
-            print(f"training a {ndim}D CARE U-Net ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+            what = f"isotropic (factor {iso.factor:g}) 2D" if iso else f"{ndim}D CARE"
+            print(f"training a {what} U-Net ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                   f"{len(sampler.train_positions)} training / {len(sampler.val_positions)} validation patches, "
                   f"{device} {precision}", flush=True)
         return fit(model, model_config, batches, validation=validation, epochs=opt.epochs,
                    steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
                    precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
                    tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
+
+
+def _isotropic_setup(cfg: TrainConfig, sources: list[dict]):
+    """Sources read as (image, image) pairs, the lateral degradation and the model's isotropic
+    section, from the config's ``isotropic`` section. Reads metadata only."""
+    from ..volume import open_volume
+
+    first = open_volume(sources[0]["input"], storage_options=sources[0].get("storage_options"))
+    scale = dict(zip(first.axis_names, first.scale))
+    if not {"z", "y", "x"} <= set(scale):
+        raise ConfigError(f"isotropic training needs a volume with Z, Y and X axes; {first.url} has axes "
+                          f"{''.join(first.axis_names).upper()!r}")
+    factor = cfg.isotropic.factor or scale["z"] / scale["x"]
+    if not factor > 1:
+        raise ConfigError(f"isotropic.factor: {first.url} has voxel sizes z={scale['z']:g}, x={scale['x']:g}, "
+                          "so its Z is not coarser than X; give isotropic.factor (> 1) explicitly")
+    psf = cfg.isotropic.psf.model_dump(exclude_none=True)
+    kernels = psf_kernels(psf, (scale["z"], scale["y"], scale["x"]), split=cfg.isotropic.split)
+    degradation = LateralDegradation.build(kernels["kernel"], factor)
+    pairs = []
+    for s in sources:
+        channel = s.get("input_channel")
+        pairs.append({**s, "target": s["input"], "input_channel": channel, "target_channel": channel})
+    record = {**psf, "split": cfg.isotropic.split, "kernel_shape": list(kernels["kernel"].shape),
+              "lateral_voxel": float(scale["x"])}
+    return pairs, degradation, IsotropicConfig(factor=factor, combine=cfg.isotropic.combine, psf=record)

@@ -1,0 +1,167 @@
+"""Training data for isotropic restoration, made from the anisotropic volume itself (IsoNet).
+
+Lateral (XY) slices are sharp in both directions; axial slices are blurred by the elongated PSF
+and sampled ``factor`` times more coarsely along Z. So a lateral patch, degraded the way the
+microscope degrades Z, is an input whose target is the patch itself::
+
+    lateral patch y (read lazily, with a margin) ──► convolve with the kernel of the PSF rotated
+        into the lateral plane (axis 0 = the rotated optical axis; the "split" kernel by default:
+        the extra blur on top of the lateral PSF the patch already carries)
+      ──► sample rows at phase + j * factor (cubic spline; phase uniform in [0, factor) per
+          patch, so a non-integer factor such as 2.5 is sampled at every sub-voxel offset)
+      ──► back to the patch's rows with :func:`bigcare.resample.interpolate_rows`, the linear
+          interpolation prediction uses to upsample Z ──► crop the margin ──► input x
+
+Prediction then sees XZ and YZ slices whose rows were made exactly the way training inputs were:
+coarse Z samples, linearly interpolated. The sampler's lateral flips and 90-degree rotations
+act on ``y`` before the degradation, so both lateral directions serve as "axial" rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage, signal
+
+from ..errors import ConfigError
+from ..resample import interpolate_rows
+
+__all__ = ["LateralDegradation", "degrade_batches", "psf_kernels"]
+
+
+@dataclass(frozen=True)
+class LateralDegradation:
+    """Turns lateral patches into isotropic-restoration training pairs.
+
+    Attributes
+    ----------
+    kernel : numpy.ndarray
+        2D blur kernel, axis 0 along the degraded (rotated optical) direction, sampled at the
+        lateral voxel size, summing to 1.
+    factor : float
+        Axial subsampling factor (Z voxel size / lateral voxel size), > 1.
+    margin : int
+        Voxels cut from every side of a read patch after degrading (blur and interpolation
+        edges); read patches are ``patch + 2 * margin`` wide.
+    """
+
+    kernel: np.ndarray
+    factor: float
+    margin: int
+
+    @classmethod
+    def build(cls, kernel: np.ndarray, factor: float) -> "LateralDegradation":
+        """A degradation whose margin covers the kernel's radius plus one coarse row."""
+        kernel = np.asarray(kernel, np.float64)
+        if kernel.ndim != 2 or not np.isfinite(kernel).all() or kernel.sum() <= 0:
+            raise ConfigError(f"kernel must be a finite 2D array with a positive sum, got shape {kernel.shape}")
+        if not factor > 1:
+            raise ConfigError(f"factor must be > 1 (Z voxel size / lateral voxel size), got {factor}")
+        margin = max(kernel.shape) // 2 + math.ceil(factor) + 1
+        return cls(kernel / kernel.sum(), float(factor), int(margin))
+
+    def read_shape(self, patch_shape: tuple[int, int]) -> tuple[int, int]:
+        """Shape of the lateral patches to read for final patches of ``patch_shape``."""
+        return tuple(p + 2 * self.margin for p in patch_shape)
+
+    def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Degrade a batch of read patches ``y`` (B, C, H, W); returns cropped ``(x, y)``, float32."""
+        y = np.asarray(y, np.float32)
+        h = y.shape[-2]
+        blurred = signal.fftconvolve(y, self.kernel[None, None].astype(np.float32), mode="same", axes=(-2, -1))
+        x = np.empty_like(y)
+        rows = np.arange(h, dtype=np.float64)
+        for b in range(y.shape[0]):
+            phase = rng.uniform(0.0, self.factor)
+            coarse_rows = phase + self.factor * np.arange(int((h - 1 - phase) // self.factor) + 1)
+            for c in range(y.shape[1]):
+                img = blurred[b, c]
+                coords = np.stack(np.meshgrid(coarse_rows, np.arange(img.shape[1]), indexing="ij"))
+                samples = ndimage.map_coordinates(img, coords, order=3, mode="mirror")
+                t = (rows - phase) / self.factor
+                j = np.floor(t).astype(np.int64)
+                frac = np.clip(t - j, 0.0, 1.0)
+                x[b, c] = interpolate_rows(samples, 0, j, frac)
+        m = self.margin
+        crop = (Ellipsis, slice(m, h - m), slice(m, y.shape[-1] - m))
+        return np.ascontiguousarray(x[crop]), np.ascontiguousarray(y[crop])
+
+
+def degrade_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], degradation: LateralDegradation,
+                    seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Training pairs from a sampler's batches of lateral patches (their targets are used).
+
+    Batch ``k`` draws its sub-voxel phases from ``default_rng([seed, 13, k])``: reproducible.
+    """
+    for k, (_, y) in enumerate(batches):
+        yield degradation(y, np.random.default_rng([seed, 13, k]))
+
+
+def psf_kernels(psf: dict, voxel_size: tuple[float, float, float], *, split: bool = True) -> dict:
+    """The PSF a config describes, as the 2D kernels a lateral slice is degraded with.
+
+    Parameters
+    ----------
+    psf : dict
+        ``kind`` plus its parameters, in the volume's physical units: ``gaussian`` (sigma_xy,
+        sigma_z: standard deviations), ``widefield`` (na, wavelength, refractive_index),
+        ``confocal`` (na, excitation_wavelength, wavelength, refractive_index), ``lightsheet``
+        (na, wavelength, refractive_index, sheet_na or sheet_sigma), ``file`` (path,
+        voxel_size as [z, y, x] of the file).
+    voxel_size : (z, y, x)
+        The volume's voxel size; kernels are sampled at its lateral size.
+    split : bool
+        Use the split kernel (the blur the axial direction has beyond the lateral one).
+
+    Returns
+    -------
+    dict
+        ``{"kernel": 2D array used for training, "full": ..., "lateral": ..., "split": ...,
+        "voxel": lateral voxel size}`` (see :func:`bigcare.psf.isotropic_kernels`).
+    """
+    from .. import psf as P
+
+    kind = psf.get("kind")
+    v = float(voxel_size[-1])
+    iso = (v, v, v)
+    args = {k: val for k, val in psf.items() if k != "kind" and val is not None}
+
+    def need(*names):
+        missing = [n for n in names if n not in args]
+        if missing:
+            raise ConfigError(f"isotropic.psf: kind {kind!r} needs {', '.join(missing)}")
+
+    def box(lateral_fwhm: float, axial_fwhm: float) -> tuple[int, int, int]:
+        a, l_ = math.ceil(2.5 * axial_fwhm / v), math.ceil(2.5 * lateral_fwhm / v)
+        return (2 * a + 1, 2 * l_ + 1, 2 * l_ + 1)
+
+    if kind == "gaussian":
+        need("sigma_xy", "sigma_z")
+        h = P.gaussian_psf((args["sigma_z"], args["sigma_xy"], args["sigma_xy"]), iso)
+        sampling = iso
+    elif kind in ("widefield", "confocal", "lightsheet"):
+        need("na", "wavelength", "refractive_index")
+        na, lam, n = args["na"], args["wavelength"], args["refractive_index"]
+        shape = box(0.51 * lam / na, 1.78 * n * lam / na**2)
+        if kind == "widefield":
+            h = P.widefield_psf(na, lam, n, iso, shape)
+        elif kind == "confocal":
+            need("excitation_wavelength")
+            h = P.confocal_psf(na, args["excitation_wavelength"], lam, n, iso, shape)
+        else:
+            h = P.lightsheet_psf(na, lam, n, iso, shape, sheet_na=args.get("sheet_na"),
+                                 sheet_sigma=args.get("sheet_sigma"))
+        sampling = iso
+    elif kind == "file":
+        need("path", "voxel_size")
+        h = P.load_psf(args["path"], tuple(args["voxel_size"]), target_voxel_size=iso)
+        sampling = iso
+    else:
+        raise ConfigError(f"isotropic.psf.kind: expected one of gaussian, widefield, confocal, lightsheet, "
+                          f"file; got {kind!r}")
+    kernels = P.isotropic_kernels(h, sampling, split=split)
+    kernels["kernel"] = kernels["split"] if split else kernels["full"]
+    return kernels

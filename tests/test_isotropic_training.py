@@ -1,0 +1,128 @@
+"""Isotropic training data: lateral slices degraded like axial ones, and `bigcare train` with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import read, write_volume
+from scipy import ndimage
+
+import bigcare
+from bigcare.errors import ConfigError
+from bigcare.models import load_model
+from bigcare.resample import upsample_rows, zoom_length
+from bigcare.training import train
+from bigcare.training.isotropic import LateralDegradation, degrade_batches
+
+
+def _gaussian_rows(sigma: float) -> np.ndarray:
+    r = int(np.ceil(4 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    return (k / k.sum())[:, None]  # 2D kernel blurring along axis 0 only
+
+
+def _row_spectrum(images: np.ndarray) -> np.ndarray:
+    """Mean power spectrum along axis -2 (rows) of a stack of 2D images, normalised to sum 1."""
+    window = np.hanning(images.shape[-2])[:, None]
+    p = np.abs(np.fft.rfft((images - images.mean(axis=-2, keepdims=True)) * window, axis=-2)) ** 2
+    p = p.mean(axis=tuple(i for i in range(p.ndim) if i != p.ndim - 2))
+    return p / p.sum()
+
+
+def test_degraded_lateral_slices_match_axial_slices_in_resolution():
+    """A lateral slice degraded for training has the axial slices' spectrum along the degraded axis."""
+    rng = np.random.default_rng(0)
+    n, sxy, sz, factor = 112, 1.0, 3.0, 4
+    points = np.zeros((n, n, n), np.float32)
+    idx = rng.integers(0, n, size=(3, 10000))
+    points[tuple(idx)] = rng.uniform(0.5, 1.0, idx.shape[1])
+    iso = ndimage.gaussian_filter(points, sxy)  # what lateral slices look like in every direction
+    # the microscope: extra axial blur, Z sampled every `factor` planes, then the engine's upsampling
+    aniso = ndimage.gaussian_filter1d(iso, np.sqrt(sz**2 - sxy**2), axis=0)[::factor]
+    up = upsample_rows(aniso, 0, factor, 0, 0, zoom_length(len(aniso), factor))
+    axial = up[:, 24:88, 24:88].transpose(1, 0, 2)  # XZ slices: rows are Z
+
+    degradation = LateralDegradation.build(_gaussian_rows(np.sqrt(sz**2 - sxy**2)), factor)
+    m = degradation.margin
+    lateral = iso[::6, 24 - m:88 + m, 24 - m:88 + m][:, None]  # (B, 1, H, W) lateral slices
+    x, y = degradation(lateral, np.random.default_rng(1))
+    assert x.shape == y.shape == (len(lateral), 1, 64, 64)
+
+    s_axial, s_degraded, s_lateral = (_row_spectrum(a[..., :64, :]) for a in (axial, x[:, 0], y[:, 0]))
+    f = np.fft.rfftfreq(64)
+    high = f > 0.08  # beyond the axial cut-off, where lateral slices still have detail
+
+    def energy(s):
+        return s[high].sum()
+
+    assert energy(s_lateral) > 3 * energy(s_axial)  # the problem is real: lateral is much sharper
+    assert abs(energy(s_degraded) / energy(s_axial) - 1) < 0.3  # and the degradation reproduces axial
+    np.testing.assert_allclose(s_degraded[~high], s_axial[~high], atol=0.03)
+
+
+def test_degradation_is_reproducible_and_handles_non_integer_factors():
+    rng = np.random.default_rng(0)
+    y = rng.random((3, 1, 40, 40)).astype(np.float32)
+    degradation = LateralDegradation.build(_gaussian_rows(1.5), 2.5)
+    batches = [(None, y), (None, y)]
+    a = list(degrade_batches(batches, degradation, seed=7))
+    b = list(degrade_batches(batches, degradation, seed=7))
+    np.testing.assert_array_equal(a[0][0], b[0][0])
+    assert not np.array_equal(a[0][0], a[1][0])  # each batch draws its own sub-voxel phases
+    p = 40 - 2 * degradation.margin
+    assert a[0][0].shape == (3, 1, p, p) and np.isfinite(a[0][0]).all()
+    # blurred and subsampled along rows only: columns keep more high-frequency energy than rows
+    x = a[0][0][:, 0]
+    assert np.abs(np.diff(x, axis=2)).mean() > 2 * np.abs(np.diff(x, axis=1)).mean()
+
+
+@pytest.fixture(scope="module")
+def aniso_volume(tmp_path_factory):
+    from bigcare.synth import phantom
+
+    root = tmp_path_factory.mktemp("iso")
+    gt = phantom((40, 64, 64), seed=2).astype(np.float32)
+    aniso = ndimage.gaussian_filter(gt, (2.5, 1.0, 1.0))[::2]  # axial blur, Z sampled every 2nd plane
+    data = (aniso / aniso.max() * 3000 + 100).astype(np.uint16)
+    write_volume(str(root / "vol.ome.zarr"), data, chunks=(10, 32, 32), scale=(2.0, 1.0, 1.0))
+    return root / "vol.ome.zarr", data
+
+
+def test_train_isotropic_from_config_and_restore(aniso_volume, tmp_path, client):
+    path, data = aniso_volume
+    config = {
+        "model_dir": str(tmp_path / "m"),
+        "data": {"sources": [{"input": str(path)}], "patch_shape": [16, 16], "n_patches": 40},
+        "network": {"depth": 1, "n_filter_base": 4, "kernel_size": 3},
+        "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
+        "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": 1.0, "sigma_z": 2.5}},
+    }
+    result = train(config, client=client, progress=False)
+    assert result.epochs == 1 and np.isfinite(result.train_loss).all()
+    _, cfg = load_model(tmp_path / "m" / "best")
+    assert cfg.kind == "isotropic" and cfg.axes == "YX"
+    assert cfg.isotropic.factor == pytest.approx(2.0)
+    assert cfg.isotropic.psf["kind"] == "gaussian" and cfg.isotropic.psf["split"] is True
+    out = tmp_path / "out.ome.zarr"
+    bigcare.restore(str(path), str(out), tmp_path / "m" / "best", client=client, block_shape=(16, 32, 32),
+                    progress=False)
+    got = read(str(out))
+    assert got.shape == (zoom_length(len(data), 2.0), 64, 64)
+    ref = bigcare.predict(data, tmp_path / "m" / "best", axes="zyx")["restored"]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"sources": [{"input": "x", "target": "y"}], "patch_shape": [16, 16]}}, "without 'target'"),
+    ({"data": {"sources": [{"input": "x"}], "patch_shape": [8, 16, 16]}}, "2D patches"),
+    ({"isotropic": {"psf": {"kind": "airy"}}}, "isotropic.psf.kind"),
+])
+def test_isotropic_config_errors_name_the_problem(tmp_path, change, message):
+    from bigcare.training import load_train_config
+
+    config = {"model_dir": str(tmp_path / "m"),
+              "data": {"sources": [{"input": "x"}], "patch_shape": [16, 16]},
+              "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": 1, "sigma_z": 2}}}
+    config.update(change)
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(config)
