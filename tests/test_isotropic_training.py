@@ -81,10 +81,10 @@ def aniso_volume(tmp_path_factory):
     from bigcare.synth import phantom
 
     root = tmp_path_factory.mktemp("iso")
-    gt = phantom((40, 64, 64), seed=2).astype(np.float32)
+    gt = phantom((40, 128, 128), seed=2).astype(np.float32)
     aniso = ndimage.gaussian_filter(gt, (2.5, 1.0, 1.0))[::2]  # axial blur, Z sampled every 2nd plane
     data = (aniso / aniso.max() * 3000 + 100).astype(np.uint16)
-    write_volume(str(root / "vol.ome.zarr"), data, chunks=(10, 32, 32), scale=(2.0, 1.0, 1.0))
+    write_volume(str(root / "vol.ome.zarr"), data, chunks=(10, 64, 64), scale=(2.0, 1.0, 1.0))
     return root / "vol.ome.zarr", data
 
 
@@ -107,7 +107,7 @@ def test_train_isotropic_from_config_and_restore(aniso_volume, tmp_path, client)
     bigcare.restore(str(path), str(out), tmp_path / "m" / "best", client=client, block_shape=(16, 32, 32),
                     progress=False)
     got = read(str(out))
-    assert got.shape == (zoom_length(len(data), 2.0), 64, 64)
+    assert got.shape == (zoom_length(len(data), 2.0), 128, 128)
     ref = bigcare.predict(data, tmp_path / "m" / "best", axes="zyx")["restored"]
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
