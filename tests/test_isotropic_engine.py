@@ -65,3 +65,14 @@ def test_isotropic_model_refuses_a_volume_with_other_anisotropy(client, tmp_path
     with pytest.raises(ModelMismatchError, match=r"factor of 2.5.*z=4, x=1"):
         bigcare.restore(vol, str(tmp_path / "out.ome.zarr"), iso_model, client=client, progress=False)
     assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_cli_restore_recognises_an_isotropic_model(client, tmp_path, iso_model, capsys):
+    from bigcare.cli import main
+
+    data = (smooth_volume((9, 32, 32), seed=1) * 1000).astype(np.uint16)
+    write_volume(str(tmp_path / "in.ome.zarr"), data, chunks=(9, 32, 32), scale=(2.5, 1.0, 1.0))
+    code = main(["restore", str(tmp_path / "in.ome.zarr"), str(tmp_path / "out.ome.zarr"), "--model", str(iso_model),
+                 "--scheduler", client.scheduler.address])
+    assert code == 0
+    assert read(str(tmp_path / "out.ome.zarr")).shape == (zoom_length(9, 2.5), 32, 32) == (21, 32, 32)
