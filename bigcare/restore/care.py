@@ -83,8 +83,10 @@ class CAREPredictor:
         crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)
         out = {name: np.empty((len(xn), self.n_channel_out) + tuple(spatial), np.float32) for name in self.outputs}
         for a in range(0, len(xn), step):
-            tensor = torch.from_numpy(np.ascontiguousarray(xn[a:a + step], dtype=np.float32)).to(
-                self.device, non_blocking=True)
+            tensor = torch.from_numpy(np.ascontiguousarray(xn[a:a + step], dtype=np.float32))
+            if self.device.type == "cuda":  # page-locked, so the copy to the GPU is asynchronous
+                tensor = tensor.pin_memory()
+            tensor = tensor.to(self.device, non_blocking=True)
             with _COMPUTE_LOCK, torch.inference_mode(), self._autocast():
                 raw = self.model(tensor)
             for name in self.outputs:

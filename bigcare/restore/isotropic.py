@@ -24,8 +24,8 @@ from .care import CAREPredictor
 
 __all__ = ["IsotropicPredictor"]
 
-#: input voxels per network call (a batch of slices); bounds activation memory per call
-SLICE_BATCH_VOXELS = 2**21
+#: input voxels per network call (a batch of slices), per device type; bounds activation memory
+SLICE_BATCH_VOXELS = {"cpu": 2**21, "cuda": 2**24}
 
 
 class IsotropicPredictor:
@@ -66,8 +66,9 @@ class IsotropicPredictor:
         if x.ndim != 4:
             raise ModelMismatchError(f"isotropic prediction needs a (C, Z, Y, X) region, got shape {x.shape}")
         xn = normalizer.normalize(x)
-        xz = self.net.forward_normalized(xn.transpose(2, 0, 1, 3), SLICE_BATCH_VOXELS)  # (Y, C, Z', X)
-        yz = self.net.forward_normalized(xn.transpose(3, 0, 1, 2), SLICE_BATCH_VOXELS)  # (X, C, Z', Y)
+        batch = SLICE_BATCH_VOXELS.get(self.net.device.type, SLICE_BATCH_VOXELS["cpu"])
+        xz = self.net.forward_normalized(xn.transpose(2, 0, 1, 3), batch)  # (Y, C, Z', X)
+        yz = self.net.forward_normalized(xn.transpose(3, 0, 1, 2), batch)  # (X, C, Z', Y)
         out = {}
         for name in self.outputs:
             a = xz[name].transpose(1, 2, 0, 3)
