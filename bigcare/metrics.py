@@ -20,7 +20,7 @@ from skimage.metrics import structural_similarity
 
 from bigcare.errors import ConfigError, InputError
 
-__all__ = ["normalize_percentile", "fit_affine", "nrmse", "ssim", "psnr"]
+__all__ = ["normalize_percentile", "fit_affine", "nrmse", "ssim", "psnr", "spectral_isotropy"]
 
 GT_PERCENTILES = (0.1, 99.9)
 
@@ -204,3 +204,21 @@ def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
     if mse == 0:
         return math.inf
     return float(10 * np.log10(data_range**2 / mse))
+
+
+def spectral_isotropy(volume: np.ndarray, cutoff: float = 0.1) -> float:
+    """Axial over lateral high-frequency energy of a (Z, Y, X) volume on an isotropic grid.
+
+    The power spectrum over (Z, X), averaged over Y; the energy beyond ``cutoff``
+    cycles/voxel along Z divided by the energy beyond it along X (CARE's Drosophila evaluation
+    compares axial and lateral spectra the same way). 1 is isotropic; an anisotropic volume,
+    blurred and upsampled along Z, gives much less than 1.
+    """
+    v = np.asarray(volume, dtype=np.float64)
+    if v.ndim != 3:
+        raise InputError(f"spectral_isotropy needs a (Z, Y, X) volume, got shape {v.shape}")
+    p = (np.abs(np.fft.fftn(v - v.mean(), axes=(0, 2))) ** 2).mean(axis=1)
+    fz = np.abs(np.fft.fftfreq(v.shape[0]))[:, None]
+    fx = np.abs(np.fft.fftfreq(v.shape[2]))[None, :]
+    lateral = float((p * (fx > cutoff)).sum())
+    return float((p * (fz > cutoff)).sum()) / lateral if lateral > 0 else float("nan")

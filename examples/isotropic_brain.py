@@ -26,18 +26,11 @@ import numpy as np
 
 import bigcare
 from bigcare.convert import describe, tiff_to_ome_zarr
+from bigcare.metrics import spectral_isotropy
 from bigcare.resample import upsample_rows, zoom_length
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TIFF = HERE.parent.parent / "shared" / "data" / "brain_cells_5x2x2um.tif"
-
-
-def isotropy(vol: np.ndarray, f0: float = 0.1) -> float:
-    """High-frequency spectral energy along Z over the same along X (1 = isotropic)."""
-    p = (np.abs(np.fft.fftn(vol - vol.mean(), axes=(0, 2))) ** 2).mean(axis=1)
-    fz = np.abs(np.fft.fftfreq(vol.shape[0]))[:, None]
-    fx = np.abs(np.fft.fftfreq(vol.shape[2]))[None, :]
-    return float((p * (fz > f0)).sum() / (p * (fx > f0)).sum())
 
 
 def save_png(before: np.ndarray, after: np.ndarray, path: Path, y: int, voxel: float) -> None:
@@ -95,8 +88,8 @@ def main():
     data = np.asarray(volume.to_dask()).astype(np.float32)
     before = upsample_rows(data, 0, 2.5, 0, 0, zoom_length(len(data), 2.5))
     after = np.asarray(restored.to_dask()).astype(np.float32)
-    print(f"spectral isotropy (axial / lateral high-frequency energy): input {isotropy(before):.3f}, "
-          f"restored {isotropy(after):.3f}")
+    print(f"spectral isotropy (axial / lateral high-frequency energy): input {spectral_isotropy(before):.3f}, "
+          f"restored {spectral_isotropy(after):.3f}")
     y = int(np.argmax(before.max(axis=(0, 2))[40:-40])) + 40  # a slice through bright cells
     png = args.png or args.out / "xz_slice.png"
     save_png(before[:, y], after[:, y], png, y, 2.0)

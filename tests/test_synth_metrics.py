@@ -136,3 +136,15 @@ def test_metrics_reject_shape_mismatch():
 def test_ssim_works_on_thin_volumes():
     gt = phantom((5, 32, 32), seed=0)
     assert ssim(gt * 2, gt) == pytest.approx(1, abs=1e-6)
+
+
+def test_spectral_isotropy_is_one_for_isotropic_and_low_for_axially_blurred_volumes():
+    from scipy import ndimage
+
+    from bigcare.metrics import spectral_isotropy
+
+    rng = np.random.default_rng(0)
+    noise = rng.random((48, 48, 48))
+    iso = ndimage.gaussian_filter(noise, 1.0)
+    assert 0.8 < spectral_isotropy(iso) < 1.25
+    assert spectral_isotropy(ndimage.gaussian_filter(noise, (4.0, 1.0, 1.0))) < 0.2
