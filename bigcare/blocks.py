@@ -102,7 +102,9 @@ class BlockPlan:
     """The block grid over a volume: shape, block shape, halo and alignment per axis.
 
     ``shape`` is the output grid. With ``zoom`` (output voxels per input voxel per axis, 1.0 for
-    unchanged axes) the input grid is ``in_shape``; without, the two grids are the same.
+    unchanged axes) the input grid is ``in_shape``; without, the two grids are the same. With
+    ``tile_shape``, a block is predicted in tiles of at most that many written voxels
+    (:meth:`tiles`).
     """
 
     shape: tuple[int, ...]
@@ -111,6 +113,7 @@ class BlockPlan:
     align: tuple[int, ...]
     zoom: tuple[float, ...] | None = None
     in_shape: tuple[int, ...] | None = None
+    tile_shape: tuple[int, ...] | None = None
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -120,21 +123,38 @@ class BlockPlan:
     def __len__(self) -> int:
         return math.prod(self.grid)
 
-    def block(self, index: Sequence[int]) -> Block:
-        """The block at grid position ``index``."""
-        write, read, window = [], [], []
+    def _regions(self, index, write) -> Block:
+        """A block (or tile) owning ``write``: its window (aligned, with halo) and read region."""
+        read, window = [], []
         zoom = self.zoom or (1.0,) * len(self.shape)
         in_shape = self.in_shape or self.shape
-        for i, n, b, h, a, f, m in zip(index, self.shape, self.block_shape, self.halo, self.align, zoom, in_shape):
-            w0, w1 = i * b, min(n, (i + 1) * b)
+        for (w0, w1), n, h, a, f, m in zip(write, self.shape, self.halo, self.align, zoom, in_shape):
             r0 = max(0, (w0 - h) // a * a)
             r1 = min(n, -(-(w1 + h) // a) * a)
-            write.append((w0, w1))
             window.append((r0, r1))
             read.append((r0, r1) if f == 1.0 else source_range(r0, r1, f, m))
         if self.zoom is None:
             return Block(tuple(index), tuple(write), tuple(read))
         return Block(tuple(index), tuple(write), tuple(read), tuple(window))
+
+    def block(self, index: Sequence[int]) -> Block:
+        """The block at grid position ``index``."""
+        write = tuple((i * b, min(n, (i + 1) * b)) for i, n, b in zip(index, self.shape, self.block_shape))
+        return self._regions(tuple(index), write)
+
+    def tiles(self, block: Block) -> list[Block]:
+        """The network calls of ``block``: sub-blocks of at most ``tile_shape`` written voxels.
+
+        A block is one dask task; a tile is one call of the network. They differ only when the
+        plan has a ``tile_shape`` smaller than ``block_shape`` (large clusters: tasks must be big
+        enough for the scheduler, calls small enough for the device memory). Tiles carry the
+        block's index; each has its own halo, aligned like a block's.
+        """
+        if self.tile_shape is None or all(t >= b - a for t, (a, b) in zip(self.tile_shape, block.write)):
+            return [block]
+        ranges = [[(a + k, min(b, a + k + t)) for k in range(0, b - a, t)]
+                  for t, (a, b) in zip(self.tile_shape, block.write)]
+        return [self._regions(block.index, write) for write in itertools.product(*ranges)]
 
     def __iter__(self) -> Iterator[Block]:
         for index in itertools.product(*(range(g) for g in self.grid)):
@@ -143,7 +163,7 @@ class BlockPlan:
     @property
     def overhead(self) -> float:
         """Voxels predicted per voxel written, over the whole plan (>= 1): the recomputed halo."""
-        return sum(b.predicted_voxels for b in self) / math.prod(self.shape)
+        return sum(t.predicted_voxels for b in self for t in self.tiles(b)) / math.prod(self.shape)
 
     def as_dict(self) -> dict:
         """JSON-friendly description, used in run keys and summaries."""
@@ -155,6 +175,8 @@ class BlockPlan:
         }
         if self.zoom is not None:
             d.update(zoom=list(self.zoom), in_shape=list(self.in_shape))
+        if self.tile_shape is not None:
+            d.update(tile_shape=list(self.tile_shape))
         return d
 
 
@@ -165,6 +187,7 @@ def plan_blocks(
     align: Sequence[int],
     chunks: Sequence[int] | None = None,
     zoom: Sequence[float] | None = None,
+    tile_shape: Sequence[int] | None = None,
 ) -> BlockPlan:
     """Plan the blocks that cover a volume.
 
@@ -185,6 +208,9 @@ def plan_blocks(
         Output voxels per input voxel per axis (see :mod:`bigcare.resample`); the output grid
         is then the zoomed one, and ``block_shape``, ``halo``, ``align`` and ``chunks`` are in
         output voxels.
+    tile_shape : sequence of int, optional
+        Largest write region of one network call; blocks larger than it are predicted in tiles
+        (see :meth:`BlockPlan.tiles`). Default: one call per block.
 
     Returns
     -------
@@ -223,9 +249,13 @@ def plan_blocks(
                     f"block_shape {block_shape} is not a whole number of output chunks {tuple(chunks)} "
                     f"along axis {axis}; choose a multiple of {c}"
                 )
-    if zoom is None:
-        return BlockPlan(shape, block_shape, halo, align)
-    return BlockPlan(shape, block_shape, halo, align, zoom, in_shape)
+    if tile_shape is not None:
+        tile_shape = tuple(int(t) for t in tile_shape)
+        if len(tile_shape) != len(shape) or min(tile_shape) < 1:
+            raise ConfigError(f"tile_shape must be one positive size per axis of {shape}, got {tile_shape}")
+        if all(t >= b for t, b in zip(tile_shape, block_shape)):
+            tile_shape = None
+    return BlockPlan(shape, block_shape, halo, align, zoom, None if zoom is None else in_shape, tile_shape)
 
 
 def default_block_shape(

@@ -82,6 +82,7 @@ def restore(
     cluster: str = "local",
     cluster_config=None,
     block_shape=None,
+    tile_shape=None,
     device: str | None = None,
     precision: str = "fp32",
     workers: int | None = None,
@@ -122,7 +123,11 @@ def restore(
         Config file of the slurm / kubernetes cluster (see ``cluster/``).
     block_shape : tuple of int, optional
         Write-region shape per spatial axis (e.g. ``(64, 256, 256)``); default: a whole number
-        of output chunks holding ~4 Mvoxels (CPU) or ~32 Mvoxels (GPU).
+        of output chunks chosen from the model's halo, the device and the cluster's size (see
+        :func:`~bigcare.runs.plan_restoration`).
+    tile_shape : tuple of int, optional
+        Largest write region of one network call, per spatial axis; a block larger than it is
+        predicted in several calls (tiles) inside its task. Default: chosen with the blocks.
     device : str, optional
         ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; default CUDA when available. GPU tasks request
         one ``GPU`` worker resource each.
@@ -167,7 +172,8 @@ def restore(
     """
     device = device or _default_device()
     ref = resolve_model(model, ship_model)
-    run = plan_volume_run(input, output, ref, block_shape=block_shape, device=device, precision=precision,
+    run = plan_volume_run(input, output, ref, block_shape=block_shape, tile_shape=tile_shape, device=device,
+                          precision=precision,
                           overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
                           storage_options=storage_options, output_storage_options=output_storage_options,
                           torch_threads=torch_threads)

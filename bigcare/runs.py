@@ -121,7 +121,8 @@ def _spatial_block(volume: Volume, layout: AxisLayout, block: tuple[int, ...] | 
     return tuple(n if a == "c" else by_axis.get(a, 1) for a, n in zip(volume.axis_names, volume.shape))
 
 
-def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=None, device="cpu"):
+def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=None, device="cpu",
+                     tile_shape=None):
     """Choose output chunks and the block plan for a volume and a predictor.
 
     Output chunks follow the input's chunks on spatial axes (the same grid; on an upsampled
@@ -148,7 +149,8 @@ def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=
         block = default_block_shape(shape, chunks, spatial, halo, target)
     elif any(b % c and b < n for b, c, n in zip(block, chunks, shape)):
         chunks = tuple(min(b, n) for b, n in zip(block, shape))
-    return chunks, plan_blocks(in_shape, block, halo, align, chunks, zoom)
+    tile = _spatial_block(volume, layout, tile_shape)
+    return chunks, plan_blocks(in_shape, block, halo, align, chunks, zoom, tile)
 
 
 def _check_anisotropy(volume: Volume, predictor) -> None:
@@ -244,7 +246,8 @@ def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool)
     return "replace"
 
 
-def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, device="cpu", precision="fp32",
+def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, tile_shape=None, device="cpu",
+                    precision="fp32",
                     overwrite=False, ngff_version="0.5", output_dtype="float32", storage_options=None,
                     output_storage_options=None, torch_threads=None) -> VolumeRun:
     """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
@@ -257,7 +260,7 @@ def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, device=
         Output path or URL.
     model : ModelRef
         From :func:`resolve_model`.
-    block_shape, device, precision, overwrite, ngff_version, output_dtype, storage_options,
+    block_shape, tile_shape, device, precision, overwrite, ngff_version, output_dtype, storage_options,
     output_storage_options, torch_threads
         As in :func:`bigcare.restore`.
 
@@ -281,7 +284,7 @@ def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, device=
     layout = AxisLayout.build(volume.axis_names, [a.type for a in volume.axes], predictor.spatial_axes,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
     _check_anisotropy(volume, predictor)
-    chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device)
+    chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape)
     run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision)
     state = _output_state(output, output_storage_options, run_key, overwrite)
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
@@ -372,7 +375,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         predictor=run.model.obj, device=run.device, precision=run.precision, normalizer=normalizer,
         outputs=tuple((n, u, "0") for n, u in run.images.items()), output_options=options,
         output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
-        torch_threads=run.torch_threads, zoom=run.plan.zoom,
+        torch_threads=run.torch_threads, plan=run.plan,
     )
     done = np.asarray(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options))[...]).astype(bool)
     run.todo = [b for b in run.plan if not done[b.index]]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from .blocks import Block
+from .blocks import Block, BlockPlan
 from .errors import ModelMismatchError
 from .normalize import Normalizer
 from .resample import upsample_rows, zoom_length
@@ -129,7 +129,7 @@ class RunSpec:
     run_key: str
     torch_threads: int | None = None
     predictor: object | None = None  # a shipped predictor object instead of a model folder
-    zoom: tuple[float, ...] | None = None  # per volume axis, for methods that change the grid
+    plan: BlockPlan | None = None  # the block plan: zoom (methods that change the grid) and tiles
 
 
 def _options_key(options: dict | None) -> str:
@@ -210,7 +210,7 @@ def _cast(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def run_block(block: Block, spec: RunSpec) -> dict:
-    """Restore one block: read region, predict, crop, write outputs, mark done.
+    """Restore one block: per tile (usually one) read, predict, crop; write outputs, mark done.
 
     Returns
     -------
@@ -232,22 +232,36 @@ def run_block(block: Block, spec: RunSpec) -> dict:
                                    expected_hash=spec.model_hash)
     t0 = time.perf_counter()
     source = _open_array(spec.input_url, spec.input_path, "r", _options_key(spec.input_options), spec.run_key)
-    region = zoom_region(np.asarray(source[block.read_slices]), spec.zoom, block.read, block.window)
-    t1 = time.perf_counter()
-    predictions = predict_region(predictor, spec.layout, region, spec.normalizer)
+    layout, dtype = spec.layout, np.dtype(spec.output_dtype)
+    tiles = spec.plan.tiles(block) if spec.plan is not None else [block]
+    zoom = spec.plan.zoom if spec.plan is not None else None
+    read_s = predict_s = 0.0
+    if len(tiles) == 1:
+        results = None  # one network call: write its crop straight to the outputs
+    else:  # several calls: assemble the block in memory, write it once
+        shape = layout.out_shape(tuple(b - a for a, b in block.write))
+        results = {name: np.empty(shape, dtype) for name, _, _ in spec.outputs}
+    t_read = t0
+    for tile in tiles:
+        region = zoom_region(np.asarray(source[tile.read_slices]), zoom, tile.read, tile.window)
+        t_predict = time.perf_counter()
+        predictions = predict_region(predictor, layout, region, spec.normalizer)
+        read_s += t_predict - t_read
+        t_read = time.perf_counter()
+        predict_s += t_read - t_predict
+        crop = layout.out_slices(tuple((c.start, c.stop) for c in tile.crop))
+        if results is not None:
+            offset = layout.out_slices(tuple((a - b0, b - b0) for (a, b), (b0, _) in zip(tile.write, block.write)))
+            for name in results:
+                results[name][offset] = _cast(predictions[name][crop], dtype)
     t2 = time.perf_counter()
-    layout = spec.layout
-    # the crop, expressed in output axes (the channel axis is kept whole)
-    crop_in = tuple((c.start, c.stop) for c in block.crop)
-    crop = layout.out_slices(crop_in)
     target = layout.out_slices(block.write)
-    dtype = np.dtype(spec.output_dtype)
     for name, url, path in spec.outputs:
         dest = _open_array(url, path, "r+", _options_key(spec.output_options), spec.run_key)
-        dest[target] = _cast(predictions[name][crop], dtype)
+        dest[target] = results[name] if results is not None else _cast(predictions[name][crop], dtype)
     marker = _open_array(spec.marker_url, MARKER, "r+", _options_key(spec.output_options), spec.run_key)
     marker[block.index] = 1
     t3 = time.perf_counter()
     return {"index": block.index, "voxels": block.write_voxels,
-            "read_s": t1 - t0, "predict_s": t2 - t1, "write_s": t3 - t2,
+            "read_s": read_s, "predict_s": predict_s, "write_s": t3 - t2,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -62,3 +62,26 @@ def test_overhead_counts_read_voxels():
     expected = sum(np.prod([r1 - r0 for r0, r1 in b.read]) for b in plan) / 64 ** 2
     assert plan.overhead == pytest.approx(expected)
     assert plan.overhead == pytest.approx((40 / 32) ** 2)
+
+
+def test_tiles_partition_a_block_and_each_has_its_own_aligned_halo():
+    plan = plan_blocks((37, 45, 51), (16, 32, 32), (6, 6, 6), (4, 4, 4), tile_shape=(8, 16, 12))
+    assert plan.tile_shape == (8, 16, 12)
+    count = np.zeros(plan.shape, np.int32)
+    for b in plan:
+        tiles = plan.tiles(b)
+        for t in tiles:
+            count[t.write_slices] += 1
+            assert t.index == b.index
+            for (w0, w1), (r0, r1), n in zip(t.write, t.read, plan.shape):
+                assert r0 % 4 == 0 and r0 <= max(0, w0 - 6) and r1 >= min(n, w1 + 6)
+        assert sum(t.write_voxels for t in tiles) == b.write_voxels
+    assert (count == 1).all()
+    untiled = plan_blocks((37, 45, 51), (16, 32, 32), (6, 6, 6), (4, 4, 4))
+    assert plan.overhead > untiled.overhead  # every tile recomputes its own halo
+    assert "tile_shape" in plan.as_dict() and "tile_shape" not in untiled.as_dict()
+
+
+def test_tile_shape_covering_the_block_means_one_call():
+    plan = plan_blocks((20, 20), (10, 10), (2, 2), (1, 1), tile_shape=(16, 16))
+    assert plan.tile_shape is None and all(len(plan.tiles(b)) == 1 for b in plan)

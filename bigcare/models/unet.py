@@ -224,7 +224,8 @@ def _convs(ndim: int, channels: list[int], kernel_size: int) -> torch.nn.Sequent
     conv = torch.nn.Conv2d if ndim == 2 else torch.nn.Conv3d
     layers: list[torch.nn.Module] = []
     for c_in, c_out in zip(channels[:-1], channels[1:]):
-        layers += [conv(c_in, c_out, kernel_size, padding=kernel_size // 2), torch.nn.ReLU()]
+        # in-place ReLU: one full-resolution tensor less alive per layer (no parameters change)
+        layers += [conv(c_in, c_out, kernel_size, padding=kernel_size // 2), torch.nn.ReLU(inplace=True)]
     return torch.nn.Sequential(*layers)
 
 
@@ -313,8 +314,10 @@ class UNet(torch.nn.Module):
             h = self._pool(h, c.pool)
         h = self.middle(h)
         for level in reversed(range(c.depth)):
-            h = F.interpolate(h, scale_factor=c.pool, mode="nearest")
-            h = self.up[level](torch.cat([h, skips[level]], dim=1))
+            # the skip leaves the list and the upsampled tensor is not kept: only the
+            # concatenation is alive while the level's convolutions run (peak memory)
+            h = torch.cat([F.interpolate(h, scale_factor=c.pool, mode="nearest"), skips.pop()], dim=1)
+            h = self.up[level](h)
         out = {}
         for i, head in enumerate(c.heads):
             y = self.heads[head.name](h)
