@@ -23,7 +23,7 @@ import fsspec
 
 from .errors import ConfigError, InputError
 from .execute import execute, shipping
-from .runs import finish_volume_run, plan_volume_run, resolve_model, start_volume_run
+from .runs import cluster_devices, finish_volume_run, fit_to_cluster, plan_volume_run, resolve_model, start_volume_run
 from .summary import write_batch_summary
 from .volume import is_url, normalise_url
 
@@ -137,7 +137,9 @@ def restore_many(inputs, output_dir, model, *, client=None, scheduler=None, clus
     fs.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     with _client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
+        devices = cluster_devices(c, device)
         for run in runs:
+            fit_to_cluster(run, devices)
             start_volume_run(run, c)
         with shipping(c, [ref.payload] if any(r.todo for r in runs) else []):
             results = execute(c, runs, progress=progress)

@@ -40,7 +40,7 @@ from typing import Iterator, Sequence
 from .errors import ConfigError
 from .resample import source_range, zoom_length
 
-__all__ = ["Block", "BlockPlan", "plan_blocks", "default_block_shape"]
+__all__ = ["Block", "BlockPlan", "plan_blocks", "default_block_shape", "window_overhead"]
 
 
 @dataclass(frozen=True)
@@ -258,29 +258,44 @@ def plan_blocks(
     return BlockPlan(shape, block_shape, halo, align, zoom, None if zoom is None else in_shape, tile_shape)
 
 
+def window_overhead(block: Sequence[int], shape: Sequence[int], halo: Sequence[int]) -> float:
+    """Predicted voxels per written voxel of an interior block (an axis the block spans whole
+    needs no halo). The plan's exact figure is :attr:`BlockPlan.overhead`."""
+    return math.prod((min(n, b + 2 * h) if b < n else n) / b for b, n, h in zip(block, shape, halo))
+
+
 def default_block_shape(
     shape: Sequence[int],
     chunks: Sequence[int],
     spatial: Sequence[bool],
     halo: Sequence[int],
-    target_voxels: int,
+    max_window_voxels: float,
+    *,
+    min_voxels: int = 0,
+    overhead_goal: float = 1.15,
 ) -> tuple[int, ...]:
-    """Grow a block, a whole number of chunks at a time, until it holds ``target_voxels``.
+    """Grow a block, a whole number of chunks at a time, from the model's halo and a memory cap.
 
-    Non-spatial axes keep one chunk per block. The spatial axis whose growth most reduces the
-    halo overhead (read voxels / write voxels) is doubled first, so blocks become as cubic in
-    *read* cost as the chunk grid allows.
+    Starting from one chunk, the spatial axis whose growth lowers the halo overhead most is
+    doubled (in chunks), as long as the block's window (write region + halo) stays within
+    ``max_window_voxels``; growth stops as soon as the overhead is at most ``overhead_goal``
+    and the block holds at least ``min_voxels``. Non-spatial axes keep one chunk per block.
 
     Parameters
     ----------
     shape, chunks : sequence of int
-        Volume shape and output chunk shape.
+        Volume (output) shape and output chunk shape.
     spatial : sequence of bool
         Which axes are spatial (grown); others stay at one chunk.
     halo : sequence of int
-        Halo per axis (to weigh the overhead).
-    target_voxels : int
-        Voxels per block to aim for (the write region).
+        Halo per axis.
+    max_window_voxels : float
+        Largest window one network call may predict (device memory / bytes per voxel);
+        ``math.inf`` for blocks that are predicted in tiles.
+    min_voxels : int
+        Smallest write region wanted (e.g. so the scheduler keeps up with a large cluster).
+    overhead_goal : float
+        Overhead (predicted / written voxels) good enough to stop growing.
 
     Returns
     -------
@@ -288,17 +303,18 @@ def default_block_shape(
     """
     block = [min(c, n) for c, n in zip(chunks, shape)]
 
-    def overhead(b):
-        return math.prod((x + 2 * h) / x for x, h in zip(b, halo))
+    def window(b):
+        return math.prod(min(n, x + 2 * h) for x, n, h in zip(b, shape, halo))
 
-    while math.prod(block) < target_voxels:
+    while window_overhead(block, shape, halo) > overhead_goal or math.prod(block) < min_voxels:
         candidates = []
         for axis, is_spatial in enumerate(spatial):
             if not is_spatial or block[axis] >= shape[axis]:
                 continue
             grown = list(block)
             grown[axis] = min(shape[axis], block[axis] + chunks[axis] * max(1, block[axis] // chunks[axis]))
-            candidates.append((overhead(grown), axis, grown))
+            if window(grown) <= max_window_voxels:
+                candidates.append((window_overhead(grown, shape, halo), axis, grown))
         if not candidates:
             break
         block = min(candidates)[2]

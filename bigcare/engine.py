@@ -26,10 +26,11 @@ from .errors import BlockError
 from .execute import RunResult, execute, shipping
 from .normalize import Normalizer, compute_normalizer
 from .restore import load_predictor
-from .runs import TARGET_VOXELS, finish_volume_run, plan_restoration, plan_volume_run, resolve_model, start_volume_run
+from .runs import (CALL_VOXELS, cluster_devices, finish_volume_run, fit_to_cluster, plan_restoration,
+                   plan_volume_run, resolve_model, start_volume_run)
 from .tasks import AxisLayout, predict_region, volume_zoom, zoom_region
 
-__all__ = ["restore", "predict", "RunResult", "plan_restoration", "TARGET_VOXELS", "block_error"]
+__all__ = ["restore", "predict", "RunResult", "plan_restoration", "CALL_VOXELS", "block_error"]
 
 
 def _default_device() -> str:
@@ -178,6 +179,7 @@ def restore(
                           storage_options=storage_options, output_storage_options=output_storage_options,
                           torch_threads=torch_threads)
     with _client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
+        fit_to_cluster(run, cluster_devices(c, device))
         start_volume_run(run, c)
         with shipping(c, [ref.payload] if run.todo else []):
             (result,) = execute(c, [run], progress=progress)

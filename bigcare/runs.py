@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 import fsspec
@@ -37,10 +38,30 @@ from .tasks import MARKER, AxisLayout, RunSpec, volume_zoom
 from .volume import Axis, Volume, normalise_url, open_volume, store_kwargs
 
 __all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
-           "finish_volume_run", "plan_restoration", "TARGET_VOXELS"]
+           "finish_volume_run", "plan_restoration", "min_block_voxels", "CALL_VOXELS", "cluster_devices", "fit_to_cluster"]
 
-#: voxels per block (write region) aimed for when no block shape is given
-TARGET_VOXELS = {"cpu": 2**22, "cuda": 2**25}
+#: Largest window (write region + halo) one network call predicts, per device type: the memory a
+#: call may use over the network's peak bytes per voxel (see benchmarks/RESULTS.md, "Block size").
+CALL_VOXELS = {"cpu": 2**22, "cuda": 2**27}
+#: Overhead (predicted / written voxels) at which default blocks stop growing.
+OVERHEAD_GOAL = 1.15
+#: Sustained block tasks per second of one dask scheduler (benchmarks/scheduler.py), and the share
+#: of it a run may use; with the restored voxels per second of one device they set the smallest
+#: block of a large cluster (:func:`min_block_voxels`).
+SCHEDULER_TASKS_PER_S = 1000.0
+SCHEDULER_SHARE = 0.25
+DEVICE_RATE = {"cpu": 3e5, "cuda": 5e8}
+
+
+def min_block_voxels(devices: int, device: str = "cuda") -> int:
+    """Smallest block (written voxels) that keeps the scheduler below its share on ``devices``.
+
+    ``devices * rate / (tasks_per_s * share)``: at ``rate`` voxels per second per device, the
+    cluster finishes ``devices * rate / block`` tasks per second, which must stay below
+    ``SCHEDULER_SHARE`` of what the scheduler sustains.
+    """
+    rate = DEVICE_RATE["cuda" if str(device).startswith("cuda") else "cpu"]
+    return math.ceil(max(1, devices) * rate / (SCHEDULER_TASKS_PER_S * SCHEDULER_SHARE))
 
 
 @dataclass
@@ -122,13 +143,19 @@ def _spatial_block(volume: Volume, layout: AxisLayout, block: tuple[int, ...] | 
 
 
 def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=None, device="cpu",
-                     tile_shape=None):
+                     tile_shape=None, devices: int = 1):
     """Choose output chunks and the block plan for a volume and a predictor.
 
     Output chunks follow the input's chunks on spatial axes (the same grid; on an upsampled
     axis, the input chunk times the factor), whole channels and one time point. A user block
     shape (in output voxels) that is not a whole number of those chunks makes the output chunk
     equal to the block instead.
+
+    Default blocks grow from the model's halo until the recomputed halo is at most
+    ``OVERHEAD_GOAL`` or one network call would exceed ``CALL_VOXELS`` (device memory). On a
+    cluster of ``devices`` so large that such blocks would be too many tasks for the scheduler
+    (:func:`min_block_voxels`), blocks grow further and are predicted in tiles of the
+    memory-bound shape.
 
     Returns
     -------
@@ -144,12 +171,17 @@ def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=
     halo = tuple(predictor.halo[layout.spatial.index(a)] if s else 0 for a, s in zip(axes, spatial))
     align = tuple(predictor.align[layout.spatial.index(a)] if s else 1 for a, s in zip(axes, spatial))
     block = _spatial_block(volume, layout, block_shape)
+    tile = _spatial_block(volume, layout, tile_shape)
     if block is None:
-        target = TARGET_VOXELS["cuda" if str(device).startswith("cuda") else "cpu"]
-        block = default_block_shape(shape, chunks, spatial, halo, target)
+        cap = CALL_VOXELS["cuda" if str(device).startswith("cuda") else "cpu"]
+        block = default_block_shape(shape, chunks, spatial, halo, cap, overhead_goal=OVERHEAD_GOAL)
+        need = min_block_voxels(devices, device)
+        if math.prod(block) < need and tile is None:
+            tile = block
+            block = default_block_shape(shape, chunks, spatial, halo, math.inf, min_voxels=need,
+                                        overhead_goal=OVERHEAD_GOAL)
     elif any(b % c and b < n for b, c, n in zip(block, chunks, shape)):
         chunks = tuple(min(b, n) for b, n in zip(block, shape))
-    tile = _spatial_block(volume, layout, tile_shape)
     return chunks, plan_blocks(in_shape, block, halo, align, chunks, zoom, tile)
 
 
@@ -193,6 +225,8 @@ class VolumeRun:
     normalizer: Normalizer | None = None
     spec: RunSpec | None = None
     todo: list = field(default_factory=list)
+    overwrite: bool = False
+    default_blocks: bool = True  # no block or tile shape was given: the cluster's size may change them
 
     @property
     def images(self) -> dict[str, str]:
@@ -246,8 +280,8 @@ def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool)
     return "replace"
 
 
-def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, tile_shape=None, device="cpu",
-                    precision="fp32",
+def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, tile_shape=None, devices=1,
+                    device="cpu", precision="fp32",
                     overwrite=False, ngff_version="0.5", output_dtype="float32", storage_options=None,
                     output_storage_options=None, torch_threads=None) -> VolumeRun:
     """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
@@ -260,7 +294,7 @@ def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, tile_sh
         Output path or URL.
     model : ModelRef
         From :func:`resolve_model`.
-    block_shape, tile_shape, device, precision, overwrite, ngff_version, output_dtype, storage_options,
+    block_shape, tile_shape, devices, device, precision, overwrite, ngff_version, output_dtype, storage_options,
     output_storage_options, torch_threads
         As in :func:`bigcare.restore`.
 
@@ -284,11 +318,37 @@ def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, tile_sh
     layout = AxisLayout.build(volume.axis_names, [a.type for a in volume.axes], predictor.spatial_axes,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
     _check_anisotropy(volume, predictor)
-    chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape)
+    chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape, devices)
     run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision)
     state = _output_state(output, output_storage_options, run_key, overwrite)
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
-                     ngff_version, output_dtype, output_storage_options, torch_threads)
+                     ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
+                     default_blocks=block_shape is None and tile_shape is None)
+
+
+def cluster_devices(client, device: str) -> int:
+    """Devices a run spreads over: GPUs (``GPU`` worker resources) for CUDA, else workers."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values() if client is not None else []
+    if str(device).startswith("cuda"):
+        return max(1, int(sum(w.get("resources", {}).get("GPU", 0) for w in workers)))
+    return max(1, len(workers))
+
+
+def fit_to_cluster(run: VolumeRun, devices: int) -> VolumeRun:
+    """Re-plan default blocks for a cluster of ``devices`` (see :func:`plan_restoration`).
+
+    Only runs with default block shapes whose plan changes are touched (nothing is written).
+    """
+    if not run.default_blocks:
+        return run
+    chunks, plan = plan_restoration(run.volume, run.model.predictor, run.layout, None, run.device, None, devices)
+    if plan == run.plan:
+        return run
+    run.chunks, run.plan = chunks, plan
+    run.run_key = _run_key(run.volume, run.model.hash, plan, run.model.predictor.outputs, run.output_dtype,
+                           run.precision)
+    run.state = _output_state(run.output, run.output_options, run.run_key, run.overwrite)
+    return run
 
 
 def _channel_axis(volume: Volume) -> int | None:

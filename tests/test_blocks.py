@@ -1,10 +1,12 @@
 """Block planning: coverage, alignment, halos, chunk alignment of writes."""
 
 
+import math
+
 import numpy as np
 import pytest
 
-from bigcare.blocks import default_block_shape, plan_blocks
+from bigcare.blocks import default_block_shape, plan_blocks, window_overhead
 from bigcare.errors import ConfigError
 
 
@@ -47,14 +49,49 @@ def test_plan_rejects_wrong_lengths():
         plan_blocks((8, 8, 8), (4, 4, 4), (1, 1), (1, 1, 1))
 
 
-def test_default_block_shape_is_whole_chunks_and_reaches_target():
-    shape, chunks = (512, 2048, 2048), (32, 128, 128)
-    block = default_block_shape(shape, chunks, [True] * 3, (24, 24, 24), 2**22)
+def test_default_block_shape_grows_until_the_memory_cap_or_the_overhead_goal():
+    shape, chunks, halo = (512, 2048, 2048), (32, 128, 128), (24, 24, 24)
+
+    def window(b):
+        return np.prod([min(n, x + 2 * h) for x, n, h in zip(b, shape, halo)])
+
+    block = default_block_shape(shape, chunks, [True] * 3, halo, 2**22)
     assert all(b % c == 0 for b, c in zip(block, chunks))
-    assert np.prod(block) >= 2**22
+    assert window(block) <= 2**22
+    # stopped because of the cap: doubling any axis would exceed it
+    for axis in range(3):
+        grown = list(block)
+        grown[axis] += chunks[axis] * max(1, block[axis] // chunks[axis])
+        assert window(grown) > 2**22
+    # with memory enough, it stops at the overhead goal
+    big = default_block_shape(shape, chunks, [True] * 3, halo, 2**31)
+    assert window_overhead(big, shape, halo) <= 1.15 < window_overhead(block, shape, halo)
+    # a thin volume is taken whole along Z: no halo there at all
+    thin = default_block_shape((64, 4096, 4096), (64, 128, 128), [True] * 3, halo, 2**27)
+    assert thin[0] == 64 and window_overhead(thin, (64, 4096, 4096), halo) <= 1.15
     # non-spatial axes keep one chunk
     block = default_block_shape((3, 64, 512, 512), (1, 32, 128, 128), [False, True, True, True], (0, 8, 8, 8), 2**22)
     assert block[0] == 1
+
+
+def test_min_voxels_makes_blocks_bigger_than_one_call():
+    shape, chunks, halo = (1024, 4096, 4096), (64, 256, 256), (24, 24, 24)
+    block = default_block_shape(shape, chunks, [True] * 3, halo, math.inf, min_voxels=2**29, overhead_goal=1.15)
+    assert np.prod(block) >= 2**29
+
+
+def test_large_clusters_get_big_blocks_predicted_in_memory_sized_tiles():
+    from bigcare.runs import min_block_voxels
+
+    assert min_block_voxels(512, "cuda") == pytest.approx(8 * min_block_voxels(64, "cuda"), rel=1e-6)  # linear in GPUs
+    need = min_block_voxels(512, "cuda")
+    shape, chunks, halo = (4096, 16384, 16384), (64, 256, 256), (24, 24, 24)
+    tile = default_block_shape(shape, chunks, [True] * 3, halo, 2**27)
+    block = default_block_shape(shape, chunks, [True] * 3, halo, math.inf, min_voxels=need)
+    plan = plan_blocks(shape, block, halo, (4, 4, 4), chunks, tile_shape=tile)
+    first = next(iter(plan))
+    assert len(plan.tiles(first)) > 1
+    assert all(t.predicted_voxels <= 2**27 for t in plan.tiles(first))
 
 
 def test_overhead_counts_read_voxels():
