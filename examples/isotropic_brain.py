@@ -6,9 +6,11 @@ The data: 30 planes of labelled cells in a cleared mouse brain (brainglobe cellf
 sampled at 5 um along Z and 2 um laterally, so Z is 2.5x coarser (and blurrier) than X and Y.
 
 1. stream the TIFF into OME-Zarr with its voxel size (5, 2, 2) um;
-2. train a 2D isotropic network on the volume's own lateral slices, degraded by a Gaussian PSF
-   rotated into the lateral plane (the PSF is an assumption - sigma_xy 1.5 um, sigma_z 4 um -
-   give your microscope's, or a measured one, for your data);
+2. find the axial blur from the data itself (this microscope's PSF is not known): the Gaussian
+   axial sigma whose degraded lateral slices have the axial slices' spectrum
+   (bigcare.training.isotropic.axial_blur_match; the lateral sigma, 1.5 um, is assumed);
+   then train a 2D isotropic network on the volume's own lateral slices degraded by that PSF
+   rotated into the lateral plane (with a known or measured PSF, give it instead);
 3. restore the volume block by block on a local dask cluster onto the isotropic 2 um grid
    (73 planes instead of 30; the output's OME-Zarr voxel size says 2 um);
 4. save a PNG of one XZ slice before (the input, linearly upsampled to the same grid) and after.
@@ -28,6 +30,7 @@ import bigcare
 from bigcare.convert import describe, tiff_to_ome_zarr
 from bigcare.metrics import spectral_isotropy
 from bigcare.resample import upsample_rows, zoom_length
+from bigcare.training.isotropic import axial_blur_match
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TIFF = HERE.parent.parent / "shared" / "data" / "brain_cells_5x2x2um.tif"
@@ -59,12 +62,19 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("bigcare-isotropic"))
     parser.add_argument("--steps", type=int, default=1200, help="training steps in all")
     parser.add_argument("--png", type=Path, default=None, help="where to save the PNG (default OUT/xz_slice.png)")
+    parser.add_argument("--reuse-model", action="store_true", help="keep OUT/model/best if it exists (skip training)")
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
 
     volume = tiff_to_ome_zarr(args.tiff, args.out / "input.ome.zarr", voxel_size=(5.0, 2.0, 2.0),
                               chunks=(30, 128, 128), overwrite=True)
     print(describe(volume))
+
+    data = np.asarray(volume.to_dask()).astype(np.float32)
+    match = axial_blur_match(data, 2.5, sigma_xy=1.5, voxel_xy=2.0)
+    sigma_z = round(match["sigma_z"], 2)
+    print(f"axial blur matched to the data: sigma_z = {sigma_z} um (volume's spectral isotropy "
+          f"{match['target']:.3f} after linear upsampling)")
 
     epochs = 12
     config = {
@@ -74,10 +84,11 @@ def main():
         "network": {"depth": 2, "n_filter_base": 16, "kernel_size": 3},
         "training": {"epochs": epochs, "steps_per_epoch": max(1, args.steps // epochs), "batch_size": 16,
                      "resume": False},
-        "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": 1.5, "sigma_z": 4.0}},
+        "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": 1.5, "sigma_z": sigma_z}},
     }
-    result = bigcare.train(config)
-    print(f"trained {result.epochs} epochs in {result.seconds:.0f} s; best epoch {result.best_epoch}")
+    if not (args.reuse_model and (args.out / "model" / "best").exists()):
+        result = bigcare.train(config)
+        print(f"trained {result.epochs} epochs in {result.seconds:.0f} s; best epoch {result.best_epoch}")
 
     out = args.out / "isotropic.ome.zarr"
     run = bigcare.restore(volume.url, str(out), str(args.out / "model" / "best"), overwrite=True)
@@ -85,7 +96,6 @@ def main():
     print(describe(restored))
     print(f"restored {run.voxels / 1e6:.1f} Mvoxel in {run.seconds:.0f} s, halo overhead {run.halo_overhead:.2f}x")
 
-    data = np.asarray(volume.to_dask()).astype(np.float32)
     before = upsample_rows(data, 0, 2.5, 0, 0, zoom_length(len(data), 2.5))
     after = np.asarray(restored.to_dask()).astype(np.float32)
     print(f"spectral isotropy (axial / lateral high-frequency energy): input {spectral_isotropy(before):.3f}, "

@@ -126,3 +126,18 @@ def test_isotropic_config_errors_name_the_problem(tmp_path, change, message):
     config.update(change)
     with pytest.raises(ConfigError, match=message):
         load_train_config(config)
+
+
+def test_axial_blur_is_recovered_from_the_volume_itself():
+    from bigcare.training.isotropic import axial_blur_match
+
+    rng = np.random.default_rng(3)
+    n = 96
+    points = np.zeros((n, n, n), np.float32)
+    idx = rng.integers(0, n, size=(3, 8000))
+    points[tuple(idx)] = 1.0
+    iso = ndimage.gaussian_filter(points, 1.0)
+    for sz in (2.0, 4.0):
+        aniso = ndimage.gaussian_filter1d(iso, np.sqrt(sz**2 - 1.0), axis=0)[::3]
+        found = axial_blur_match(aniso, 3.0, sigma_xy=1.0, voxel_xy=1.0)
+        assert found["sigma_z"] == pytest.approx(sz, rel=0.25), found
