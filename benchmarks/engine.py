@@ -122,6 +122,45 @@ def bench_care(tmp: Path, args) -> dict:
     return results
 
 
+CSBDEEP_CPU = {"Mvox_s": 0.57, "peak_rss_gib": 3.5}  # CSBDeep/TF, this 2-core VM, 64x256x256 in memory
+
+
+def bench_cpu_goal(tmp: Path, args) -> dict:
+    """Issue 6's CPU goal: default blocks, file to file, vs CSBDeep's in-memory figure.
+
+    One fresh single-worker LocalCluster per variant (so the worker's peak RSS is the variant's),
+    the CSBDeep default 3D net on a 64x256x256 uint16 OME-Zarr volume; the throughput counts
+    the whole ``bigcare.restore`` call (percentiles, model shipping, blocks, no pyramid).
+    """
+    from distributed import Client, LocalCluster
+
+    import bigcare
+
+    shape = tuple(args.care_shape)
+    make_volume(tmp / "goal.ome.zarr", shape, (shape[0], shape[1], shape[2] // 2))
+    model = save_unet(tmp / "goal_model", n_filter_base=32)
+    vox = int(np.prod(shape))
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        for block in (None, (shape[0], shape[1] // 2, shape[2] // 2)):
+            label = f"{precision}, {'default blocks' if block is None else 'blocks ' + 'x'.join(map(str, block))}"
+            with LocalCluster(n_workers=1, threads_per_worker=args.threads, dashboard_address=None) as cluster, \
+                    Client(cluster) as client:
+                out = tmp / "goal_out.ome.zarr"
+                t = time.perf_counter()
+                run = bigcare.restore(tmp / "goal.ome.zarr", out, model, client=client, block_shape=block,
+                                      device="cpu", precision=precision, pyramid=False, progress=False)
+                sec = time.perf_counter() - t
+                shutil.rmtree(out)
+            rate = vox / sec / 1e6
+            rows[label] = {"Mvox_s": round(rate, 3), "vs_csbdeep": round(rate / CSBDEEP_CPU["Mvox_s"], 2),
+                           "peak_worker_rss_mb": round(run.peak_worker_rss_mb),
+                           "rss_vs_csbdeep": round(run.peak_worker_rss_mb / 1024 / CSBDEEP_CPU["peak_rss_gib"], 2),
+                           "blocks": run.blocks_total, "halo_overhead": round(run.halo_overhead, 3)}
+            print(label, rows[label], flush=True)
+    return rows
+
+
 def bench_rss(tmp: Path, args) -> dict:
     """Peak RSS of the worker process for a volume and one 8x larger (fresh cluster each).
 
@@ -153,7 +192,7 @@ def bench_rss(tmp: Path, args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["copy", "care", "rss", "all"])
+    parser.add_argument("which", choices=["copy", "care", "rss", "cpu-goal", "all"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--care-shape", type=int, nargs=3, default=(64, 256, 256))
@@ -161,7 +200,7 @@ def main():
     args = parser.parse_args()
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bigcare-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    benches = {"copy": bench_copy, "care": bench_care, "rss": bench_rss}
+    benches = {"copy": bench_copy, "care": bench_care, "rss": bench_rss, "cpu-goal": bench_cpu_goal}
     names = list(benches) if args.which == "all" else [args.which]
     results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                           f"{torch.get_num_threads()} torch threads", "torch": torch.__version__,
