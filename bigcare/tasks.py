@@ -264,4 +264,20 @@ def run_block(block: Block, spec: RunSpec) -> dict:
     t3 = time.perf_counter()
     return {"index": block.index, "voxels": block.write_voxels,
             "read_s": read_s, "predict_s": predict_s, "write_s": t3 - t2,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (MB).
+
+    ``VmHWM`` from /proc, not ``ru_maxrss``: on Linux the latter is inherited across fork+exec,
+    so a worker spawned by a big client would report the client's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -146,7 +146,7 @@ def test_compile_policy_per_shape(monkeypatch):
     for _ in range(3):
         f(other)  # over max_compiled_shapes: stays eager
     assert len(made[0].calls) == 2
-    g = prepare_model(model, compile=True, example_shape=(16, 32, 32))  # compiled (warmed up) at once
+    prepare_model(model, compile=True, example_shape=(16, 32, 32))  # compiled (warmed up) at once
     assert made[1].calls == [(1, 1, 16, 32, 32)]
 
 
