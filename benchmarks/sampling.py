@@ -10,8 +10,10 @@ Figures:
 
 - ``throughput``: 16x64x64 (input, target) patch pairs per second streamed by
   ``PatchSampler.batches()`` (batch 16, read ahead 4) with no cluster (local thread pool), a
-  LocalCluster of 1 worker and one of 2 workers (1 thread each); plus a single-thread profile
-  of one read task (chunk fetch / decode / copy and normalise) to show the bottleneck;
+  LocalCluster of 1 worker and one of 2 workers (1 thread each; the latter also with results
+  through the cluster instead of shared memory), and 1 worker of 2 threads; plus a
+  single-thread CPU profile of the read tasks (chunk fetch / decode / the rest, chunks touched
+  and decoded per patch, the client's normalisation) to show where the time goes;
 - ``memory``: peak RSS of the client process plus every worker process while a sampler is
   built on a ~2 GB and a ~16 GB pair and streams batches, each in a fresh process and cluster.
 
@@ -33,6 +35,8 @@ The figures are printed, the last line is JSON.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import itertools
 import json
 import math
 import os
@@ -46,8 +50,10 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from bigcare.ngff import create_image, write_pyramid
-from bigcare.training.regions import chunk_buffers, read_patches, region_reader, run_tasks
-from bigcare.training.sampling import PatchSampler
+from bigcare.training import sampling as sampling_module
+from bigcare.training.regions import chunk_buffers, region_reader
+from bigcare.training.sampling import TASK_PATCHES, PatchSampler
+from bigcare.training.tasks_pool import normalise, read_patches, run_tasks
 from bigcare.volume import Axis, cached_array, open_volume
 
 PATCH = (16, 64, 64)
@@ -161,36 +167,76 @@ def _stream(sampler, n_batches: int, warmup: int = 10) -> dict:
     return {"patches_per_s": n / dt, "patches_per_cpu_s": n / cpu, "load_avg_1min": os.getloadavg()[0]}
 
 
-def profile_task(sampler: PatchSampler, n: int = 256) -> dict:
-    """Single-thread cost per patch pair: the whole task, and its chunk fetch and decode parts."""
-    pos = sampler.train_positions[:n]
+def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
+    """Single-thread CPU cost per patch pair of the sampler's read tasks, and its parts.
+
+    Tasks of ``TASK_PATCHES`` random training patches with random augmentations, as
+    :meth:`PatchSampler.batches` makes them (the images' page cache warmed first). CPU time
+    (``time.thread_time``), so that other jobs on the machine matter less. The parts: fetching
+    and decoding the distinct chunks of each task (each done once per task, timed alone), the
+    rest (the tasks again with fetch and decode stubbed: planning, copies into the augmented
+    outputs, Python), and the client's normalisation.
+    """
+    n = TASK_PATCHES
+    rng = np.random.default_rng(0)
+    pos = sampler.train_positions[rng.permutation(len(sampler.train_positions))[:n * tasks]]
+    codes = rng.integers(0, 8, len(pos)).astype(np.uint8)
+    groups = [(pos[a:a + n, 0], pos[a:a + n, 1:], None, codes[a:a + n]) for a in range(0, len(pos), n)]
+    for g in groups + groups:  # page cache and malloc's heap warm (steady state, as in a long stream)
+        read_patches(sampler._plan, *g)
     scaling = sampler._scaling("train", np.arange(n))
-    read_patches(sampler._plan, pos[:, 0], pos[:, 1:], scaling, np.zeros(n, np.uint8))  # page cache warm
-    t0 = time.perf_counter()
-    read_patches(sampler._plan, pos[:, 0], pos[:, 1:], scaling, np.zeros(n, np.uint8))
-    total = time.perf_counter() - t0
+    total = norm = 0.0
+    for g in groups:
+        t = time.thread_time()
+        x, y = read_patches(sampler._plan, *g)
+        total += time.thread_time() - t
+        t = time.thread_time()
+        normalise(x, scaling[:, :2]), normalise(y, scaling[:, 2:])
+        norm += time.thread_time() - t
+        del x, y
     fetch = decode = 0.0
-    n_chunks = 0
+    touched = fetched = 0
     buffers = chunk_buffers()
-    for src in sampler._plan.sources[:1]:
-        for ref in (src.input, src.target):
-            reader = region_reader(ref)
-            out = np.empty(reader._nbytes, np.uint8)
-            for row in pos:
-                sel = ref.selection(row[1:], src.footprint)
+    src = sampler._plan.sources[0]
+    for ref in (src.input, src.target):
+        reader = region_reader(ref)
+        flat, _ = buffers.decoded(reader._nbytes, reader._stored, reader._chunks)
+        for _, starts, _, _ in groups:
+            keys = set()
+            for start in starts:
+                sel = ref.selection(start, src.footprint)
                 ranges = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(sel, reader._chunks)]
-                for coords in np.ndindex(*[len(r) for r in ranges]):
-                    key = reader._encode_key(tuple(r[i] for r, i in zip(ranges, coords)))
-                    t = time.perf_counter()
-                    buf = reader._fetch(key, buffers)
-                    fetch += time.perf_counter() - t
-                    t = time.perf_counter()
-                    reader._decoder.decode(buf, out=out)
-                    decode += time.perf_counter() - t
-                    n_chunks += 1
-    return {"task_ms_per_patch": 1e3 * total / n, "fetch_ms_per_patch": 1e3 * fetch / n,
-            "decode_ms_per_patch": 1e3 * decode / n, "chunks_per_patch": n_chunks / n / 2,
-            "patches_per_s_one_thread": n / total}
+                coords = list(itertools.product(*ranges))
+                touched += len(coords)
+                keys.update(coords)
+            fetched += len(keys)
+            for key in sorted(keys):
+                t = time.thread_time()
+                raw = reader._fetch(reader._encode_key(key), buffers)
+                fetch += time.thread_time() - t
+                t = time.thread_time()
+                reader._decode(raw, flat)
+                decode += time.thread_time() - t
+    # the rest (planning, copies into the augmented outputs, Python): the tasks with fetch and decode stubbed
+    readers = [region_reader(ref) for ref in (src.input, src.target)]
+    raw, saved = bytes(16), [reader.__dict__.copy() for reader in readers]
+    for reader in readers:
+        reader._fetch, reader._decode = (lambda key, buffers: raw), (lambda raw, out: out)
+    try:
+        t = time.thread_time()
+        for g in groups:
+            read_patches(sampler._plan, *g)
+        rest = time.thread_time() - t
+    finally:
+        for reader, attrs in zip(readers, saved):
+            reader.__dict__.clear()
+            reader.__dict__.update(attrs)
+    pairs = len(pos)
+    return {"task_ms_per_patch": 1e3 * total / pairs, "fetch_ms_per_patch": 1e3 * fetch / pairs,
+            "decode_ms_per_patch": 1e3 * decode / pairs, "other_ms_per_patch": 1e3 * rest / pairs,
+            "normalise_ms_per_patch": 1e3 * norm / pairs, "chunks_touched_per_patch": touched / pairs / 2,
+            "chunks_decoded_per_patch": fetched / pairs / 2, "patches_per_task": n,
+            "patches_per_s_one_thread": pairs / total}
 
 
 def throughput(args) -> dict:
@@ -213,23 +259,30 @@ def throughput(args) -> dict:
     sampler = PatchSampler([(x, y)], PATCH, **kwargs)
     out["draw_s"] = round(time.perf_counter() - t, 2)
     sampler.tables
-    out["profile"] = prof = profile_task(sampler)
-    print(f"one read task, one thread: {prof['task_ms_per_patch']:.2f} ms per patch pair "
-          f"(fetch {prof['fetch_ms_per_patch']:.2f}, decode {prof['decode_ms_per_patch']:.2f} ms; "
-          f"{prof['chunks_per_patch']:.1f} chunks per patch per image)", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a thread like a dask worker's (numcodecs' own contexts)
+        out["profile"] = prof = pool.submit(profile_task, sampler).result()
+    print(f"one read task ({prof['patches_per_task']} patches), one thread: {prof['task_ms_per_patch']:.2f} ms CPU per "
+          f"patch pair (fetch {prof['fetch_ms_per_patch']:.2f}, decode {prof['decode_ms_per_patch']:.2f}, rest "
+          f"{prof['other_ms_per_patch']:.2f} ms; chunks per patch and image: {prof['chunks_touched_per_patch']:.2f} "
+          f"touched, {prof['chunks_decoded_per_patch']:.2f} decoded); client normalisation "
+          f"{prof['normalise_ms_per_patch']:.2f} ms", flush=True)
     rates = {}
     rates["threads"] = r = _stream(sampler, args.batches)
     print(f"no cluster (thread pool): {r['patches_per_s']:.0f} patches/s, {r['patches_per_cpu_s']:.0f} per CPU-second "
           f"(load average {r['load_avg_1min']:.1f})", flush=True)
-    for workers, threads in ((1, 1), (2, 1)):
+    configs = [(1, 1, True), (2, 1, True), (2, 1, False), (1, 2, True)]
+    for workers, threads, shared in configs:
+        sampling_module.SHARED_MEMORY = shared
         with LocalCluster(n_workers=workers, threads_per_worker=threads, dashboard_address=None,
                           silence_logs=40) as cluster, Client(cluster) as client:
             s = PatchSampler([(x, y)], PATCH, client=client, **kwargs)
             s._tables = sampler.tables  # same statistics; not part of the streaming figure
-            name = f"cluster_{workers}w"
+            name = f"cluster_{workers}w{threads}t" + ("" if shared else "_no_shm")
             rates[name] = r = _stream(s, args.batches)
-            print(f"LocalCluster {workers} worker(s) x {threads} thread: {r['patches_per_s']:.0f} patches/s, "
+            print(f"LocalCluster {workers} worker(s) x {threads} thread(s), results through "
+                  f"{'shared memory' if shared else 'the cluster'}: {r['patches_per_s']:.0f} patches/s, "
                   f"{r['patches_per_cpu_s']:.0f} per CPU-second (load average {r['load_avg_1min']:.1f})", flush=True)
+    sampling_module.SHARED_MEMORY = True
     # the optional patch store: written once (thread pool), then streamed
     store_url = os.path.join(root, "patches.zarr")
     small = PatchSampler([(x, y)], PATCH, n_patches=args.store_patches, validation_fraction=0.0, seed=0)
@@ -336,12 +389,15 @@ def main(argv=None) -> None:
     parser.add_argument("--codec", choices=sorted(CODECS), default="zstd",
                         help="blosc codec of the generated images (default zstd, bigcare's own)")
     parser.add_argument("--patches", type=int, default=20000, help="n_patches of the sampler")
-    parser.add_argument("--batches", type=int, default=200, help="batches timed per configuration")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="batches timed per configuration (default 400 for throughput, 200 for memory)")
     parser.add_argument("--store-patches", type=int, default=2048, help="patches written to the patch store")
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=[2, 16], help="memory: dataset sizes (GB, pair)")
     parser.add_argument("--quick", action="store_true", help="small sizes: throughput 64x512x512, memory 0.25 and 1 GB")
     parser.add_argument("--x"), parser.add_argument("--y")
     args = parser.parse_args(argv)
+    if args.batches is None:
+        args.batches = 200 if args.what in ("memory", "_rss") else 400
     if args.what == "_rss":
         print(json.dumps(rss_child(args)))
         return

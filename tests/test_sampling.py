@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import fsspec
 import numpy as np
@@ -16,6 +17,7 @@ from bigcare.ngff import create_image
 from bigcare.training import positions as positions_module
 from bigcare.training import sampling as sampling_module
 from bigcare.training.patchstore import PatchStore
+from bigcare.training import tasks_pool
 from bigcare.training.regions import RegionReader, augment, tune_malloc
 from bigcare.training.sampling import PatchSampler, Source
 from bigcare.training.sources import image_ref
@@ -303,6 +305,103 @@ def test_region_reader_matches_zarr(tmp_path, layout):
         b = [int(rng.integers(s + 1, n + 1)) for s, n in zip(a, data.shape)]
         sel = tuple(slice(s, e) for s, e in zip(a, b))
         np.testing.assert_array_equal(reader.read(sel), data[sel])
+
+
+def test_read_patches_decodes_each_chunk_once_and_matches_patch_by_patch_reads(tmp_path, pair, monkeypatch):
+    x, y, noisy, target = pair
+    both = np.stack([noisy, target])
+    write_volume(tmp_path / "xy.zarr", both, axes="czyx", chunks=(2, 8, 32, 32))  # one chunk holds both channels
+    rng = np.random.default_rng(5)
+    n = 48
+    starts = np.stack([rng.integers(0, 3, n), rng.integers(0, 80, n), rng.integers(0, 80, n)], axis=1)  # dense: shared chunks
+    codes = rng.integers(0, 8, n)
+    for sources, expected in (([(x, y)], (noisy, target)), ([str(tmp_path / "xy.zarr")], (noisy, target))):
+        sampler = PatchSampler(sources, PATCH, n_patches=20, seed=0)
+        plan = sampler._plan
+        fetched = []
+        read_many = RegionReader.read_many
+        monkeypatch.setattr(RegionReader, "read_many", lambda self, *a, **k: fetched.append(read_many(self, *a, **k)) or fetched[-1])
+        bx, by = tasks_pool.read_patches(plan, np.zeros(n, int), starts, None, codes)
+        monkeypatch.undo()
+        for k in range(n):
+            box = tuple(slice(int(s), int(s) + p) for s, p in zip(starts[k], PATCH))
+            for batch, image in zip((bx, by), expected):
+                np.testing.assert_array_equal(batch[k, 0], augment(image[box], int(codes[k])))
+        touched = {c for s in starts for c in itertools.product(*[range(a // c, (a + p - 1) // c + 1)
+                                                                   for a, p, c in zip(s, PATCH, (8, 32, 32))])}
+        # every chunk fetched once per image: input and target, or once for both channels
+        assert fetched == ([len(touched)] * 2 if len(sources[0]) == 2 else [len(touched)])
+        assert sum(fetched) < 2 * sum(np.prod([(a + p - 1) // c - a // c + 1 for a, p, c in zip(s, PATCH, (8, 32, 32))])
+                                      for s in starts)
+        scaling = sampler._scaling("train", np.arange(len(sampler.train_positions)))[:1].repeat(n, 0)
+        nx, ny = tasks_pool.read_patches(plan, np.zeros(n, int), starts, scaling, codes)
+        np.testing.assert_array_equal(nx, tasks_pool.normalise(bx, scaling[:, :2]))
+        np.testing.assert_array_equal(ny, tasks_pool.normalise(by, scaling[:, 2:]))
+
+
+def test_unaugment_is_the_inverse_view_of_augment():
+    a = np.arange(2 * 4 * 4).reshape(2, 4, 4)
+    for code in range(8):
+        out = np.zeros_like(a)
+        view = tasks_pool.unaugment(out, code)
+        assert np.shares_memory(view, out)
+        view[...] = a
+        np.testing.assert_array_equal(out, augment(a, code))
+
+
+def test_cluster_results_come_through_shared_memory_and_the_slots_are_removed(client, pair, monkeypatch):
+    import glob
+
+    x, y, _, _ = pair
+    monkeypatch.setattr(sampling_module, "TASK_PATCHES", 16)  # 2 batches per task: 15 tasks, each slot reused
+    before = set(glob.glob("/dev/shm/bigcare-patches-*"))
+    local = PatchSampler([(x, y)], PATCH, n_patches=80, seed=0, batch_size=8)
+    remote = PatchSampler([(x, y)], PATCH, n_patches=80, seed=0, batch_size=8, client=client, read_ahead=2)
+    kinds = []
+    arrays = tasks_pool.ResultSlots.arrays
+    monkeypatch.setattr(tasks_pool.ResultSlots, "arrays", lambda self, r: kinds.append("shm") or arrays(self, r))
+    it = remote.batches()
+    for (a, b), (c, d) in zip(itertools.islice(local.batches(), 30), itertools.islice(it, 30)):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    assert len(kinds) == 15 and len(set(glob.glob("/dev/shm/bigcare-patches-*")) - before) == 3 and set(glob.glob("/dev/shm/bigcare-patches-*")) - before  # slots in use
+    it.close()
+    assert set(glob.glob("/dev/shm/bigcare-patches-*")) == before
+
+
+
+def test_read_patches_into_a_slot_and_the_fallbacks(tmp_path, pair):
+    x, y, _, _ = pair
+    sampler = PatchSampler([(x, y)], PATCH, n_patches=40, seed=0)
+    pos, codes = sampler.train_positions[:10], np.arange(10) % 8
+    args = (sampler._plan, pos[:, 0], pos[:, 1:], None, codes)
+    ex, ey = tasks_pool.read_patches(*args)
+
+    class Client:  # what ResultSlots needs of a distributed.Client
+        def __init__(self, sees):
+            self.sees = sees
+
+        def run(self, fn, *args):
+            return {"w1": fn(*args), "w2": self.sees}
+
+    assert tasks_pool.ResultSlots.create(Client(False), 2, ex.nbytes + ey.nbytes) is None  # a worker elsewhere
+    slots = tasks_pool.ResultSlots.create(Client(True), 2, ex.nbytes + ey.nbytes)
+    assert slots is not None
+    result = tasks_pool.read_patches(*args, into=slots.slot(3))
+    assert isinstance(result, tasks_pool.InSlot) and result.slot == slots.slots[1]
+    gx, gy = slots.arrays(result)
+    np.testing.assert_array_equal(gx, ex)
+    np.testing.assert_array_equal(gy, ey)
+    del gx, gy
+    paths = [sl.path for sl in slots.slots]
+    slots.close()
+    assert not any(os.path.exists(p) for p in paths)
+    # a slot this process cannot open (another host), or too small: the arrays come back
+    (tmp_path / "small").write_bytes(bytes(16))
+    for slot in (tasks_pool.Slot(str(tmp_path / "missing"), 1 << 30), tasks_pool.Slot(str(tmp_path / "small"), 16)):
+        gx, gy = tasks_pool.read_patches(*args, into=slot)
+        np.testing.assert_array_equal(gx, ex)
+        np.testing.assert_array_equal(gy, ey)
 
 
 # --- errors ----------------------------------------------------------------------------------------

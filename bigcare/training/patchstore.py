@@ -29,7 +29,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from bigcare.errors import ConfigError, InputError, OutputError
-from bigcare.training.regions import ImageRef, augment, normalise, read_patches, region_reader, run_tasks
+from bigcare.training.regions import ImageRef, region_reader
+from bigcare.training.tasks_pool import normalise, read_patches, run_tasks, unaugment
 from bigcare.volume import Level, normalise_url, store_kwargs
 
 __all__ = ["PatchStore", "write_store"]
@@ -132,11 +133,10 @@ def _read_rows(refs: tuple[ImageRef, ImageRef], index: np.ndarray, codes: np.nda
         reader = region_reader(ref)
         shape = ref.level.shape[1:]
         data = np.empty((len(index),) + shape, reader.dtype)
-        row = np.empty((1,) + shape, reader.dtype)
         full = tuple(slice(0, n) for n in shape)
-        for k, (i, code) in enumerate(zip(index, codes)):
-            reader.read((slice(int(i), int(i) + 1),) + full, row)
-            data[k, 0] = augment(row[0, 0], int(code))
+        sels = [(slice(int(i), int(i) + 1),) + full for i in index]
+        views = [unaugment(data[k, 0], int(code)).reshape((1,) + shape) for k, code in enumerate(codes)]
+        reader.read_many(sels, views)  # each row straight into its augmented place
         out.append(normalise(data, s))
     return tuple(out)
 

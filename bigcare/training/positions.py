@@ -36,7 +36,8 @@ import numpy as np
 
 from bigcare.errors import ConfigError, InputError
 from bigcare.ngff import _mean_reduce
-from bigcare.training.regions import ImageRef, region_reader, run_tasks
+from bigcare.training.regions import ImageRef, region_reader
+from bigcare.training.tasks_pool import run_tasks
 from bigcare.volume import Volume
 
 __all__ = ["COARSE_CELLS", "CoarseGrid", "Geometry", "Draw", "choose_coarse", "read_coarse",

@@ -1,4 +1,4 @@
-"""Small region reads straight from a zarr store, and the read task of the patch sampler.
+"""Small region reads straight from a zarr store.
 
 A training patch is a small region (a few hundred kB) of a huge image. zarr decodes whole
 chunks, and zarr-python's general indexing path costs about 0.25 ms of overhead per chunk; for
@@ -7,47 +7,51 @@ itself (3.3 vs 1.5 ms per patch, measured). So :class:`RegionReader` reads the c
 touches itself, when the array allows it:
 
 - zarr v3 arrays whose codecs are ``bytes`` followed by at most one of blosc / zstd / gzip,
-  zarr v2 arrays with no filters, C order and any numcodecs compressor:
-  fetch each chunk's bytes (a local file read, or ``fs.cat_file`` for fsspec URLs), decode
-  with numcodecs, copy the intersection into the output;
+  zarr v2 arrays with no filters, C order and any numcodecs compressor: fetch each chunk's
+  bytes (local file: open, fstat, one read into a reused buffer, close; ``fs.cat_file`` for
+  fsspec URLs), decode with numcodecs into a reused buffer, copy the overlap into the output;
 - anything else (sharded arrays, transposes, checksums, filters): ``zarr.Array[selection]``.
 
-Both paths read exactly the chunks the region touches. Geometry of one read::
+Both paths read exactly the chunks the regions touch; :meth:`RegionReader.read_many` reads many
+regions and fetches and decodes each chunk they touch once, whatever number of them it serves::
 
     chunks   +--------+--------+--------+
              |     +--+--------+--+     |    the region (a patch) touches 2 x 3 chunks:
-             |     |  region      |     |    each is fetched and decoded once per task,
+             |     |  region      |     |    each is fetched and decoded once per call,
              +-----+--+--------+--+-----+    the overlap copied into the output
              |     +--+--------+--+     |
              +--------+--------+--------+
 
-Decoded chunks go to buffers reused per thread (:class:`ChunkBuffers`) and, in dask workers,
-glibc is told to keep reusing heap memory (:func:`tune_malloc`): fresh 128 kB allocations per
-chunk cost more in page faults than the decoding.
-
-:func:`read_patches` is the task the sampler submits: it reads a batch of (input, target)
-patches, applies each one's augmentation and normalises it with its own percentile values.
+Buffers are reused per thread (:class:`ChunkBuffers`) and, in dask workers, glibc is told to
+keep reusing heap memory (:func:`tune_malloc`). The sampler's read task lives in
+:mod:`bigcare.training.tasks_pool` (its names are still importable from here).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import itertools
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from bigcare.volume import Level, _freeze, cached_array, is_url
 
-__all__ = ["ImageRef", "RegionReader", "ChunkBuffers", "chunk_buffers", "tune_malloc", "ReadPlan", "SourcePlan",
-           "read_patches", "normalise", "augment", "run_tasks"]
+__all__ = ["ImageRef", "RegionReader", "ChunkBuffers", "chunk_buffers", "tune_malloc", "region_reader"]
 
-EPS = 1e-20  # CSBDeep's normalize_mi_ma epsilon
+#: Names that moved to :mod:`bigcare.training.tasks_pool`; still importable from here.
+_MOVED = {"ReadPlan", "SourcePlan", "read_patches", "normalise", "augment", "run_tasks", "EPS"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        from bigcare.training import tasks_pool
+
+        return getattr(tasks_pool, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -132,51 +136,19 @@ def _fast_layout(arr) -> tuple[np.dtype, object] | None:
 
 
 class ChunkBuffers:
-    """Decoded chunks of one task, held in buffers that are reused from task to task.
+    """Scratch buffers of one thread for chunk reads: compressed bytes, decoded chunks.
 
     dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_`` set, which turns off glibc's
     dynamic mmap threshold: every allocation of 128 kB or more is then a fresh ``mmap`` whose
     pages fault in one by one, and a fresh array per decoded chunk made a worker spend more time
-    in page faults than in decoding (2.8x the CPU per patch, measured). Decoding into buffers
-    kept per thread avoids that. :meth:`reset` at the start of each task forgets the chunks (a
-    store may change between tasks) but keeps the buffers.
-
-    Parameters
-    ----------
-    capacity : int
-        Decoded chunks kept at once (least recently used ones are overwritten).
+    in page faults than in decoding (2.8x the CPU per patch, measured). Reading and decoding
+    into buffers kept per thread avoids that. A decoded chunk lives until the next chunk of the
+    same size is decoded in the same thread: :meth:`RegionReader.read_many` uses it at once.
     """
 
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self._used: collections.OrderedDict = collections.OrderedDict()
-        self._free: dict[int, list[np.ndarray]] = {}
+    def __init__(self):
         self._read = bytearray()
-
-    def reset(self) -> None:
-        """Forget every chunk; keep the buffers."""
-        while self._used:
-            _, buf = self._used.popitem()
-            if buf is not None:
-                self._free.setdefault(buf.nbytes, []).append(buf)
-
-    def get(self, key):
-        """The decoded chunk ``key`` (a byte buffer, or None for a missing chunk); KeyError if absent."""
-        buf = self._used[key]
-        self._used.move_to_end(key)
-        return buf
-
-    def put_missing(self, key) -> None:
-        self._used[key] = None
-        self._evict()
-
-    def new(self, key, nbytes: int) -> np.ndarray:
-        """A buffer of ``nbytes`` bytes registered as chunk ``key``."""
-        self._evict()
-        free = self._free.get(nbytes)
-        buf = free.pop() if free else np.empty(nbytes, np.uint8)
-        self._used[key] = buf
-        return buf
+        self._decoded: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def read_buffer(self, nbytes: int) -> memoryview:
         """A scratch buffer for the raw (compressed) bytes of one chunk."""
@@ -184,11 +156,14 @@ class ChunkBuffers:
             self._read = bytearray(max(nbytes, 2 * len(self._read)))
         return memoryview(self._read)[:nbytes]
 
-    def _evict(self) -> None:
-        while len(self._used) >= self.capacity:
-            _, old = self._used.popitem(last=False)
-            if old is not None:
-                self._free.setdefault(old.nbytes, []).append(old)
+    def decoded(self, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """A buffer for one decoded chunk: (its bytes, the same memory as a ``dtype`` array of ``shape``)."""
+        key = (nbytes, dtype, shape)
+        pair = self._decoded.get(key)
+        if pair is None:
+            flat = np.empty(nbytes, np.uint8)
+            pair = self._decoded[key] = (flat, flat.view(dtype).reshape(shape))
+        return pair
 
 
 _LOCAL = threading.local()
@@ -246,8 +221,46 @@ def chunk_buffers() -> ChunkBuffers:
     return buffers
 
 
+def _key_encoder(encode: Callable, ndim: int) -> Callable:
+    """A faster equivalent of zarr's chunk key encoder (``prefix + sep.join(coords)``) when it is one."""
+    probes = [tuple(range(11, 11 + ndim)), (0,) * ndim, tuple(range(ndim * 7 + 3, ndim * 6 + 3, -1))]
+    sample = encode(probes[0])
+    for sep in ("/", "."):
+        tail = sep.join(map(str, probes[0]))
+        if ndim and sample.endswith(tail):
+            prefix = sample[:-len(tail)]
+
+            def fast(coords, prefix=prefix, sep=sep):
+                return prefix + sep.join(map(str, coords))
+
+            if all(fast(p) == encode(p) for p in probes):
+                return fast
+    return encode
+
+
+def _decoder_fn(decoder, nbytes: int) -> Callable:
+    """``decode(raw, out)``: the chunk's stored bytes into ``out`` (a uint8 array of ``nbytes``)."""
+    if decoder is None:
+        def copy(raw, out):
+            if len(raw) != nbytes:
+                raise OSError(f"chunk holds {len(raw)} bytes; expected {nbytes}")
+            out[:] = np.frombuffer(raw, np.uint8)
+        return copy
+    import numcodecs
+    from numcodecs import blosc
+
+    if type(decoder) is numcodecs.Blosc:  # the blosc header describes the rest: skip the codec's checks
+        return blosc.decompress
+
+    def generic(raw, out):
+        decoded = decoder.decode(raw, out=out)
+        if decoded is not out:  # a codec that ignores ``out``
+            out[:] = np.frombuffer(decoded, np.uint8)
+    return generic
+
+
 class RegionReader:
-    """Reads regions of one zarr array, decoding only the chunks a region touches.
+    """Reads regions of one zarr array, decoding only the chunks the regions touch.
 
     Parameters
     ----------
@@ -262,53 +275,55 @@ class RegionReader:
         self.fast = layout is not None
         self._id = (url, level.path)
         if self.fast:
-            self._stored, self._decoder = layout
+            self._stored, decoder = layout
             self._chunks = tuple(int(c) for c in self.array.chunks)
             self._nbytes = math.prod(self._chunks) * self._stored.itemsize
+            self._decode = _decoder_fn(decoder, self._nbytes)
             self._fill = self.array.fill_value
-            self._encode_key = self.array.metadata.encode_chunk_key
+            self._encode_key = _key_encoder(self.array.metadata.encode_chunk_key, len(self._chunks))
             if is_url(url):
                 import fsspec
 
                 self._fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
                 self._prefix = f"{root.rstrip('/')}/{level.path}/"
             else:
-                self._fs, self._prefix = None, os.path.join(url, level.path)
+                self._fs, self._prefix = None, os.path.join(url, level.path, "")
 
     def _fetch(self, key: str, buffers: ChunkBuffers):
         """The stored bytes of chunk ``key`` (a view of a scratch buffer for local files), or None."""
-        try:
-            if self._fs is not None:
+        if self._fs is not None:
+            try:
                 return self._fs.cat_file(self._prefix + key)
-            with open(os.path.join(self._prefix, key), "rb", buffering=0) as f:
-                view = buffers.read_buffer(os.fstat(f.fileno()).st_size)
-                n = f.readinto(view)
-                return view[:n]
+            except FileNotFoundError:
+                return None
+        try:
+            fd = os.open(self._prefix + key, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            size = os.fstat(fd).st_size
+            view = buffers.read_buffer(size)
+            got = os.readv(fd, (view,))
+            while got < size:  # a short read (a signal, a network file system): go on
+                n = os.readv(fd, (view[got:],))
+                if n == 0:
+                    break
+                got += n
+            return view[:got]
+        finally:
+            os.close(fd)
 
     def _chunk(self, coords: tuple[int, ...], buffers: ChunkBuffers) -> np.ndarray | None:
-        """Decoded chunk at ``coords`` (kept in ``buffers``), or None when never written (fill value)."""
-        key = (self._id, coords)
-        try:
-            buf = buffers.get(key)
-        except KeyError:
-            raw = self._fetch(self._encode_key(coords), buffers)
-            if raw is None:
-                buffers.put_missing(key)
-                return None
-            buf = buffers.new(key, self._nbytes)
-            if self._decoder is not None:
-                decoded = self._decoder.decode(raw, out=buf)
-                if decoded is not buf:  # a codec that ignores ``out``
-                    buf[:] = np.frombuffer(decoded, np.uint8)
-            elif len(raw) == self._nbytes:
-                buf[:] = np.frombuffer(raw, np.uint8)
-            else:
-                raise OSError(f"chunk {coords} of {self._id} holds {len(raw)} bytes; expected {self._nbytes}")
-        if buf is None:
+        """Decoded chunk at ``coords`` (valid until this thread decodes the next one), or None when never written."""
+        raw = self._fetch(self._encode_key(coords), buffers)
+        if raw is None:
             return None
-        return buf.view(self._stored).reshape(self._chunks)
+        flat, chunk = buffers.decoded(self._nbytes, self._stored, self._chunks)
+        try:
+            self._decode(raw, flat)
+        except OSError as e:
+            raise OSError(f"chunk {coords} of {self._id}: {e}") from None
+        return chunk
 
     def read(self, selection: tuple[slice, ...], out: np.ndarray | None = None,
              buffers: ChunkBuffers | None = None) -> np.ndarray:
@@ -319,37 +334,86 @@ class RegionReader:
         selection : tuple of slice
             Contiguous box, ``start < stop`` on every axis.
         out : numpy.ndarray, optional
-            Array of the box's shape to fill; a new one by default.
+            Array of the box's shape to fill (any strides, e.g. a flipped view); a new one by
+            default.
         buffers : ChunkBuffers, optional
-            Decoded chunks shared between the reads of one task (the caller resets them when
-            the task starts); by default this thread's, reset first.
+            Scratch buffers; by default this thread's.
 
         Returns
         -------
         numpy.ndarray
             The region in the array's native byte order (``out`` when given).
         """
-        shape = tuple(s.stop - s.start for s in selection)
         if out is None:
-            out = np.empty(shape, self.dtype)
+            out = np.empty(tuple(s.stop - s.start for s in selection), self.dtype)
+        self.read_many((selection,), (out,), buffers)
+        return out
+
+    def plan(self, selections: Sequence[tuple[slice, ...]]) -> list[tuple[tuple[int, ...], list]]:
+        """The chunks ``selections`` touch, in key order, each with ``(k, dst, src)`` per region it overlaps.
+
+        ``outs[k][dst] = chunk[src]`` copies the overlap. Depends only on the chunk shape, so
+        arrays chunked alike can share a plan.
+        """
+        users: dict[tuple[int, ...], list] = {}
+        for k, sel in enumerate(selections):
+            per_axis = []
+            for s, c in zip(sel, self._chunks):
+                a, b = s.start, s.stop
+                axis = []
+                for i in range(a // c, (b - 1) // c + 1):
+                    o = i * c
+                    lo, hi = max(a, o), min(b, o + c)
+                    axis.append((i, slice(lo - a, hi - a), slice(lo - o, hi - o)))
+                per_axis.append(axis)
+            for combo in itertools.product(*per_axis):
+                coords, dst, src = zip(*combo)
+                found = users.get(coords)
+                if found is None:
+                    users[coords] = [(k, dst, src)]
+                else:
+                    found.append((k, dst, src))
+        return sorted(users.items())
+
+    def read_many(self, selections: Sequence[tuple[slice, ...]], outs: Sequence[np.ndarray],
+                  buffers: ChunkBuffers | None = None, plan: list | None = None) -> int:
+        """Read several regions, fetching and decoding each chunk they touch once.
+
+        The chunks are visited in key order, and each is copied into every region it overlaps
+        (``outs[k]`` receives ``selections[k]``, converted to its data type).
+
+        Parameters
+        ----------
+        selections, outs
+            The regions (contiguous boxes inside the array) and arrays of their shapes to fill
+            (any strides, e.g. flipped or transposed views).
+        buffers : ChunkBuffers, optional
+            Scratch buffers; by default this thread's.
+        plan : list, optional
+            :meth:`plan` of ``selections`` (by this reader or one with the same chunk shape).
+
+        Returns
+        -------
+        int
+            Chunks fetched (0 on the zarr path).
+        """
         if not self.fast:
-            out[...] = self.array[selection]
-            return out
+            for sel, out in zip(selections, outs):
+                out[...] = self.array[sel]
+            return 0
         if buffers is None:
             buffers = chunk_buffers()
-            buffers.reset()
-        starts = [s.start for s in selection]
-        stops = [s.stop for s in selection]
-        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self._chunks)]
-        for coords in itertools.product(*ranges):
+        if plan is None:
+            plan = self.plan(selections)
+        for coords, uses in plan:
             chunk = self._chunk(coords, buffers)
-            dst, src = [], []
-            for k, a, b, c in zip(coords, starts, stops, self._chunks):
-                lo, hi = max(a, k * c), min(b, (k + 1) * c)
-                dst.append(slice(lo - a, hi - a))
-                src.append(slice(lo - k * c, hi - k * c))
-            out[tuple(dst)] = self._fill if chunk is None else chunk[tuple(src)]
-        return out
+            if chunk is None:
+                for k, dst, _ in uses:
+                    outs[k][dst] = self._fill
+            else:
+                for k, dst, src in uses:
+                    outs[k][dst] = chunk[src]
+        return len(plan)
 
 
 _READERS: dict[tuple, RegionReader] = {}
@@ -368,158 +432,3 @@ def region_reader(ref: ImageRef) -> RegionReader:
                 _READERS.clear()
             _READERS[key] = reader
     return reader
-
-
-# --- the patch read task -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SourcePlan:
-    """How to cut a patch out of one source: its two images and the patch box."""
-
-    input: ImageRef
-    target: ImageRef
-    footprint: tuple[int, ...]  # extent along each non-channel axis (1 on axes the patch lacks)
-
-
-@dataclass(frozen=True)
-class ReadPlan:
-    """Everything a read task needs besides its records; sent to each worker once."""
-
-    sources: tuple[SourcePlan, ...]
-    patch_shape: tuple[int, ...]
-    dtypes: tuple[np.dtype, np.dtype]  # of the input and target patches before normalisation
-
-
-def augment(patch: np.ndarray, code: int) -> np.ndarray:
-    """Apply lateral augmentation ``code`` (a view, no copy).
-
-    Bit 0 flips Y (axis -2), bit 1 flips X (axis -1), bit 2 swaps Y and X (with the flips,
-    the 8 symmetries of a square: the 90-degree rotations and the mirrors).
-    """
-    if code & 4:
-        patch = np.swapaxes(patch, -1, -2)
-    if code & 1:
-        patch = patch[..., ::-1, :]
-    if code & 2:
-        patch = patch[..., ::-1]
-    return patch
-
-
-def read_patches(plan: ReadPlan, sources: np.ndarray, starts: np.ndarray, scaling: np.ndarray | None,
-                 codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Read, augment and (optionally) normalise a batch of (input, target) patches: one dask task.
-
-    Parameters
-    ----------
-    plan : ReadPlan
-        Sources and patch shape.
-    sources : numpy.ndarray of int, shape (n,)
-        Source index of each patch.
-    starts : numpy.ndarray of int, shape (n, D)
-        Start voxel along the non-channel axes, right-aligned (a source with d < D axes uses
-        the last d columns).
-    scaling : numpy.ndarray of float, shape (n, 4), or None
-        ``lo_x, hi_x, lo_y, hi_y`` per patch (see :func:`normalise`). None returns the patches
-        in the images' own data type (``plan.dtypes``), e.g. to halve what a cluster sends.
-    codes : numpy.ndarray of int, shape (n,)
-        Augmentation code per patch (see :func:`augment`).
-
-    Returns
-    -------
-    (x, y) : numpy.ndarray
-        Each (n, 1, *patch_shape): float32 when normalised, else ``plan.dtypes``.
-    """
-    tune_malloc()
-    n = len(sources)
-    x = np.empty((n, 1) + plan.patch_shape, plan.dtypes[0])
-    y = np.empty((n, 1) + plan.patch_shape, plan.dtypes[1])
-    buffers = chunk_buffers()
-    buffers.reset()
-    scratch: dict = {}  # one patch-sized buffer per image type, reused for every patch
-    for i in range(n):
-        src = plan.sources[int(sources[i])]
-        start = starts[i, starts.shape[1] - len(src.footprint):]
-        for ref, out in ((src.input, x), (src.target, y)):
-            sel = ref.selection(start, src.footprint)
-            shape = tuple(s.stop - s.start for s in sel)
-            tmp = scratch.get((shape, ref.level.dtype))
-            if tmp is None:
-                tmp = scratch[shape, ref.level.dtype] = np.empty(shape, ref.level.dtype)
-            region_reader(ref).read(sel, tmp, buffers)
-            out[i, 0] = augment(tmp.reshape(plan.patch_shape), int(codes[i]))
-    if scaling is None:
-        return x, y
-    return normalise(x, scaling[:, :2]), normalise(y, scaling[:, 2:])
-
-
-def normalise(batch: np.ndarray, scaling: np.ndarray) -> np.ndarray:
-    """``(v - lo) / (hi - lo + eps)`` per sample as float32 (CSBDeep's ``normalize_mi_ma``).
-
-    Parameters
-    ----------
-    batch : numpy.ndarray
-        (n, ...) patches of any real type.
-    scaling : numpy.ndarray, shape (n, 2)
-        ``lo, hi`` per sample.
-    """
-    shape = (len(batch),) + (1,) * (batch.ndim - 1)
-    lo = scaling[:, 0].astype(np.float32).reshape(shape)
-    scale = (1.0 / (scaling[:, 1] - scaling[:, 0] + EPS)).astype(np.float32).reshape(shape)
-    out = np.subtract(batch, lo, dtype=np.float32)
-    out *= scale
-    return out
-
-
-# --- running tasks -------------------------------------------------------------------------------
-
-
-def run_tasks(fn: Callable, items: Iterable, *, client=None, window: int = 8, ordered: bool = True,
-              pool: concurrent.futures.Executor | None = None) -> Iterator:
-    """Run ``fn(*item)`` for each item with at most ``window`` tasks in flight; yield results.
-
-    With ``client`` the tasks are dask futures (``client.submit(..., pure=False)``); else they
-    run on ``pool`` (a thread pool made for the call when not given). ``ordered`` yields
-    results in item order, otherwise as they complete. Closing the generator cancels what is
-    still in flight.
-    """
-    own = pool is None and client is None
-    if own:
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    submit = (lambda item: client.submit(fn, *item, pure=False)) if client is not None else \
-        (lambda item: pool.submit(fn, *item))
-    todo, running = iter(items), []
-    try:
-        while True:
-            for item in todo:
-                running.append(submit(item))
-                if len(running) >= window:
-                    break
-            if not running:
-                return
-            if ordered:
-                fut = running.pop(0)
-            elif client is not None:
-                from distributed import wait
-
-                done = wait(running, return_when="FIRST_COMPLETED").done
-                fut = next(f for f in running if f in done)
-                running.remove(fut)
-            else:
-                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                fut = next(f for f in running if f in done)
-                running.remove(fut)
-            result = fut.result()
-            del fut
-            yield result
-    finally:
-        if client is not None and running:
-            try:
-                client.cancel(running)
-            except RuntimeError:  # the client closed first: its futures went with it
-                pass
-        else:
-            for fut in running:
-                fut.cancel()
-        if own:
-            pool.shutdown(wait=True, cancel_futures=True)

@@ -31,15 +31,22 @@ import numpy as np
 
 from bigcare.errors import ConfigError
 from bigcare.training.positions import COARSE_CELLS, Geometry, choose_coarse, draw_positions, read_coarse
-from bigcare.training.regions import ReadPlan, SourcePlan, normalise, read_patches, run_tasks
+from bigcare.training.tasks_pool import InSlot, ReadPlan, ResultSlots, SourcePlan, normalise, read_patches, run_tasks
 from bigcare.training.sources import Source, image_ref, percentile_table, resolve
 
 __all__ = ["Source", "PatchSampler", "batch_order"]
 
 #: Percentiles per range end the normalisation table holds (linearly spaced, interpolated).
 TABLE_POINTS = 5
-#: Patches per cluster task at least (several batches): the cluster's per-task cost is a few ms.
-TASK_PATCHES = 64
+#: Patches per task at least (several batches): a cluster's per-task cost (~5 ms of client CPU) is
+#: paid rarely, and the more patches a task reads the more chunks they share (decoded once per
+#: task). 128 patch pairs of 16x64x64 uint16 are 32 MiB per task before normalisation.
+TASK_PATCHES = 128
+#: Tasks in flight beyond one per worker thread (or ``read_ahead`` batches): a worker that is
+#: done finds the next task waiting, even when the consumer waits on a slower, earlier task.
+SPARE_TASKS = 1
+#: Same-host workers hand results over through shared memory (False: always through the cluster).
+SHARED_MEMORY = True
 #: Coarse grids kept in memory while drawing (all sources together); more are re-read.
 CACHE_CELLS = 2**24
 
@@ -310,11 +317,13 @@ class PatchSampler:
     def batches(self, split: str = "train", *, epochs: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream normalised (input, target) batches.
 
-        Without a client, each batch is one task on a local thread pool that reads, augments and
-        normalises its patches. With a client, each task reads several batches (at least
-        ``TASK_PATCHES`` patches, so the per-task overhead of the cluster is paid rarely) and
-        returns them in the images' own data type (half the bytes of float32 for uint16); the
-        normalisation runs here; at least one task per worker thread is in flight besides
+        Each task reads several batches (at least ``TASK_PATCHES`` patches: the per-task cost
+        of a cluster is paid rarely, and chunks shared by patches of a task are decoded once).
+        The tasks run on the cluster, or on a local thread pool without a client, and return
+        the patches in the images' own data type (half the bytes of float32 for uint16); the
+        normalisation runs here, batch by batch. Workers on this host hand the patches over
+        through shared memory (:class:`bigcare.training.tasks_pool.ResultSlots`), others
+        through the cluster. At least one task per worker thread is in flight besides
         ``read_ahead`` batches. Either way the batches are identical and come in order.
 
         Parameters
@@ -339,34 +348,51 @@ class PatchSampler:
         n_codes = 8 if self.rotations else 4 if self.augment else 1
         order = batch_order(len(positions), batch_size=self.batch_size, seed=self.seed, epochs=epochs,
                             n_codes=n_codes, shuffle=split == "train")
-        if self.client is None:
-            items = ((self._plan, positions[idx, 0], positions[idx, 1:], self._scaling(split, idx), codes)
-                     for idx, codes in order)
-            yield from run_tasks(read_patches, items, window=self.read_ahead + 1, ordered=True)
-            return
-
-        if self._plan_future is None:
-            self._plan_future = self.client.scatter(self._plan, broadcast=True, hash=False)
         per_task = max(1, -(-TASK_PATCHES // self.batch_size))
         pending: collections.deque = collections.deque()  # (scaling, batch sizes) of the tasks in flight
+        local = self.client is None
 
-        def items():
+        def groups():
             while True:
                 group = list(itertools.islice(order, per_task))
                 if not group:
                     return
                 idx = np.concatenate([g[0] for g in group])
-                pending.append((self._scaling(split, idx), [len(g[0]) for g in group]))
-                yield self._plan_future, positions[idx, 0], positions[idx, 1:], None, np.concatenate([g[1] for g in group])
+                scaling = self._scaling(split, idx)
+                pending.append((scaling, [len(g[0]) for g in group]))
+                yield idx, scaling, np.concatenate([g[1] for g in group])
 
-        threads = sum(self.client.nthreads().values()) or 1  # keep every worker thread busy
-        window = max(-(-self.read_ahead // per_task), threads) + 1
-        for x, y in run_tasks(read_patches, items(), client=self.client, window=window, ordered=True):
-            scaling, sizes = pending.popleft()
-            a = 0
-            for n in sizes:
-                yield normalise(x[a:a + n], scaling[a:a + n, :2]), normalise(y[a:a + n], scaling[a:a + n, 2:])
-                a += n
+        if local:
+            threads = os.cpu_count() or 1
+            window = max(-(-self.read_ahead // per_task), threads) + SPARE_TASKS
+            slots = None
+            items = ((self._plan, positions[idx, 0], positions[idx, 1:], None, codes) for idx, _, codes in groups())
+            results = run_tasks(read_patches, items, window=window, ordered=True)
+        else:
+            if self._plan_future is None:
+                self._plan_future = self.client.scatter(self._plan, broadcast=True, hash=False)
+            threads = sum(self.client.nthreads().values()) or 1  # keep every worker thread busy
+            window = max(-(-self.read_ahead // per_task), threads) + SPARE_TASKS
+            nbytes = per_task * self.batch_size * math.prod(self.patch_shape) * sum(d.itemsize for d in self._plan.dtypes)
+            slots = ResultSlots.create(self.client, window, nbytes) if SHARED_MEMORY else None
+            items = ((self._plan_future, positions[idx, 0], positions[idx, 1:], None, codes,
+                      None if slots is None else slots.slot(k))
+                     for k, (idx, _, codes) in enumerate(groups()))
+            results = run_tasks(read_patches, items, client=self.client, window=window, ordered=True)
+        try:
+            for result in results:
+                x, y = slots.arrays(result) if isinstance(result, InSlot) else result
+                del result
+                scaling, sizes = pending.popleft()
+                a = 0
+                for n in sizes:
+                    yield normalise(x[a:a + n], scaling[a:a + n, :2]), normalise(y[a:a + n], scaling[a:a + n, 2:])
+                    a += n
+                del x, y  # a slot is handed out again from here on
+        finally:
+            results.close()
+            if slots is not None:
+                slots.close()
 
     # --- records ---------------------------------------------------------------------------------
 

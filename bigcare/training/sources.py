@@ -27,7 +27,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.training.regions import ImageRef, region_reader, run_tasks
+from bigcare.training.regions import ImageRef, region_reader
+from bigcare.training.tasks_pool import run_tasks
 from bigcare.volume import Volume, open_volume
 
 __all__ = ["Source", "resolve", "percentile_table", "image_ref"]
