@@ -38,9 +38,9 @@ __all__ = ["Source", "PatchSampler", "batch_order"]
 
 #: Percentiles per range end the normalisation table holds (linearly spaced, interpolated).
 TABLE_POINTS = 5
-#: Patches per task at least (several batches): a cluster's per-task cost (~5 ms of client CPU) is
-#: paid rarely, and the more patches a task reads the more chunks they share (decoded once per
-#: task). 128 patch pairs of 16x64x64 uint16 are 32 MiB per task before normalisation.
+#: Patches per task at least (several batches): a cluster's per-task cost (several ms of client
+#: CPU) is paid rarely, and the more patches a task reads the more chunks they share (decoded
+#: once per task). 128 patch pairs of 16x64x64 uint16 are 32 MiB per task before normalisation.
 TASK_PATCHES = 128
 #: Tasks in flight beyond one per worker thread (or ``read_ahead`` batches): a worker that is
 #: done finds the next task waiting, even when the consumer waits on a slower, earlier task.

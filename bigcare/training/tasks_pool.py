@@ -260,8 +260,9 @@ class ResultSlots:
     reads the patches straight into it and returns an :class:`InSlot`; the client maps the
     same file and normalises from it. A slot is reused once the client has consumed its task:
     :func:`run_tasks` submits task ``k`` only after the consumer asked for the result after
-    task ``k - window``'s, so the ring needs one slot per task in flight. Space is reserved when the files
-    are made (``posix_fallocate``: a full tmpfs fails here, not with SIGBUS in a worker).
+    task ``k - window``'s, so the ring needs one slot per task in flight. Space is reserved
+    when the files are made (``posix_fallocate``: a full tmpfs fails here, not with SIGBUS in
+    a worker).
 
     The files, ``/dev/shm/bigcare-patches-<pid>-<random>-<k>`` (mode 0600), are removed by
     :meth:`close`, or when the object is collected or the process exits; a process killed
