@@ -9,7 +9,7 @@
 4. denoise the same inputs with scikit-image's non-local means (sigma estimated from the
    image, 5^3 patches, search distance 6; h tuned per volume against the ground truth over
    0.6-1.4 sigma: an oracle choice that favours NLM);
-5. report NRMSE and SSIM as in the CARE paper (ground truth normalised to percentiles 0.1/99.9,
+5. report NRMSE and SSIM as in the CARE paper (ground truth normalized to percentiles 0.1/99.9,
    prediction fitted by the MSE-optimal affine map).
 """
 

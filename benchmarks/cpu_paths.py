@@ -3,7 +3,7 @@
 CSBDeep's default 3D CARE net (depth 2, 32 filters, kernel 3, ~1 M parameters, random weights)
 on a 64x256x256 float32 volume in one piece (CSBDeep + TensorFlow: 0.57 Mvoxel/s at 3.5 GiB peak
 RSS on this 2-core machine) and on a typical engine block read region (112x208x208), through
-:func:`bigcare.restore.fastpath.prepare_model`:
+:func:`bigcare.predictors.fastpath.prepare_model`:
 
     fp32 plain | fp32 channels_last (+oneDNN for every conv) | fp32 channels_last + compile
     bf16 plain | bf16 channels_last | bf16 channels_last + compile   (+ fp16 channels_last on CUDA)
@@ -72,7 +72,7 @@ def build_model(seed=0):
 
 
 def prepare(model, name, device, variants):
-    from bigcare.restore.fastpath import prepare_model
+    from bigcare.predictors.fastpath import prepare_model
 
     precision, cl, comp = variants[name]
     # "plain" is today's CAREPredictor call; "torch-conv" leaves the conv choice to torch

@@ -23,9 +23,10 @@ import torch
 
 def make_volume(url, shape, chunks, seed=0):
     """A compressible uint16 volume (synthetic cells + noise), written slab by slab."""
-    from bigcare.ngff import create_image, write_pyramid
+    from bigcare.store.write import create_image
+    from bigcare.store.pyramid import write_pyramid
     from bigcare.synth import degrade, phantom
-    from bigcare.volume import Axis
+    from bigcare.store.axes import Axis
 
     axes = [Axis(a, "space", "micrometer") for a in "zyx"]
     vol = create_image(url, shape=shape, dtype="uint16", chunks=chunks, axes=axes, scale=(1.0, 0.5, 0.5))
@@ -44,7 +45,7 @@ def make_volume(url, shape, chunks, seed=0):
 
 def save_unet(path, *, n_filter_base, depth=2, kernel_size=3):
     from bigcare.models import UNet, UNetConfig, save_model
-    from bigcare.models.store import ModelConfig
+    from bigcare.models.folder import ModelConfig
 
     arch = UNetConfig(ndim=3, depth=depth, n_filter_base=n_filter_base, kernel_size=kernel_size)
     torch.manual_seed(0)
@@ -63,7 +64,7 @@ def bench_copy(tmp: Path, args) -> dict:
 
     shape, chunks = (128, 1024, 1024), (64, 256, 256)
     make_volume(tmp / "in.ome.zarr", shape, chunks)
-    from bigcare.restore.identity import IdentityPredictor
+    from bigcare.predictors.identity import IdentityPredictor
 
     model = IdentityPredictor("zyx")
     with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster, Client(cluster) as client:
@@ -91,7 +92,7 @@ def bench_care(tmp: Path, args) -> dict:
     from distributed import Client, LocalCluster
 
     import bigcare
-    from bigcare.volume import open_volume
+    from bigcare.store.volume import open_volume
 
     shape = tuple(args.care_shape)
     chunks = (shape[0], shape[1], shape[2] // 2)
@@ -170,6 +171,7 @@ def bench_rss(tmp: Path, args) -> dict:
     from distributed import Client, LocalCluster
 
     import bigcare
+    from bigcare.blocks.plan import plan_blocks
 
     model = save_unet(tmp / "small_model", n_filter_base=2)
     block, chunks = (32, 128, 128), (32, 128, 128)
@@ -182,7 +184,7 @@ def bench_rss(tmp: Path, args) -> dict:
             run = bigcare.restore(tmp / f"rss_{label}.ome.zarr", tmp / f"rss_out_{label}.ome.zarr", model,
                                   client=client, block_shape=block, device=args.device, pyramid=False,
                                   progress=False)
-            largest_read = max(b.read_voxels for b in bigcare.engine.plan_blocks(shape, block, (24,) * 3, (4,) * 3))
+            largest_read = max(b.read_voxels for b in plan_blocks(shape, block, (24,) * 3, (4,) * 3))
             rows[label] = {"shape": shape, "voxels": int(np.prod(shape)), "blocks": run.blocks_total,
                            "largest_read_region_voxels": largest_read,
                            "peak_worker_rss_mb": run.peak_worker_rss_mb, "seconds": time.perf_counter() - t}

@@ -8,7 +8,7 @@ input = phantom blurred with the anisotropic Gaussian (sigma_xy 2, sigma_z 8 px)
 plane kept, camera noise (Poisson + Gaussian). The input is written as OME-Zarr with voxel
 sizes (8, 1, 1); bigcare trains a 2D isotropic network on its own lateral slices (Gaussian PSF
 given in physical units) and restores it blockwise onto the isotropic grid. PSNR and SSIM against
-the ground truth (CARE's normalisation: percentile-normalised ground truth, affine-fitted
+the ground truth (CARE's normalization: percentile-normalized ground truth, affine-fitted
 prediction, bigcare.metrics) for: linear and cubic upsampling of the input, Richardson-Lucy of
 the linearly upsampled input (split PSF, the number of iterations chosen on the ground truth: an
 oracle baseline; the same multiplicative update as skimage.restoration.richardson_lucy, with the
@@ -32,10 +32,10 @@ from scipy import ndimage
 
 import bigcare
 from bigcare.metrics import psnr, spectral_isotropy, ssim
-from bigcare.ngff import write_array
-from bigcare.resample import upsample_rows, zoom_length
+from bigcare.store.write import write_array
+from bigcare.blocks.zoom import upsample_rows, zoom_length
 from bigcare.synth import phantom
-from bigcare.volume import Axis
+from bigcare.store.axes import Axis
 
 SIGMA_XY, SIGMA_Z, FACTOR = 2.0, 8.0, 8
 

@@ -13,7 +13,7 @@ Figures:
   LocalCluster of 1 worker and one of 2 workers (1 thread each; the latter also with results
   through the cluster instead of shared memory), and 1 worker of 2 threads; plus a
   single-thread CPU profile of the read tasks (chunk fetch / decode / the rest, chunks touched
-  and decoded per patch, the client's normalisation) to show where the time goes;
+  and decoded per patch, the client's normalization) to show where the time goes;
 - ``memory``: peak RSS of the client process plus every worker process while a sampler is
   built on a ~2 GB and a ~16 GB pair and streams batches, each in a fresh process and cluster.
 
@@ -49,15 +49,19 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from bigcare.ngff import create_image, write_pyramid
+from bigcare.store.write import create_image
+from bigcare.store.pyramid import write_pyramid
 from bigcare.training import sampling as sampling_module
-from bigcare.training.regions import chunk_buffers, region_reader
+from bigcare.store.chunks import chunk_buffers, region_reader
 from bigcare.training.sampling import TASK_PATCHES, PatchSampler
-from bigcare.training.tasks_pool import normalise, read_patches, run_tasks
-from bigcare.volume import Axis, cached_array, open_volume
+from bigcare.training.reads import normalize_batch, read_patches
+from bigcare.tasks.runner import run_tasks
+from bigcare.store.axes import Axis
+from bigcare.store.arrays import level_token, open_array
+from bigcare.store.volume import open_volume
 
 PATCH = (16, 64, 64)
-#: "zstd" is what bigcare's writers use (ngff.create_image); "lz4" decodes about 10x faster.
+#: "zstd" is what bigcare's writers use (bigcare.store.write.create_image); "lz4" decodes about 10x faster.
 CODECS = {"zstd": BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
           "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")}
 AXES = tuple(Axis(a, "space", "micrometer") for a in "zyx")
@@ -74,7 +78,7 @@ def _bumps(n: int, period: int, width: float, phase: float) -> np.ndarray:
 def _write_slab(url: str, z0: int, z1: int, role: str, seed: int) -> int:
     """Task: generate and write level-0 slab ``z0:z1`` of one image."""
     vol = open_volume(url)
-    arr = cached_array(vol.url, vol.levels[0].path, None, vol.zarr_format, "r+", vol.levels[0])
+    arr = open_array(vol.url, vol.levels[0].path, "r+", None, zarr_format=vol.zarr_format, token=level_token(vol.levels[0]))
     _, ny, nx = vol.shape
     fz = _bumps(vol.shape[0], 64, 5.0, 7.0)[z0:z1]
     fy, fx = _bumps(ny, 96, 8.0, 11.0), _bumps(nx, 96, 8.0, 23.0)
@@ -118,7 +122,7 @@ def make_pair(root: str, shape, chunks, codec: str, client) -> tuple[str, str, f
         for _ in run_tasks(_write_slab, slabs, client=client, window=4, ordered=False):
             pass
         write_pyramid(vol, client=client)
-        from bigcare.ngff import update_attrs
+        from bigcare.store.write import update_attrs
 
         seconds += time.perf_counter() - t0
         update_attrs(url, {"complete": True, "generation_s": time.perf_counter() - t0})
@@ -175,7 +179,7 @@ def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
     (``time.thread_time``), so that other jobs on the machine matter less. The parts: fetching
     and decoding the distinct chunks of each task (each done once per task, timed alone), the
     rest (the tasks again with fetch and decode stubbed: planning, copies into the augmented
-    outputs, Python), and the client's normalisation.
+    outputs, Python), and the client's normalization.
     """
     n = TASK_PATCHES
     rng = np.random.default_rng(0)
@@ -191,7 +195,7 @@ def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
         x, y = read_patches(sampler._plan, *g)
         total += time.thread_time() - t
         t = time.thread_time()
-        normalise(x, scaling[:, :2]), normalise(y, scaling[:, 2:])
+        normalize(x, scaling[:, :2]), normalize(y, scaling[:, 2:])
         norm += time.thread_time() - t
         del x, y
     fetch = decode = 0.0
@@ -234,7 +238,7 @@ def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
     pairs = len(pos)
     return {"task_ms_per_patch": 1e3 * total / pairs, "fetch_ms_per_patch": 1e3 * fetch / pairs,
             "decode_ms_per_patch": 1e3 * decode / pairs, "other_ms_per_patch": 1e3 * rest / pairs,
-            "normalise_ms_per_patch": 1e3 * norm / pairs, "chunks_touched_per_patch": touched / pairs / 2,
+            "normalize_ms_per_patch": 1e3 * norm / pairs, "chunks_touched_per_patch": touched / pairs / 2,
             "chunks_decoded_per_patch": fetched / pairs / 2, "patches_per_task": n,
             "patches_per_s_one_thread": pairs / total}
 
@@ -264,8 +268,8 @@ def throughput(args) -> dict:
     print(f"one read task ({prof['patches_per_task']} patches), one thread: {prof['task_ms_per_patch']:.2f} ms CPU per "
           f"patch pair (fetch {prof['fetch_ms_per_patch']:.2f}, decode {prof['decode_ms_per_patch']:.2f}, rest "
           f"{prof['other_ms_per_patch']:.2f} ms; chunks per patch and image: {prof['chunks_touched_per_patch']:.2f} "
-          f"touched, {prof['chunks_decoded_per_patch']:.2f} decoded); client normalisation "
-          f"{prof['normalise_ms_per_patch']:.2f} ms", flush=True)
+          f"touched, {prof['chunks_decoded_per_patch']:.2f} decoded); client normalization "
+          f"{prof['normalize_ms_per_patch']:.2f} ms", flush=True)
     rates = {}
     rates["threads"] = r = _stream(sampler, args.batches)
     print(f"no cluster (thread pool): {r['patches_per_s']:.0f} patches/s, {r['patches_per_cpu_s']:.0f} per CPU-second "

@@ -3,17 +3,18 @@
 Figures, on a LocalCluster of separate worker processes (default 2 workers x 1 thread):
 
 - ``raw``: sustained rate of no-op block tasks submitted as the engine submits them
-  (``client.map(fn, blocks, spec=spec, key=..., pure=False)``, real ``bigcare.blocks.Block``
-  and ``bigcare.tasks.RunSpec`` arguments, the spec padded to ``--spec-kb`` as a run with
+  (``client.map(fn, blocks, spec=spec, key=..., pure=False)``, real ``bigcare.blocks.plan.Block``
+  and ``bigcare.tasks.block.RunSpec`` arguments, the spec padded to ``--spec-kb`` as a run with
   storage options would have), each returning ``run_block``'s status dict; the client only
   waits (``as_completed`` without fetching results). Sustained = tasks between the 10th and
   90th percentile completions / that time.
 - ``execute``: the same no-op tasks through the engine's real client loop
-  (``bigcare.execute.execute``: per-future ``result()``, statistics, retry bookkeeping, the
-  rescheduled count asked from the scheduler every 32 results, tqdm progress), run_block
+  (``bigcare.runs.queue.execute`` on ``bigcare.tasks.runner.run_tasks``: per-future ``result()``,
+  statistics, retry bookkeeping, the rescheduled count asked from the scheduler every 32 results,
+  tqdm progress), run_block
   swapped for the no-op. Its extra time per task over ``raw`` is the client-side cost.
 - ``execute+marker`` (smallest N only): as ``execute``, each task also writes its done marker (zarr v3 uint8
-  array, one chunk per block, local disk) through ``bigcare.tasks._open_array`` as run_block does.
+  array, one chunk per block, local disk) through ``bigcare.store.arrays.open_array`` as run_block does.
 - ``batched``: as ``raw`` but the client takes every status dict, gathered in batches
   (``as_completed(..., with_results=True)``): what a cheaper engine loop could reach.
 - ``marker``: in one process, the time to write one done marker, and to read the whole
@@ -56,9 +57,10 @@ import zarr  # noqa: E402
 
 def make_run(n, tmp: Path, spec_kb: float):
     """Real Blocks (a grid of >= n) and a real RunSpec padded to about ``spec_kb`` KiB."""
-    from bigcare.blocks import plan_blocks
-    from bigcare.normalize import Normalizer
-    from bigcare.tasks import MARKER, AxisLayout, RunSpec
+    from bigcare.blocks.plan import plan_blocks
+    from bigcare.normalization import Normalizer
+    from bigcare.tasks.block import MARKER, RunSpec
+    from bigcare.blocks.layout import AxisLayout
 
     side = math.ceil(n ** (1 / 3))
     grid = (math.ceil(n / side**2), side, side)
@@ -92,10 +94,11 @@ def noop_block(block, spec):
 
 def marker_block(block, spec):
     """No work but run_block's bookkeeping: open (cached) and write the done marker."""
-    from bigcare.tasks import MARKER, _open_array, _options_key
+    from bigcare.store.arrays import open_array
+    from bigcare.tasks.block import MARKER
 
     t = time.perf_counter()
-    marker = _open_array(spec.marker_url, MARKER, "r+", _options_key(spec.output_options), spec.run_key)
+    marker = open_array(spec.marker_url, MARKER, "r+", spec.output_options, token=spec.run_key)
     marker[block.index] = 1
     status = noop_block(block, spec)
     status["write_s"] = time.perf_counter() - t
@@ -142,8 +145,8 @@ def run_batched(client, blocks, spec, tag):
 
 
 def run_execute(client, plan, blocks, spec, out, fn, progress):
-    """bigcare.execute.execute with run_block swapped for ``fn`` (restored afterwards)."""
-    import bigcare.execute as ex
+    """bigcare.runs.queue.execute with run_block swapped for ``fn`` (restored afterwards)."""
+    import bigcare.runs.queue as ex
 
     # a fresh run key each call: execute() names the task keys after its first 8 characters
     run = SimpleNamespace(images={"restored": out}, plan=_Plan(len(blocks), plan.overhead), todo=blocks,
@@ -172,10 +175,11 @@ class _Plan:
 
 def marker_costs(tmp: Path, m: int):
     """One process: write m done markers one by one, then read the array back."""
-    from bigcare.tasks import MARKER, _open_array, _options_key
+    from bigcare.store.arrays import open_array
+    from bigcare.tasks.block import MARKER
 
     plan, blocks, spec, out = make_run(m, tmp / "m", 0)
-    marker = _open_array(spec.marker_url, MARKER, "r+", _options_key(None), spec.run_key)
+    marker = open_array(spec.marker_url, MARKER, "r+", None, token=spec.run_key)
     t = time.perf_counter()
     for b in blocks:
         marker[b.index] = 1

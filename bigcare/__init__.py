@@ -1,17 +1,51 @@
 """bigcare: CARE restoration of huge microscopy volumes, block by block on Dask.
 
-The public API::
+The public API (imported lazily: ``import bigcare`` loads neither torch nor dask)::
 
     import bigcare
     vol = bigcare.open_volume("scan.ome.zarr")          # lazy: vol.to_dask(), vol.to_xarray()
     bigcare.restore("scan.ome.zarr", "restored.ome.zarr", model="my_model/")
     bigcare.train("train.yaml")                          # lazy patches from OME-Zarr pairs
+
+The package follows the path a volume takes::
+
+    store/       OME-Zarr in and out: axes, URLs, volumes, the chunk reader, writers, pyramid, TIFF
+    blocks/      pure geometry: block plans, halos, tiles, the sizing rule, axis layout, zoom
+    predictors/  what runs on one block: CARE, isotropic, identity; fast path; model shipping
+    tasks/       the one task runner (cluster or local pool), the block task, shm slots, clusters
+    runs/        a volume run (plan, start, finish), restore / restore_many / predict, results
+    models/      networks, receptive fields, the model folder format
+    training/    config, sources, positions, sampler, patch reads, trainer, losses, isotropic pairs
+    psf/ synth.py metrics.py normalization.py   PSFs; synthetic data; the papers' metrics; percentiles
+
+Glossary (one word per concept, used everywhere in code, docs and messages):
+
+- **chunk**: zarr's storage unit; a **shard** when the array is sharded (then the shard is the
+  unit of independent writing, and "chunk" in bigcare's geometry means the shard).
+- **block**: the unit of work; one task restores one block.
+- **write region**: the output voxels a block owns, a whole number of output chunks.
+- **halo**: the context a network needs on each side, from its receptive field.
+- **read region**: the input voxels a block needs: write region + halo, aligned and clipped.
+- **window**: the region of the (possibly upsampled) grid the network sees; equal to the read
+  region unless the method zooms.
+- **crop**: where the write region sits inside the prediction of the window.
+- **tile**: one network call; a block larger than the device allows is predicted in tiles.
+- **zoom**: output voxels per input voxel along an axis (isotropic restoration upsamples Z).
+- **in flight**: tasks submitted and not yet finished (the runner's ``window`` argument bounds
+  them).
+- **cell**: a unit of the train/validation split of a training image (never "tile").
+- **normalize**: percentile normalization ``(x - lo) / (hi - lo + eps)``; **normalizer**: its
+  ``lo``/``hi`` per channel.
+- **predictor**: what maps one region to named outputs; **model**: a folder (config + weights).
+- **run**: restoring one volume into one output; a **batch** is several runs on one queue.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .engine import RunResult, predict, restore  # noqa: E402
-from .errors import (  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bigcare.errors import (
     BigcareError,
     BlockError,
     ConfigError,
@@ -20,12 +54,30 @@ from .errors import (  # noqa: E402
     ModelMismatchError,
     OutputError,
 )
-from .training import train  # noqa: E402
-from .volume import Volume, open_volume  # noqa: E402
+from bigcare.version import __version__
+
+if TYPE_CHECKING:
+    from bigcare.runs.batch import restore_many
+    from bigcare.runs.restore import predict, restore
+    from bigcare.runs.results import RunResult
+    from bigcare.store.volume import Volume, open_volume
+    from bigcare.training.run import train
+
+#: Public names loaded on first use (torch, dask and pydantic stay unloaded until needed).
+_LAZY = {
+    "restore": "bigcare.runs.restore",
+    "predict": "bigcare.runs.restore",
+    "restore_many": "bigcare.runs.batch",
+    "RunResult": "bigcare.runs.results",
+    "train": "bigcare.training.run",
+    "open_volume": "bigcare.store.volume",
+    "Volume": "bigcare.store.volume",
+}
 
 __all__ = [
     "__version__",
     "restore",
+    "restore_many",
     "predict",
     "train",
     "RunResult",
@@ -39,3 +91,16 @@ __all__ = [
     "ConfigError",
     "BlockError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bigcare' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

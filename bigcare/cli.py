@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import BigcareError
+from bigcare.errors import BigcareError
 
 __all__ = ["main"]
 
@@ -21,8 +21,22 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+class _Deprecated(argparse.Action):
+    """An old flag: still works for one release, says which flag replaces it."""
+
+    def __init__(self, option_strings, dest, new: str, value=None, **kwargs):
+        self.new, self.value = new, value
+        if value is not None:
+            kwargs["nargs"] = 0
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"bigcare: {option_string} is deprecated and will be removed; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, self.value if self.value is not None else values)
+
+
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from bigcare.demo import run_demo
 
     metrics = run_demo(args.out, epochs=args.epochs, steps_per_epoch=args.steps, workers=args.workers,
                        device=args.device, seed=args.seed)
@@ -35,23 +49,24 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_restore(args) -> int:
-    from .cluster import cluster_kwargs
-    from .errors import BlockError, ConfigError
-    from .summary import format_summary, summary_dict
+    from bigcare.errors import BlockError, ConfigError
+    from bigcare.runs.results import format_summary, summary_dict
+    from bigcare.tasks.cluster import cluster_kwargs
 
-    options = dict(block_shape=args.block, device=args.device, precision=args.precision,
-                   overwrite=args.overwrite, ngff_version=args.ngff_version, output_dtype=args.dtype,
-                   pyramid=not args.no_pyramid, ship_model=not args.model_on_shared_storage, **cluster_kwargs(args))
+    options = dict(block_shape=args.block_shape, tile_shape=args.tile_shape, device=args.device,
+                   precision=args.precision, overwrite=args.overwrite, ngff_version=args.ngff_version,
+                   output_dtype=args.output_dtype, pyramid=args.pyramid, ship_model=args.ship_model,
+                   **cluster_kwargs(args))
     if args.output_dir is None and len(args.paths) != 2:
         raise ConfigError(f"restore takes INPUT OUTPUT, or several inputs with --output-dir DIR; got "
                           f"{len(args.paths)} path(s) {args.paths} without --output-dir")
     try:
         if args.output_dir is None:
-            from .engine import restore
+            from bigcare.runs.restore import restore
 
             results = [restore(args.paths[0], args.paths[1], args.model, **options)]
         else:
-            from .batch import restore_many
+            from bigcare.runs.batch import restore_many
 
             results = restore_many(args.paths, args.output_dir, args.model, **options)
         failed = None
@@ -68,7 +83,7 @@ def _cmd_restore(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .convert import tiff_to_ome_zarr
+    from bigcare.store.convert import tiff_to_ome_zarr
 
     volume = tiff_to_ome_zarr(args.input, args.output, voxel_size=args.voxel_size, unit=args.unit,
                               chunks=args.chunks, ngff_version=args.ngff_version, overwrite=args.overwrite)
@@ -78,8 +93,8 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .cluster import cluster_client, cluster_kwargs
-    from .training import train
+    from bigcare.tasks.cluster import cluster_client, cluster_kwargs
+    from bigcare.training import train
 
     named = cluster_kwargs(args)
     if args.scheduler or args.cluster != "local" or args.cluster_config or args.workers:
@@ -97,7 +112,7 @@ def _cmd_train(args) -> int:
 def _cmd_synth(args) -> int:
     from pathlib import Path
 
-    from .synth import write_pair
+    from bigcare.synth import write_pair
 
     out = Path(args.out)
     for k in range(args.count):
@@ -108,8 +123,8 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .convert import describe
-    from .volume import open_volume
+    from bigcare.store.convert import describe
+    from bigcare.store.volume import open_volume
 
     print(describe(open_volume(args.path)))
     return 0
@@ -117,7 +132,8 @@ def _cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bigcare`` command."""
-    from .cluster import add_cluster_arguments
+    from bigcare.tasks.cluster import add_cluster_arguments
+    from bigcare.types import NGFF_VERSIONS, PRECISIONS
 
     parser = argparse.ArgumentParser(prog="bigcare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,15 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="INPUT OUTPUT, or with --output-dir: inputs (paths, fsspec URLs, globs, @list.txt)")
     p.add_argument("-o", "--output-dir", default=None, help="batch mode: write OUTPUT_DIR/<input name> per input")
     p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
-    p.add_argument("--model-on-shared-storage", action="store_true",
-                   help="workers read the model folder by path instead of receiving its bytes once")
-    p.add_argument("--block", type=_ints, default=None, help="block shape per spatial axis, e.g. 64,256,256")
+    p.add_argument("--no-ship-model", dest="ship_model", action="store_false",
+                   help="workers read the model folder by path (shared storage) instead of receiving its bytes once")
+    p.add_argument("--block-shape", type=_ints, default=None,
+                   help="block (write region) shape per spatial axis, e.g. 64,256,256 [from the model and device]")
+    p.add_argument("--tile-shape", type=_ints, default=None,
+                   help="largest write region of one network call per spatial axis [chosen with the blocks]")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N [cuda if available]")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--dtype", default="float32", help="output dtype [float32]")
-    p.add_argument("--ngff-version", default="0.5", choices=["0.5", "0.4"])
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--output-dtype", default="float32", help="output dtype [float32]")
+    p.add_argument("--ngff-version", default="0.5", choices=NGFF_VERSIONS)
     p.add_argument("--overwrite", action="store_true", help="replace an output of another bigcare run")
-    p.add_argument("--no-pyramid", action="store_true", help="skip the multiscale pyramid")
+    p.add_argument("--no-pyramid", dest="pyramid", action="store_false", help="skip the multiscale pyramid")
+    # the flags of the previous release, kept for one more
+    p.add_argument("--block", dest="block_shape", type=_ints, action=_Deprecated, new="--block-shape",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--dtype", dest="output_dtype", action=_Deprecated, new="--output-dtype", help=argparse.SUPPRESS)
+    p.add_argument("--model-on-shared-storage", dest="ship_model", action=_Deprecated, new="--no-ship-model",
+                   value=False, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print each run summary as JSON")
     add_cluster_arguments(p)
     p.set_defaults(func=_cmd_restore)
@@ -160,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="physical voxel size per spatial axis, e.g. 5 2 2 (Z Y X)")
     p.add_argument("--unit", default="micrometer", help="unit of the voxel size [micrometer]")
     p.add_argument("--chunks", type=_ints, default=None, help="chunk shape, e.g. 64,256,256")
-    p.add_argument("--ngff-version", default="0.5", choices=["0.5", "0.4"])
+    p.add_argument("--ngff-version", default="0.5", choices=NGFF_VERSIONS)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    from .training.config import describe_schema
+    from bigcare.training.config import describe_schema
 
     p = sub.add_parser("train", help="train a CARE network from a YAML config (lazy patches from OME-Zarr)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import restore
-from .metrics import nrmse, ssim
-from .models import UNet, UNetConfig
-from .models.store import ModelConfig
-from .ngff import write_array
-from .synth import degrade, phantom
-from .training import ArrayPairSampler, fit
-from .volume import Axis, open_volume
+from bigcare.runs.restore import restore
+from bigcare.metrics import nrmse, ssim
+from bigcare.models import UNet, UNetConfig
+from bigcare.models.folder import ModelConfig
+from bigcare.store.write import write_array
+from bigcare.synth import degrade, phantom
+from bigcare.training import ArrayPairSampler, fit
+from bigcare.store.axes import Axis
+from bigcare.store.volume import open_volume
 
 __all__ = ["run_demo"]
 

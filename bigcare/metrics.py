@@ -1,8 +1,8 @@
-"""Image-quality metrics with the CARE paper's normalisation (Weigert et al. 2018).
+"""Image-quality metrics with the CARE paper's normalization (Weigert et al. 2018).
 
 Every metric compares a prediction to a ground truth after the same two steps:
 
-1. the ground truth is normalised to its (0.1, 99.9) percentiles:
+1. the ground truth is normalized to its (0.1, 99.9) percentiles:
    ``gt_n = (gt - p0.1) / (p99.9 - p0.1)``;
 2. the prediction is mapped onto it with the affine ``alpha * pred + beta`` that minimises
    ``||alpha * pred + beta - gt_n||^2`` (closed form, :func:`fit_affine`).
@@ -57,7 +57,7 @@ def normalize_percentile(
         raise ConfigError(f"percentiles must satisfy 0 <= pmin < pmax <= 100, got {pmin}, {pmax}")
     x = np.asarray(x)
     if x.size == 0:
-        raise InputError(f"cannot normalise an empty array (shape {x.shape})")
+        raise InputError(f"cannot normalize an empty array (shape {x.shape})")
     return _normalize64(x, pmin, pmax, eps).astype(np.float32)
 
 
@@ -115,10 +115,10 @@ def _normalized(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def nrmse(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Normalised root-mean-square error (CARE convention); 0 is perfect.
+    """Normalized root-mean-square error (CARE convention); 0 is perfect.
 
     ``sqrt(mean((alpha * pred + beta - gt_n)**2))`` with ``gt_n`` the ground truth
-    normalised to its (0.1, 99.9) percentiles and ``alpha, beta`` from :func:`fit_affine`.
+    normalized to its (0.1, 99.9) percentiles and ``alpha, beta`` from :func:`fit_affine`.
     Because ``gt_n``'s percentile range is 1, this is the RMSE divided by that range, i.e.
     in units of the ground truth's robust intensity range.
 
@@ -145,7 +145,7 @@ def ssim(pred: np.ndarray, gt: np.ndarray) -> float:
     """Structural similarity (CARE convention); 1 is perfect.
 
     ``skimage.metrics.structural_similarity(gt_n, alpha * pred + beta)`` with the
-    normalisation of :func:`nrmse`, ``data_range = max(gt_n) - min(gt_n)`` and the default
+    normalization of :func:`nrmse`, ``data_range = max(gt_n) - min(gt_n)`` and the default
     7-voxel window (smaller, odd, when an axis is shorter than 7). Works in 2D and 3D.
 
     Parameters
@@ -180,7 +180,7 @@ def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB (CARE convention); higher is better.
 
     ``10 * log10(data_range**2 / mean((alpha * pred + beta - gt_n)**2))`` with the
-    normalisation of :func:`nrmse` and ``data_range = max(gt_n) - min(gt_n)`` (as
+    normalization of :func:`nrmse` and ``data_range = max(gt_n) - min(gt_n)`` (as
     :func:`ssim`). ``inf`` for a perfect prediction.
 
     Parameters

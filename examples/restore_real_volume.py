@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 import bigcare
-from bigcare.convert import describe, tiff_to_ome_zarr
+from bigcare.store.convert import describe, tiff_to_ome_zarr
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TIFF = HERE.parent.parent / "shared" / "data" / "llsm_cell_deskewed.tif"

@@ -27,7 +27,7 @@ def make_model(path, *, ndim=3, depth=2, n_filter_base=4, kernel_size=None, n_in
     isotropic-restoration model.
     """
     from bigcare.models import Head, IsotropicConfig, UNet, UNetConfig, save_model
-    from bigcare.models.store import ModelConfig
+    from bigcare.models.folder import ModelConfig
 
     kwargs = {} if heads is None else {"heads": [Head(**h) for h in heads]}
     arch = UNetConfig(ndim=ndim, depth=depth, n_filter_base=n_filter_base, kernel_size=kernel_size,
@@ -56,11 +56,10 @@ def model2d(tmp_path):
 
 def write_volume(url, data, *, axes="zyx", chunks=None, scale=None, ngff_version="0.5"):
     """Write ``data`` as an OME-Zarr image (level 0 plus pyramid) and return the Volume."""
-    from bigcare.ngff import write_array
-    from bigcare.volume import Axis
+    from bigcare.store.axes import Axis
+    from bigcare.store.write import write_array
 
-    types = {"c": "channel", "t": "time"}
-    ax = tuple(Axis(a, types.get(a, "space"), None if a == "c" else "micrometer") for a in axes)
+    ax = tuple(Axis.named(a, "micrometer") for a in axes)
     scale = scale or tuple(1.0 if a in "ct" else 0.5 for a in axes)
     return write_array(url, data, chunks=chunks or data.shape, scale=scale, axes=ax, ngff_version=ngff_version)
 
@@ -87,6 +86,6 @@ def read(url, path="0"):
 
 def builds(client) -> dict:
     """Networks built from sent models, per worker process."""
-    from bigcare.restore import payload
+    from bigcare.predictors import shipping
 
-    return client.run(lambda: payload.BUILDS["count"])
+    return client.run(lambda: shipping.BUILDS["count"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import bigcare
-from bigcare.batch import expand_inputs, output_paths
+from bigcare.runs.batch import expand_inputs, output_paths
 from bigcare.cli import main
 from bigcare.errors import ConfigError, InputError
 

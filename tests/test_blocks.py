@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from bigcare.blocks import default_block_shape, plan_blocks, window_overhead
+from bigcare.blocks.sizing import default_block_shape, window_overhead
+from bigcare.blocks.plan import plan_blocks
 from bigcare.errors import ConfigError
 
 
@@ -81,7 +82,7 @@ def test_min_voxels_makes_blocks_bigger_than_one_call():
 
 
 def test_large_clusters_get_big_blocks_predicted_in_memory_sized_tiles():
-    from bigcare.runs import min_block_voxels
+    from bigcare.blocks.sizing import min_block_voxels
 
     assert min_block_voxels(512, "cuda") == pytest.approx(8 * min_block_voxels(64, "cuda"), rel=1e-6)  # linear in GPUs
     need = min_block_voxels(512, "cuda")

@@ -14,7 +14,7 @@ import bigcare
 from bigcare.cli import main
 from bigcare.errors import ModelError
 from bigcare.models import model_hash
-from bigcare.restore.payload import ModelPayload
+from bigcare.predictors.shipping import ModelPayload
 
 from conftest import builds, make_model, read, smooth_volume, write_volume
 from dask_procs import DaskProcesses

@@ -16,16 +16,9 @@ from distributed import Client
 
 import bigcare
 from bigcare.cli import main
-from bigcare.cluster import (
-    cluster_client,
-    kubernetes_cluster,
-    load_cluster_config,
-    make_cluster,
-    slurm_cluster,
-    validate_kubernetes_spec,
-)
+from bigcare.tasks.cluster import cluster_client, kubernetes_cluster, load_cluster_config, make_cluster, slurm_cluster, validate_kubernetes_spec
 from bigcare.errors import ConfigError
-from bigcare.restore.identity import IdentityPredictor
+from bigcare.predictors.identity import IdentityPredictor
 
 from conftest import make_model, write_volume
 from dask_procs import DaskProcesses

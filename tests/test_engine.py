@@ -11,8 +11,8 @@ import zarr
 
 import bigcare
 from bigcare.errors import BlockError, InputError, ModelMismatchError, OutputError
-from bigcare.tasks import MARKER
-from bigcare.volume import open_volume
+from bigcare.tasks.block import MARKER
+from bigcare.store.volume import open_volume
 
 from conftest import make_model, read, smooth_volume, write_volume
 
@@ -59,7 +59,7 @@ def test_blockwise_equals_whole_volume_2d_timelapse_and_channels(tmp_path, clien
     whole = bigcare.predict(data, model, axes="tyx")["restored"]
     np.testing.assert_allclose(read(tmp_path / "t_out.ome.zarr"), whole, atol=1e-5, rtol=0)
 
-    # a two-channel 3D model, per-channel normalisation
+    # a two-channel 3D model, per-channel normalization
     model_c = make_model(tmp_path / "mc", ndim=3, n_in=2, n_out=2)
     data_c = np.stack([smooth_volume((13, 30, 22), 1), 10 * smooth_volume((13, 30, 22), 2)])
     write_volume(tmp_path / "c.ome.zarr", data_c, axes="czyx", chunks=(2, 8, 16, 8))
@@ -226,7 +226,7 @@ def test_corrupt_model_folder(tmp_path, client):
 
 
 def test_identity_predictor_object_copies_the_volume(tmp_path, client):
-    from bigcare.restore.identity import IdentityPredictor
+    from bigcare.predictors.identity import IdentityPredictor
 
     data = (np.random.default_rng(1).random((10, 40, 30)) * 1000).astype(np.uint16)
     write_volume(tmp_path / "in.ome.zarr", data, chunks=(5, 16, 16))
@@ -265,7 +265,7 @@ def test_gpu_runs_request_one_gpu_resource_per_block_task(tmp_path):
 
     from distributed import Client, LocalCluster, get_task_stream
 
-    from bigcare.restore.identity import IdentityPredictor
+    from bigcare.predictors.identity import IdentityPredictor
 
     data = smooth_volume((8, 32, 32))
     write_volume(tmp_path / "in.ome.zarr", data, chunks=(4, 16, 16))

@@ -9,7 +9,7 @@ import torch
 
 from bigcare.errors import ModelMismatchError
 from bigcare.models import Head, UNet, UNetConfig
-from bigcare.restore.fastpath import default_paths, prepare_model
+from bigcare.predictors.fastpath import default_paths, prepare_model
 
 
 def _net(ndim, heads=None, seed=0):

@@ -21,8 +21,8 @@ from distributed import Client
 
 import bigcare
 from bigcare.cli import main
-from bigcare.restore.identity import IdentityPredictor
-from bigcare.tasks import MARKER
+from bigcare.predictors.identity import IdentityPredictor
+from bigcare.tasks.block import MARKER
 
 from conftest import make_model, read, smooth_volume, write_volume
 from dask_procs import DaskProcesses

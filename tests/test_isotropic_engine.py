@@ -11,7 +11,7 @@ import bigcare
 from ome_zarr_models import open_ome_zarr
 
 from bigcare.errors import ModelMismatchError
-from bigcare.resample import source_range, upsample_rows, zoom_length
+from bigcare.blocks.zoom import source_range, upsample_rows, zoom_length
 
 
 @pytest.mark.parametrize("factor", [2.0, 2.5, 3.0])

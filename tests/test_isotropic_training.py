@@ -10,7 +10,7 @@ from scipy import ndimage
 import bigcare
 from bigcare.errors import ConfigError
 from bigcare.models import load_model
-from bigcare.resample import upsample_rows, zoom_length
+from bigcare.blocks.zoom import upsample_rows, zoom_length
 from bigcare.training import train
 from bigcare.training.isotropic import LateralDegradation, degrade_batches
 
@@ -22,7 +22,7 @@ def _gaussian_rows(sigma: float) -> np.ndarray:
 
 
 def _row_spectrum(images: np.ndarray) -> np.ndarray:
-    """Mean power spectrum along axis -2 (rows) of a stack of 2D images, normalised to sum 1."""
+    """Mean power spectrum along axis -2 (rows) of a stack of 2D images, normalized to sum 1."""
     window = np.hanning(images.shape[-2])[:, None]
     p = np.abs(np.fft.rfft((images - images.mean(axis=-2, keepdims=True)) * window, axis=-2)) ** 2
     p = p.mean(axis=tuple(i for i in range(p.ndim) if i != p.ndim - 2))

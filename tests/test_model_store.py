@@ -11,15 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from bigcare.errors import ModelError, ModelMismatchError, OutputError
-from bigcare.models import (
-    ModelConfig,
-    UNet,
-    UNetConfig,
-    load_config,
-    load_model,
-    model_hash,
-    save_model,
-)
+from bigcare.models import ModelConfig, UNet, UNetConfig, load_config, load_model, model_hash, save_model
 
 
 def _small(ndim: int = 2) -> tuple[UNet, ModelConfig]:

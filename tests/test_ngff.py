@@ -13,10 +13,12 @@ from ome_zarr.reader import Reader
 from ome_zarr.writer import write_image
 from ome_zarr_models import open_ome_zarr, v04, v05
 
-import bigcare.ngff as ngff
+import bigcare.store.pyramid as pyramid
 from bigcare.errors import BlockError, ConfigError, InputError, OutputError
-from bigcare.ngff import create_image, downsample_factors, update_attrs, write_pyramid
-from bigcare.volume import Axis, open_volume
+from bigcare.store.write import create_image, downsample_factors, update_attrs
+from bigcare.store.pyramid import write_pyramid
+from bigcare.store.axes import Axis
+from bigcare.store.volume import open_volume
 
 UM = "micrometer"
 CZYX = (Axis("c", "channel"), Axis("z", "space", UM), Axis("y", "space", UM), Axis("x", "space", UM))
@@ -91,8 +93,8 @@ def test_pyramid_tasks_read_only_their_own_region(tmp_path, monkeypatch):
     vol = create_image(tmp_path / "m.zarr", shape=(8, 96, 80), dtype="uint8", chunks=(8, 16, 16),
                        axes="zyx", scale=(1.0, 1.0, 1.0), levels=2)
     vol.array(0, "r+")[:] = 7
-    seen, reduce = [], ngff._mean_reduce
-    monkeypatch.setattr(ngff, "_mean_reduce", lambda block, *a: seen.append(block.size) or reduce(block, *a))
+    seen, reduce = [], pyramid.mean_reduce
+    monkeypatch.setattr(pyramid, "mean_reduce", lambda block, *a: seen.append(block.size) or reduce(block, *a))
     write_pyramid(vol)
     assert len(seen) == 3 * 3  # one task per level-1 chunk (4 x 48 x 40 in chunks of 4 x 16 x 16)
     assert max(seen) <= 8 * 32 * 32  # one output chunk times the 2x2x2 cell, never the level
@@ -106,7 +108,7 @@ def test_failed_pyramid_tasks_raise_block_error_naming_the_level(tmp_path, monke
     def broken(*args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ngff, "_mean_reduce", broken)
+    monkeypatch.setattr(pyramid, "mean_reduce", broken)
     with pytest.raises(BlockError, match=r"pyramid level 1: 4 of 4 chunks failed.*disk full"):
         write_pyramid(vol)
 

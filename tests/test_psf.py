@@ -11,19 +11,7 @@ import tifffile
 from scipy import ndimage, signal
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.psf import (
-    confocal_psf,
-    fwhm,
-    gaussian_psf,
-    isotropic_kernels,
-    lateral_kernel,
-    lightsheet_psf,
-    load_psf,
-    rotate_psf,
-    second_moment_sigma,
-    split_psf,
-    widefield_psf,
-)
+from bigcare.psf import confocal_psf, fwhm, gaussian_psf, isotropic_kernels, lateral_kernel, lightsheet_psf, load_psf, rotate_psf, second_moment_sigma, split_psf, widefield_psf
 
 MEASURED = Path("/work/shared/data/llsm_psf_measured_skewed.tif")
 # a water-immersion widefield setup, sampled finely enough to measure its widths
@@ -56,7 +44,7 @@ def conv_same_centre(a, b, shape):
 
 # ---------------------------------------------------------------------------- models
 @pytest.mark.parametrize("kind", ["gaussian", "gaussian2d", "widefield", "confocal", "lightsheet"])
-def test_every_model_psf_is_normalised_odd_and_centred(kind):
+def test_every_model_psf_is_normalized_odd_and_centred(kind):
     psf = {
         "gaussian": lambda: gaussian_psf((0.5, 0.13, 0.2), (0.3, 0.07, 0.11)),
         "gaussian2d": lambda: gaussian_psf((0.13, 0.2), (0.07, 0.11)),
@@ -153,7 +141,7 @@ def test_rotate_psf_resamples_anisotropic_voxels_and_swaps_the_widths():
     np.testing.assert_allclose(second_moment_sigma(rotated_x, (iso,) * 3), (0.3, 0.2, 1.2), rtol=0.03)
 
 
-def test_lateral_kernel_is_the_normalised_projection():
+def test_lateral_kernel_is_the_normalized_projection():
     psf = gaussian_psf((0.6, 0.2, 0.3), (0.2, 0.1, 0.1))
     kernel = lateral_kernel(psf)
     np.testing.assert_allclose(kernel, gaussian_psf((0.2, 0.3), (0.1, 0.1)), atol=1e-12)

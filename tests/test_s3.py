@@ -40,8 +40,8 @@ def s3_server():
 
 
 def write_s3_volume(url, data, options):
-    from bigcare.ngff import write_array
-    from bigcare.volume import Axis
+    from bigcare.store.write import write_array
+    from bigcare.store.axes import Axis
 
     axes = tuple(Axis(a, "space", "micrometer") for a in "zyx")
     return write_array(url, data, chunks=BLOCK, scale=(2.0, 0.5, 0.5), axes=axes, storage_options=options)

@@ -1,4 +1,4 @@
-"""The lazy patch sampler: positions, reads, normalisation, augmentation, splits, errors."""
+"""The lazy patch sampler: positions, reads, normalization, augmentation, splits, errors."""
 
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ from fsspec.implementations.local import LocalFileSystem
 from scipy import ndimage
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.ngff import create_image
+from bigcare.store.write import create_image
 from bigcare.training import positions as positions_module
 from bigcare.training import sampling as sampling_module
 from bigcare.training.patchstore import PatchStore
-from bigcare.training import tasks_pool
-from bigcare.training.regions import RegionReader, augment, tune_malloc
+from bigcare.tasks import slots as slots_module
+from bigcare.training import reads
+from bigcare.store.chunks import RegionReader, tune_malloc
+from bigcare.training.reads import augment
 from bigcare.training.sampling import PatchSampler, Source
-from bigcare.training.sources import image_ref
-from bigcare.volume import Axis
+from bigcare.store.axes import Axis
 from conftest import write_volume
 
 PATCH = (8, 32, 32)
@@ -100,7 +101,7 @@ def test_sampling_reads_only_the_coarse_level_and_the_patch_chunks(pair):
     assert level > 0
     assert drawing and all(p.startswith(f"{y}/{level}/c/") for p in drawing), drawing  # the target's coarse level only
 
-    sampler.tables  # normalisation statistics: a separate, explicit phase
+    sampler.tables  # normalization statistics: a separate, explicit phase
     CountingFileSystem.opened.clear()
     for _ in sampler.batches("train", epochs=1):
         pass
@@ -172,7 +173,7 @@ def test_coarse_grid_is_reduced_blockwise_when_no_level_is_small_enough(tmp_path
     assert np.mean([touched[tuple(r[1:])] for r in sampler.train_positions]) > 0.9
 
     grid = positions_module.choose_coarse(vol, (0, 1, 2), PATCH, (True,) * 3, level=0, budget=512)
-    ref = image_ref(vol, None, 0)
+    ref = vol.ref(None, 0)
     coarse = positions_module.read_coarse(ref, grid, target.shape)
     f = grid.factors
     manual = target.astype(np.float32).reshape(16 // f[0], f[0], 128 // f[1], f[1], 128 // f[2], f[2]).mean(axis=(1, 3, 5))
@@ -182,7 +183,7 @@ def test_coarse_grid_is_reduced_blockwise_when_no_level_is_small_enough(tmp_path
 # --- batches ---------------------------------------------------------------------------------------
 
 
-def test_batches_are_normalised_float32_of_the_right_shape(pair):
+def test_batches_are_normalized_float32_of_the_right_shape(pair):
     x, y, noisy, target = pair
     sampler = PatchSampler([(x, y)], PATCH, n_patches=64, seed=0, batch_size=8, augment=False)
     bx, by = next(sampler.batches())
@@ -208,7 +209,7 @@ def test_augmentation_keeps_input_and_target_aligned(tmp_path, pair):
     aug = PatchSampler(pair_ab, PATCH, n_patches=64, seed=0)
     assert aug.rotations
     (px, py), (ax, ay) = next(plain.batches()), next(aug.batches())
-    # percentile normalisation removes the affine map, so x and y agree voxel by voxel
+    # percentile normalization removes the affine map, so x and y agree voxel by voxel
     np.testing.assert_allclose(ax, ay, atol=1e-4)
     np.testing.assert_allclose(px, py, atol=1e-4)
     codes = [next(c for c in range(8) if np.array_equal(augment(p[0], c), a[0])) for p, a in zip(px, ax)]
@@ -294,7 +295,7 @@ def test_region_reader_matches_zarr(tmp_path, layout):
                             fill_value=7, **kwargs)
     arr[:, :8] = data[:, :8]  # chunks past z = 8 are never written: fill value
     data[:, 8:] = 7
-    from bigcare.volume import Level
+    from bigcare.store.volume import Level
 
     level = Level("", data.shape, data.shape, np.dtype(np.uint16), (1.0,) * 4, (0.0,) * 4)
     reader = RegionReader(str(tmp_path / "a.zarr"), None, 2 if layout == "v2" else 3, level)
@@ -321,7 +322,7 @@ def test_read_patches_decodes_each_chunk_once_and_matches_patch_by_patch_reads(t
         fetched = []
         read_many = RegionReader.read_many
         monkeypatch.setattr(RegionReader, "read_many", lambda self, *a, **k: fetched.append(read_many(self, *a, **k)) or fetched[-1])
-        bx, by = tasks_pool.read_patches(plan, np.zeros(n, int), starts, None, codes)
+        bx, by = reads.read_patches(plan, np.zeros(n, int), starts, None, codes)
         monkeypatch.undo()
         for k in range(n):
             box = tuple(slice(int(s), int(s) + p) for s, p in zip(starts[k], PATCH))
@@ -334,16 +335,16 @@ def test_read_patches_decodes_each_chunk_once_and_matches_patch_by_patch_reads(t
         assert sum(fetched) < 2 * sum(np.prod([(a + p - 1) // c - a // c + 1 for a, p, c in zip(s, PATCH, (8, 32, 32))])
                                       for s in starts)
         scaling = sampler._scaling("train", np.arange(len(sampler.train_positions)))[:1].repeat(n, 0)
-        nx, ny = tasks_pool.read_patches(plan, np.zeros(n, int), starts, scaling, codes)
-        np.testing.assert_array_equal(nx, tasks_pool.normalise(bx, scaling[:, :2]))
-        np.testing.assert_array_equal(ny, tasks_pool.normalise(by, scaling[:, 2:]))
+        nx, ny = reads.read_patches(plan, np.zeros(n, int), starts, scaling, codes)
+        np.testing.assert_array_equal(nx, reads.normalize_batch(bx, scaling[:, :2]))
+        np.testing.assert_array_equal(ny, reads.normalize_batch(by, scaling[:, 2:]))
 
 
 def test_unaugment_is_the_inverse_view_of_augment():
     a = np.arange(2 * 4 * 4).reshape(2, 4, 4)
     for code in range(8):
         out = np.zeros_like(a)
-        view = tasks_pool.unaugment(out, code)
+        view = reads.unaugment(out, code)
         assert np.shares_memory(view, out)
         view[...] = a
         np.testing.assert_array_equal(out, augment(a, code))
@@ -358,8 +359,8 @@ def test_cluster_results_come_through_shared_memory_and_the_slots_are_removed(cl
     local = PatchSampler([(x, y)], PATCH, n_patches=80, seed=0, batch_size=8)
     remote = PatchSampler([(x, y)], PATCH, n_patches=80, seed=0, batch_size=8, client=client, read_ahead=2)
     kinds = []
-    arrays = tasks_pool.ResultSlots.arrays
-    monkeypatch.setattr(tasks_pool.ResultSlots, "arrays", lambda self, r: kinds.append("shm") or arrays(self, r))
+    arrays = slots_module.ResultSlots.arrays
+    monkeypatch.setattr(slots_module.ResultSlots, "arrays", lambda self, r: kinds.append("shm") or arrays(self, r))
     it = remote.batches()
     for (a, b), (c, d) in zip(itertools.islice(local.batches(), 30), itertools.islice(it, 30)):
         np.testing.assert_array_equal(a, c)
@@ -376,7 +377,7 @@ def test_read_patches_into_a_slot_and_the_fallbacks(tmp_path, pair):
     sampler = PatchSampler([(x, y)], PATCH, n_patches=40, seed=0)
     pos, codes = sampler.train_positions[:10], np.arange(10) % 8
     args = (sampler._plan, pos[:, 0], pos[:, 1:], None, codes)
-    ex, ey = tasks_pool.read_patches(*args)
+    ex, ey = reads.read_patches(*args)
 
     class Client:  # what ResultSlots needs of a distributed.Client
         def __init__(self, sees):
@@ -385,11 +386,11 @@ def test_read_patches_into_a_slot_and_the_fallbacks(tmp_path, pair):
         def run(self, fn, *args):
             return {"w1": fn(*args), "w2": self.sees}
 
-    assert tasks_pool.ResultSlots.create(Client(False), 2, ex.nbytes + ey.nbytes) is None  # a worker elsewhere
-    slots = tasks_pool.ResultSlots.create(Client(True), 2, ex.nbytes + ey.nbytes)
+    assert slots_module.ResultSlots.create(Client(False), 2, ex.nbytes + ey.nbytes) is None  # a worker elsewhere
+    slots = slots_module.ResultSlots.create(Client(True), 2, ex.nbytes + ey.nbytes)
     assert slots is not None
-    result = tasks_pool.read_patches(*args, into=slots.slot(3))
-    assert isinstance(result, tasks_pool.InSlot) and result.slot == slots.slots[1]
+    result = reads.read_patches(*args, into=slots.slot(3))
+    assert isinstance(result, slots_module.InSlot) and result.slot == slots.slots[1]
     gx, gy = slots.arrays(result)
     np.testing.assert_array_equal(gx, ex)
     np.testing.assert_array_equal(gy, ey)
@@ -399,8 +400,8 @@ def test_read_patches_into_a_slot_and_the_fallbacks(tmp_path, pair):
     assert not any(os.path.exists(p) for p in paths)
     # a slot this process cannot open (another host), or too small: the arrays come back
     (tmp_path / "small").write_bytes(bytes(16))
-    for slot in (tasks_pool.Slot(str(tmp_path / "missing"), 1 << 30), tasks_pool.Slot(str(tmp_path / "small"), 16)):
-        gx, gy = tasks_pool.read_patches(*args, into=slot)
+    for slot in (slots_module.Slot(str(tmp_path / "missing"), 1 << 30), slots_module.Slot(str(tmp_path / "small"), 16)):
+        gx, gy = reads.read_patches(*args, into=slot)
         np.testing.assert_array_equal(gx, ex)
         np.testing.assert_array_equal(gy, ey)
 
@@ -460,22 +461,6 @@ def test_empty_target_is_an_input_error(tmp_path):
                        axes=[Axis(a, "space") for a in "zyx"], scale=(1.0, 1.0, 1.0))
     with pytest.raises(InputError, match="no foreground found"):
         PatchSampler([(vol.url, vol.url)], PATCH, n_patches=10)
-
-
-def test_sampled_percentiles_agree_with_exact_ones(pair, monkeypatch):
-    from bigcare.training import sources
-    from bigcare.volume import open_volume
-
-    x, _, noisy, _ = pair
-    ref = image_ref(open_volume(x), None)
-    q = [1, 2, 3, 99.5, 99.9]
-    exact, method = sources.percentile_table(ref, q)
-    assert method == "exact"
-    np.testing.assert_allclose(exact, np.percentile(noisy, q), rtol=1e-6)
-    monkeypatch.setattr(sources, "EXACT_LIMIT", 1000)
-    sampled, method = sources.percentile_table(ref, q, n_chunks=64, sample_voxels=2**16)
-    assert method == "sampled"
-    assert np.all(np.abs(sampled - exact) < 0.02 * (exact[-1] - exact[0]))
 
 
 def test_batch_order_visits_every_training_patch_once_per_epoch():

@@ -7,7 +7,7 @@ import torch
 
 from bigcare.errors import ConfigError
 from bigcare.models import UNet, UNetConfig, load_model
-from bigcare.models.store import ModelConfig
+from bigcare.models.folder import ModelConfig
 from bigcare.synth import degrade, phantom, write_pair
 from bigcare.training import ArrayPairSampler, fit, load_train_config, train
 

@@ -7,15 +7,7 @@ import pytest
 import torch
 
 from bigcare.errors import ModelMismatchError
-from bigcare.models.unet import (
-    Head,
-    UNet,
-    UNetConfig,
-    divisor,
-    halo,
-    receptive_extents,
-    receptive_radius,
-)
+from bigcare.models.unet import Head, UNet, UNetConfig, divisor, halo, receptive_extents, receptive_radius
 
 
 def _n_params(net: torch.nn.Module) -> int:

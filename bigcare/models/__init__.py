@@ -6,24 +6,8 @@
   ``model.safetensors``; :func:`save_model`, :func:`load_model`, :func:`model_hash`.
 """
 
-from bigcare.models.store import (
-    IsotropicConfig,
-    ModelConfig,
-    Normalization,
-    load_config,
-    load_model,
-    model_hash,
-    save_model,
-)
-from bigcare.models.unet import (
-    Head,
-    UNet,
-    UNetConfig,
-    divisor,
-    halo,
-    receptive_extents,
-    receptive_radius,
-)
+from bigcare.models.folder import IsotropicConfig, ModelConfig, Normalization, load_config, load_model, model_hash, save_model
+from bigcare.models.unet import Head, UNet, UNetConfig, divisor, halo, receptive_extents, receptive_radius
 
 __all__ = [
     "Head",

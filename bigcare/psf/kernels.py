@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from bigcare.errors import ConfigError
-from bigcare.psf._common import LATERAL_AXES, as_psf, crop_pad, normalise, number, resample, vector
+from bigcare.psf.common import LATERAL_AXES, as_psf, crop_pad, number, resample, unit_sum, vector
 
 
 _FISTA_ITER = 200  # at most; split_psf stops earlier once the kernel no longer changes
@@ -16,7 +16,7 @@ _FISTA_ITER = 200  # at most; split_psf stops earlier once the kernel no longer 
 def rotate_psf(psf, voxel_size, axis="y") -> tuple[np.ndarray, float]:
     """Rotate a 3D PSF by 90 degrees so its optical (Z) axis lies along lateral ``axis``.
 
-    The normalised PSF is resampled linearly about its central voxel onto an isotropic grid at
+    The normalized PSF is resampled linearly about its central voxel onto an isotropic grid at
     the lateral voxel size, then transposed: ``axis="y"`` swaps axes 0 and 1
     (``new[z, y, x] = old[y, z, x]``), ``axis="x"`` swaps axes 0 and 2. With isotropic
     ``voxel_size`` nothing is resampled: the result is exactly the transpose.
@@ -53,7 +53,7 @@ def rotate_psf(psf, voxel_size, axis="y") -> tuple[np.ndarray, float]:
     arr, iso = np.clip(arr, 0.0, None), voxel[1]
     arr = arr / arr.sum()
     if not math.isclose(voxel[0], iso, rel_tol=1e-9):
-        arr = normalise(resample(arr, voxel, (iso, iso, iso)))
+        arr = unit_sum(resample(arr, voxel, (iso, iso, iso)))
     return np.ascontiguousarray(np.swapaxes(arr, 0, LATERAL_AXES[axis])), iso
 
 
@@ -80,7 +80,7 @@ def lateral_kernel(psf, axis=0) -> np.ndarray:
     arr = as_psf(psf, ndims=(3,), odd=False)
     if isinstance(axis, bool) or axis not in (0, 1, 2, -1, -2, -3):
         raise ConfigError(f"axis must be 0, 1 or 2, got {axis!r}")
-    return normalise(arr.sum(axis=axis))
+    return unit_sum(arr.sum(axis=axis))
 
 
 def isotropic_kernels(psf, voxel_size, split=True, eps=1e-3) -> dict:
@@ -125,7 +125,7 @@ def split_psf(full, iso, eps=1e-3) -> np.ndarray:
     part, clipped at 0 (clipping alone keeps the positive ringing lobes and widens ``h``),
     starts an accelerated projected-gradient solve (FISTA, <= 200 steps) of the same objective
     under ``h >= 0`` with ``h`` inside the box of ``full``; the result is cropped to that box
-    and normalised.
+    and normalized.
 
     Parameters
     ----------
@@ -169,7 +169,7 @@ def split_psf(full, iso, eps=1e-3) -> np.ndarray:
         h, t = h_new, t_new
         if change < 1e-6:
             break
-    return normalise(crop_pad(np.fft.fftshift(h), [s // 2 for s in size], full.shape))
+    return unit_sum(crop_pad(np.fft.fftshift(h), [s // 2 for s in size], full.shape))
 
 
 def fwhm(psf, voxel_size) -> tuple[float, ...]:

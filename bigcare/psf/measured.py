@@ -1,4 +1,4 @@
-"""Measured PSFs: load a bead stack, remove its background, centre, resample, normalise."""
+"""Measured PSFs: load a bead stack, remove its background, centre, resample, normalize."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import tifffile
 from scipy import ndimage
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.psf._common import crop_pad, normalise, odd_shape, resample, shell, vector
+from bigcare.psf.common import crop_pad, odd_shape, resample, shell, unit_sum, vector
 
 
 def load_psf(path, voxel_size, target_voxel_size=None, background="auto", shape=None) -> np.ndarray:
-    """Read a measured (bead) PSF, remove its background, centre, resample and normalise it.
+    """Read a measured (bead) PSF, remove its background, centre, resample and normalize it.
 
     Reads a TIFF or a ``.npy`` file (no pickles); subtracts the background and clips negatives;
     zeroes the noise floor outside the bead (the connected region, around the peak, of a
@@ -21,7 +21,7 @@ def load_psf(path, voxel_size, target_voxel_size=None, background="auto", shape=
     centres on the bead's intensity centre of mass (over the region above 5% of the smoothed
     peak), rounded to a voxel; keeps the largest odd box around it that fits; resamples
     linearly about the centre to ``target_voxel_size`` (Gaussian prefilter where coarser);
-    crops or zero-pads to ``shape``; normalises.
+    crops or zero-pads to ``shape``; normalizes.
 
     Parameters
     ----------
@@ -97,4 +97,4 @@ def load_psf(path, voxel_size, target_voxel_size=None, background="auto", shape=
         psf = crop_pad(psf, tuple(s // 2 for s in psf.shape), odd_shape(shape, data.ndim))
     if psf.sum() <= 0:
         raise InputError(f"PSF file {str(path)!r} has no signal left in the box {psf.shape}")
-    return normalise(psf)
+    return unit_sum(psf)

@@ -8,7 +8,7 @@ import numpy as np
 from scipy import sparse, special
 
 from bigcare.errors import ConfigError
-from bigcare.psf._common import normalise, number, odd_shape, optics, vector
+from bigcare.psf.common import number, odd_shape, optics, unit_sum, vector
 
 
 _SUB = 3  # sub-positions per voxel and axis of the widefield model
@@ -52,7 +52,7 @@ def gaussian_psf(sigma, voxel_size, shape=None) -> np.ndarray:
     out = np.ones(())
     for n, d, s in zip(odd_shape(shape, len(sigma)), voxel, sigma):
         out = np.multiply.outer(out, _gauss1d(n, d, s))
-    return normalise(out)
+    return unit_sum(out)
 
 
 def _widefield(na: float, wavelength: float, n: float, voxel, shape) -> np.ndarray:
@@ -107,7 +107,7 @@ def widefield_psf(na, wavelength, refractive_index, voxel_size, shape) -> np.nda
         If a parameter is not positive, ``na > refractive_index``, or ``shape`` is not odd.
     """
     na, wavelength, n, voxel, shape = optics(na, wavelength, refractive_index, voxel_size, shape)
-    return normalise(_widefield(na, wavelength, n, voxel, shape))
+    return unit_sum(_widefield(na, wavelength, n, voxel, shape))
 
 
 def confocal_psf(na, excitation_wavelength, emission_wavelength, refractive_index, voxel_size,
@@ -133,7 +133,7 @@ def confocal_psf(na, excitation_wavelength, emission_wavelength, refractive_inde
     """
     na, ex, n, voxel, shape = optics(na, excitation_wavelength, refractive_index, voxel_size, shape)
     em = number(emission_wavelength, "emission_wavelength")
-    return normalise(_widefield(na, ex, n, voxel, shape) * _widefield(na, em, n, voxel, shape))
+    return unit_sum(_widefield(na, ex, n, voxel, shape) * _widefield(na, em, n, voxel, shape))
 
 
 def lightsheet_psf(na, wavelength, refractive_index, voxel_size, shape, sheet_na=None,
@@ -174,4 +174,4 @@ def lightsheet_psf(na, wavelength, refractive_index, voxel_size, shape, sheet_na
             raise ConfigError(f"sheet_na must not exceed refractive_index={n}, got sheet_na={sheet_na}")
         s = wavelength / (np.pi * sheet_na) / 2
     sheet = _gauss1d(shape[0], voxel[0], s)[:, None, None]
-    return normalise(_widefield(na, wavelength, n, voxel, shape) * sheet)
+    return unit_sum(_widefield(na, wavelength, n, voxel, shape) * sheet)

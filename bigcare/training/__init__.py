@@ -7,11 +7,11 @@
 - ``config.py``: the validated YAML schema of ``bigcare train``; ``run.py``: :func:`train`.
 """
 
-from .config import TrainConfig, describe_schema, load_train_config
-from .patches import ArrayPairSampler
-from .run import train
-from .sampling import PatchSampler, Source
-from .trainer import TrainResult, fit
+from bigcare.training.config import TrainConfig, describe_schema, load_train_config
+from bigcare.training.patches import ArrayPairSampler
+from bigcare.training.run import train
+from bigcare.training.sampling import PatchSampler, Source
+from bigcare.training.trainer import TrainResult, fit
 
 __all__ = ["train", "fit", "TrainResult", "TrainConfig", "load_train_config", "describe_schema",
            "PatchSampler", "Source", "ArrayPairSampler"]

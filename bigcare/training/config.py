@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError, format_validation_error
+from bigcare.errors import ConfigError, format_validation_error
 
 __all__ = ["TrainConfig", "DataConfig", "NetworkConfig", "TrainingConfig", "ClusterConfig",
            "IsotropicTrainConfig", "PSFConfig", "load_train_config", "describe_schema"]

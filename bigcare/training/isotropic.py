@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, signal
 
-from ..errors import ConfigError
-from ..resample import interpolate_rows
+from bigcare.errors import ConfigError
+from bigcare.blocks.zoom import interpolate_rows
 
 __all__ = ["LateralDegradation", "degrade_batches", "psf_kernels", "axial_blur_match"]
 
@@ -122,7 +122,7 @@ def psf_kernels(psf: dict, voxel_size: tuple[float, float, float], *, split: boo
         ``{"kernel": 2D array used for training, "full": ..., "lateral": ..., "split": ...,
         "voxel": lateral voxel size}`` (see :func:`bigcare.psf.isotropic_kernels`).
     """
-    from .. import psf as P
+    from bigcare import psf as P
 
     kind = psf.get("kind")
     v = float(voxel_size[-1])
@@ -192,8 +192,8 @@ def axial_blur_match(volume: np.ndarray, factor: float, sigma_xy: float, voxel_x
     dict
         ``{"sigma_z", "target", "ratios": {candidate: ratio}}``.
     """
-    from ..metrics import _line_power, spectral_isotropy
-    from ..resample import upsample_rows, zoom_length
+    from bigcare.metrics import _line_power, spectral_isotropy
+    from bigcare.blocks.zoom import upsample_rows, zoom_length
 
     v = np.asarray(volume, np.float32)
     target = spectral_isotropy(upsample_rows(v, 0, factor, 0, 0, zoom_length(len(v), factor)), cutoff)

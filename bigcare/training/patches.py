@@ -10,15 +10,15 @@ from typing import Iterator
 
 import numpy as np
 
-from ..metrics import normalize_percentile
+from bigcare.metrics import normalize_percentile
 
 __all__ = ["ArrayPairSampler"]
 
 
 class ArrayPairSampler:
-    """Draw random aligned patches from pairs of arrays, CSBDeep-normalised.
+    """Draw random aligned patches from pairs of arrays, CSBDeep-normalized.
 
-    Each input array is normalised with percentiles ``(pmin, pmax)`` of itself and each target
+    Each input array is normalized with percentiles ``(pmin, pmax)`` of itself and each target
     with the same percentiles of itself, as CSBDeep does for training pairs.
 
     Parameters
@@ -28,7 +28,7 @@ class ArrayPairSampler:
     patch_shape : tuple of int
         Spatial patch shape.
     pmin, pmax : float
-        Normalisation percentiles.
+        Normalization percentiles.
     flips : bool
         Augment with random flips along the lateral (last two) axes.
     seed : int

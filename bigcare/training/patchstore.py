@@ -8,15 +8,15 @@ for many epochs, writing them once pays off. Layout (zarr v3 group)::
       zarr.json            attrs["bigcare_patch_store"]: version, patch shape, batch size, seed,
                            augmentation, the sampler's provenance, and per split n + complete
       train/x, train/y     (n, 1, *patch_shape) in the images' data type, one patch per chunk,
-                           not augmented, not normalised (half the bytes of float32 for uint16)
-      train/scaling        float64 (n, 4): lo_x, hi_x, lo_y, hi_y of each patch's normalisation
+                           not augmented, not normalized (half the bytes of float32 for uint16)
+      train/scaling        float64 (n, 4): lo_x, hi_x, lo_y, hi_y of each patch's normalization
       train/positions      int64 (n, 1 + D): the sampler's positions, same row order
       val/...
 
 The metadata and empty arrays are written first, then one task per group of rows reads its
 patches and writes its own rows (no two tasks share a chunk), and the split is marked complete
 last; a split that is not complete is refused when read. Streaming reads each patch's chunk
-directly (:class:`bigcare.training.regions.RegionReader`), augments and normalises it exactly
+directly (:class:`bigcare.store.chunks.RegionReader`), augments and normalizes it exactly
 as :meth:`PatchSampler.batches` does, so both give the same batches.
 """
 
@@ -29,9 +29,11 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from bigcare.errors import ConfigError, InputError, OutputError
-from bigcare.training.regions import ImageRef, region_reader
-from bigcare.training.tasks_pool import normalise, read_patches, run_tasks, unaugment
-from bigcare.volume import Level, normalise_url, store_kwargs
+from bigcare.store.chunks import ImageRef, region_reader
+from bigcare.training.reads import normalize_batch, read_patches, unaugment
+from bigcare.tasks.runner import run_tasks
+from bigcare.store.volume import Level
+from bigcare.store.urls import normalize_url, store_kwargs
 
 __all__ = ["PatchStore", "write_store"]
 
@@ -63,7 +65,7 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
     Parameters
     ----------
     sampler : PatchSampler
-        The sampler whose positions and normalisation are written.
+        The sampler whose positions and normalization are written.
     url : str or os.PathLike
         Local path or fsspec URL of the store; a store may hold both splits.
     split : {"train", "val"}
@@ -85,7 +87,7 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
     """
     positions = sampler._positions(split)
     split = _split_name(split)
-    url = normalise_url(url)
+    url = normalize_url(url)
     kwargs = store_kwargs(url, storage_options)
     try:
         group = zarr.open_group(mode="r+", zarr_format=3, **kwargs)
@@ -127,7 +129,7 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
 
 
 def _read_rows(refs: tuple[ImageRef, ImageRef], index: np.ndarray, codes: np.ndarray, scaling: np.ndarray):
-    """Task: rows ``index`` of one split, augmented by ``codes`` and normalised."""
+    """Task: rows ``index`` of one split, augmented by ``codes`` and normalized."""
     out = []
     for ref, s in zip(refs, (scaling[:, :2], scaling[:, 2:])):
         reader = region_reader(ref)
@@ -137,7 +139,7 @@ def _read_rows(refs: tuple[ImageRef, ImageRef], index: np.ndarray, codes: np.nda
         sels = [(slice(int(i), int(i) + 1),) + full for i in index]
         views = [unaugment(data[k, 0], int(code)).reshape((1,) + shape) for k, code in enumerate(codes)]
         reader.read_many(sels, views)  # each row straight into its augmented place
-        out.append(normalise(data, s))
+        out.append(normalize_batch(data, s))
     return tuple(out)
 
 
@@ -162,7 +164,7 @@ class PatchStore:
     """
 
     def __init__(self, url, *, storage_options: dict | None = None, batch_size: int | None = None, read_ahead: int = 4):
-        self.url = normalise_url(url)
+        self.url = normalize_url(url)
         self.storage_options = storage_options
         self._load()
         self.patch_shape = tuple(self._meta["patch_shape"])

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.ngff import _mean_reduce
-from bigcare.training.regions import ImageRef, region_reader
-from bigcare.training.tasks_pool import run_tasks
-from bigcare.volume import Volume
+from bigcare.store.pyramid import mean_reduce
+from bigcare.store.chunks import ImageRef, region_reader
+from bigcare.tasks.runner import run_tasks
+from bigcare.store.volume import Volume
 
 __all__ = ["COARSE_CELLS", "CoarseGrid", "Geometry", "Draw", "choose_coarse", "read_coarse",
            "draw_positions", "forward_max"]
@@ -176,7 +176,7 @@ def _reduce_region(ref: ImageRef, start, size, extra, out_shape) -> tuple[tuple[
     """Task: mean over ``extra``-sized cells of one region of a level (edge-padded at the end)."""
     block = region_reader(ref).read(ref.selection(start, size))
     block = block.reshape(size)
-    return tuple(s // e for s, e in zip(start, extra)), _mean_reduce(block, tuple(extra), tuple(out_shape), np.dtype(np.float32))
+    return tuple(s // e for s, e in zip(start, extra)), mean_reduce(block, tuple(extra), tuple(out_shape), np.dtype(np.float32))
 
 
 def read_coarse(ref: ImageRef, grid: CoarseGrid, full_shape: Sequence[int], *, client=None) -> np.ndarray:

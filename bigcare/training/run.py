@@ -8,14 +8,14 @@ from datetime import datetime, timezone
 
 import torch
 
-from .. import __version__
-from ..models import UNet, UNetConfig
-from ..models.store import ModelConfig, Normalization
-from ..errors import ConfigError
-from ..models import IsotropicConfig
-from .config import TrainConfig, load_train_config
-from .isotropic import LateralDegradation, degrade_batches, psf_kernels
-from .trainer import TrainResult, fit
+from bigcare.version import __version__
+from bigcare.models import UNet, UNetConfig
+from bigcare.models.folder import ModelConfig, Normalization
+from bigcare.errors import ConfigError
+from bigcare.models import IsotropicConfig
+from bigcare.training.config import TrainConfig, load_train_config
+from bigcare.training.isotropic import LateralDegradation, degrade_batches, psf_kernels
+from bigcare.training.trainer import TrainResult, fit
 
 __all__ = ["train"]
 
@@ -47,7 +47,7 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
         For an invalid config (every bad key named), before any data is read.
     """
     cfg: TrainConfig = load_train_config(config)
-    from .sampling import PatchSampler  # imported late: heavy and only needed here
+    from bigcare.training.sampling import PatchSampler  # imported late: heavy and only needed here
 
     device = cfg.training.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = cfg.training.precision or ("bf16" if device.startswith("cuda") else "fp32")
@@ -60,7 +60,7 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
     read_shape = degradation.read_shape(tuple(data.patch_shape)) if degradation else tuple(data.patch_shape)
 
     if client is None:
-        from ..cluster import cluster_client
+        from bigcare.tasks.cluster import cluster_client
 
         context = cluster_client(cfg.cluster.scheduler, n_workers=cfg.cluster.workers, quiet=not progress)
     else:
@@ -92,7 +92,7 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
                              "device": device, "precision": precision},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        # prediction normalises with the middle of the per-sample percentile ranges used in training
+        # prediction normalizes with the middle of the per-sample percentile ranges used in training
         normalization = Normalization(pmin=sum(data.pmin_range) / 2, pmax=sum(data.pmax_range) / 2)
         kind = {} if iso is None else {"kind": "isotropic", "isotropic": iso}
         model_config = ModelConfig(axes="ZYX"[-ndim:], architecture=arch, normalization=normalization,
@@ -113,7 +113,7 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
 def _isotropic_setup(cfg: TrainConfig, sources: list[dict]):
     """Sources read as (image, image) pairs, the lateral degradation and the model's isotropic
     section, from the config's ``isotropic`` section. Reads metadata only."""
-    from ..volume import open_volume
+    from bigcare.store.volume import open_volume
 
     first = open_volume(sources[0]["input"], storage_options=sources[0].get("storage_options"))
     scale = dict(zip(first.axis_names, first.scale))

@@ -3,14 +3,14 @@
 :class:`PatchSampler` never loads an image. Building it reads only the coarse grid of each
 target (a pyramid level, see :mod:`bigcare.training.positions`) to draw seeded,
 foreground-aware patch positions in disjoint train/validation regions. Streaming batches runs
-one task per batch (:func:`bigcare.training.regions.read_patches`) on the cluster, or on a local
+one task per batch (:func:`bigcare.training.reads.read_patches`) on the cluster, or on a local
 thread pool, with ``read_ahead`` batches in flight::
 
     sources ──► coarse target grids ──► positions (train | val) ──► batch tasks ──► (x, y)
-     (pairs or     (pyramid level,        seeded, foreground,         read the patch   normalised,
+     (pairs or     (pyramid level,        seeded, foreground,         read the patch   normalized,
       channels)     never level 0)        disjoint tiles)             regions only     augmented
 
-Normalisation follows CSBDeep's training data generation: every image gets percentile values
+Normalization follows CSBDeep's training data generation: every image gets percentile values
 (of its full-resolution level, computed lazily: exact when small, from a seeded subsample of
 chunks when large) at a small table of percentiles spanning ``pmin_range`` and ``pmax_range``;
 each sample draws ``pmin`` and ``pmax`` uniformly from the ranges, and its input and its target
@@ -31,16 +31,19 @@ import numpy as np
 
 from bigcare.errors import ConfigError
 from bigcare.training.positions import COARSE_CELLS, Geometry, choose_coarse, draw_positions, read_coarse
-from bigcare.training.tasks_pool import InSlot, ReadPlan, ResultSlots, SourcePlan, normalise, read_patches, run_tasks
-from bigcare.training.sources import Source, image_ref, percentile_table, resolve
+from bigcare.tasks.slots import InSlot, ResultSlots
+from bigcare.training.reads import ReadPlan, SourcePlan, normalize_batch, read_patches
+from bigcare.tasks.runner import run_tasks
+from bigcare.training.sources import Source, resolve
+from bigcare.normalization import percentile_table
 
 __all__ = ["Source", "PatchSampler", "batch_order"]
 
-#: Percentiles per range end the normalisation table holds (linearly spaced, interpolated).
+#: Percentiles per range end the normalization table holds (linearly spaced, interpolated).
 TABLE_POINTS = 5
 #: Patches per task at least (several batches): a cluster's per-task cost (several ms of client
 #: CPU) is paid rarely, and the more patches a task reads the more chunks they share (decoded
-#: once per task). 128 patch pairs of 16x64x64 uint16 are 32 MiB per task before normalisation.
+#: once per task). 128 patch pairs of 16x64x64 uint16 are 32 MiB per task before normalization.
 TASK_PATCHES = 128
 #: Tasks in flight beyond one per worker thread (or ``read_ahead`` batches): a worker that is
 #: done finds the next task waiting, even when the consumer waits on a slower, earlier task.
@@ -134,7 +137,7 @@ class PatchSampler:
         Pyramid level of the targets used to find foreground; by default the coarsest level with
         cells of at most half a patch (reduced further, blockwise, when still large).
     pmin_range, pmax_range : (float, float)
-        Ranges of the per-sample normalisation percentiles (CSBDeep: 1-3 and 99.5-99.9).
+        Ranges of the per-sample normalization percentiles (CSBDeep: 1-3 and 99.5-99.9).
     augment : bool
         Random flips of Y and X per sample and epoch; also 90-degree rotations in the (Y, X)
         plane, but only when every source has equal Y and X voxel sizes and the patch is square
@@ -218,7 +221,7 @@ class PatchSampler:
             if i in cache:
                 return cache[i]
             r = self._sources[i]
-            arr = read_coarse(image_ref(r.target, r.target_channel, grids[i].level), grids[i],
+            arr = read_coarse(r.target.ref(r.target_channel, grids[i].level), grids[i],
                               geoms[i].shape, client=client)
             if sum(a.size for a in cache.values()) + arr.size <= CACHE_CELLS:
                 cache[i] = arr
@@ -236,7 +239,7 @@ class PatchSampler:
                                               rng.uniform(*self.pmax_range, size=len(pos))], axis=1)
                              for split, pos in (("train", self._draw.train), ("val", self._draw.val))}
         self._plan = ReadPlan(
-            tuple(SourcePlan(image_ref(r.input, r.input_channel), image_ref(r.target, r.target_channel), r.footprint)
+            tuple(SourcePlan(r.input.ref(r.input_channel), r.target.ref(r.target_channel), r.footprint)
                   for r in self._sources),
             patch_shape,
             (np.result_type(*[r.input.dtype for r in self._sources]), np.result_type(*[r.target.dtype for r in self._sources])),
@@ -282,9 +285,10 @@ class PatchSampler:
             for r in self._sources:
                 entry = {}
                 for role, vol, ch in (("input", r.input, r.input_channel), ("target", r.target, r.target_channel)):
-                    ref = image_ref(vol, ch)
+                    ref = vol.ref(ch)
                     if ref.key + (ch,) not in done:
-                        values, method = percentile_table(ref, grid, client=self.client, seed=self.seed)
+                        # the image's own statistics, not the sampler's seed: restoration samples them alike
+                        values, method = percentile_table(ref, grid, client=self.client)
                         done[ref.key + (ch,)] = {"low": values[:len(lows)].tolist(), "high": values[len(lows):].tolist(),
                                                  "method": method}
                     entry[role] = done[ref.key + (ch,)]
@@ -315,14 +319,14 @@ class PatchSampler:
     # --- streaming -------------------------------------------------------------------------------
 
     def batches(self, split: str = "train", *, epochs: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream normalised (input, target) batches.
+        """Stream normalized (input, target) batches.
 
         Each task reads several batches (at least ``TASK_PATCHES`` patches: the per-task cost
         of a cluster is paid rarely, and chunks shared by patches of a task are decoded once).
         The tasks run on the cluster, or on a local thread pool without a client, and return
         the patches in the images' own data type (half the bytes of float32 for uint16); the
-        normalisation runs here, batch by batch. Workers on this host hand the patches over
-        through shared memory (:class:`bigcare.training.tasks_pool.ResultSlots`), others
+        normalization runs here, batch by batch. Workers on this host hand the patches over
+        through shared memory (:class:`bigcare.tasks.slots.ResultSlots`), others
         through the cluster. At least one task per worker thread is in flight besides
         ``read_ahead`` batches. Either way the batches are identical and come in order.
 
@@ -386,7 +390,7 @@ class PatchSampler:
                 scaling, sizes = pending.popleft()
                 a = 0
                 for n in sizes:
-                    yield normalise(x[a:a + n], scaling[a:a + n, :2]), normalise(y[a:a + n], scaling[a:a + n, 2:])
+                    yield normalize_batch(x[a:a + n], scaling[a:a + n, :2]), normalize_batch(y[a:a + n], scaling[a:a + n, 2:])
                     a += n
                 del x, y  # a slot is handed out again from here on
         finally:
@@ -401,7 +405,7 @@ class PatchSampler:
         """What the model config records about its training data (JSON-serialisable).
 
         Sources (paths, channels, shapes, patch counts, foreground fraction, coarse grid), patch
-        shape and axes, counts, seed, the foreground rule, augmentation, and the normalisation
+        shape and axes, counts, seed, the foreground rule, augmentation, and the normalization
         (percentile ranges and each image's percentile table). Computes the statistics when
         not done yet. Storage options are never included.
         """
@@ -427,7 +431,7 @@ class PatchSampler:
 
     def write_patch_store(self, url, *, split: str = "train", storage_options: dict | None = None,
                           overwrite: bool = False):
-        """Read the patches of one split once and write them, normalised, to a zarr patch store.
+        """Read the patches of one split once and write them, normalized, to a zarr patch store.
 
         See :class:`bigcare.training.patchstore.PatchStore`; training can then stream from it
         (``store.batches(...)``, same batches as :meth:`batches` apart from the augmentation

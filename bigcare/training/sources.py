@@ -10,11 +10,8 @@ shape and returns what the sampler needs:
   the same physical length along other spatial axes, one time point;
 - whether the lateral (Y, X) voxels are square, which 90-degree rotations need.
 
-:func:`percentile_table` gives an image channel's percentiles of the full-resolution level
-(exact up to 2**24 voxels, otherwise from 256 randomly chosen chunks, as
-:func:`bigcare.normalize.compute_normalizer` does) at many percentiles in one pass, with
-tasks that carry chunk coordinates (no dask graph of the whole level, whose size grows with
-the image).
+Percentiles of a source's images come from :func:`bigcare.normalization.percentile_table`, the
+sampler restoration uses too.
 """
 
 from __future__ import annotations
@@ -27,15 +24,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.training.regions import ImageRef, region_reader
-from bigcare.training.tasks_pool import run_tasks
-from bigcare.volume import Volume, open_volume
+from bigcare.store.volume import Volume, open_volume
 
-__all__ = ["Source", "resolve", "percentile_table", "image_ref"]
-
-#: Up to this many voxels per channel, percentiles are exact (as :func:`compute_normalizer`).
-EXACT_LIMIT = 2**24
-
+__all__ = ["Source", "resolve"]
 
 @dataclass(frozen=True)
 class Source:
@@ -107,11 +98,6 @@ def _pick_channel(volume: Volume, channel, what: str, index: int) -> int | None:
             f"sources[{index}].{what}={channel!r} is out of range: {volume.url} has {size} channel(s), expected 0..{size - 1}"
         )
     return int(channel)
-
-
-def image_ref(volume: Volume, channel: int | None, level: int = 0) -> ImageRef:
-    return ImageRef(volume.url, volume.storage_options, volume.zarr_format, volume.levels[level],
-                    _channel_axis(volume), channel)
 
 
 @dataclass(frozen=True)
@@ -193,72 +179,3 @@ def resolve(item, index: int, patch_shape: tuple[int, ...]) -> Resolved:
     square = len(lateral) == 2 and all(math.isclose(scale(v, lateral[0]), scale(v, lateral[1]), rel_tol=1e-3)
                                        for v in (inp, tgt))
     return Resolved(src, inp, tgt, ic, tc, tuple(axes_in), names, tuple(footprint), spatial, tile_unit, square)
-
-
-def _sample_regions(ref: ImageRef, regions, n: int) -> np.ndarray:
-    """Task: for each (start, size, seed), a seeded random subset of at most ``n`` voxels, float32."""
-    out = []
-    for start, size, seed in regions:
-        values = region_reader(ref).read(ref.selection(start, size)).ravel()
-        if values.size > n:
-            values = values[np.sort(np.random.default_rng(seed).choice(values.size, size=n, replace=False))]
-        out.append(values.astype(np.float32))
-    return np.concatenate(out)
-
-
-def percentile_table(ref: ImageRef, percentiles, *, client=None, seed: int = 0,
-                     n_chunks: int = 256, sample_voxels: int = 2**22) -> tuple[np.ndarray, str]:
-    """Percentiles of one channel of an image level, without a dask graph of the whole level.
-
-    Exact when the channel holds at most ``EXACT_LIMIT`` voxels (read in one go); otherwise
-    ``n_chunks`` distinct chunks are drawn at random (seeded) and each read by one task that
-    returns a random subset of ``sample_voxels / n_chunks`` voxels, as
-    :func:`bigcare.normalize.compute_normalizer` samples. Many percentiles cost one pass.
-
-    Parameters
-    ----------
-    ref : ImageRef
-        The image level and channel.
-    percentiles : array-like of float
-        Percentiles in [0, 100].
-    client : distributed.Client, optional
-        Runs the chunk reads; else a local thread pool.
-    seed : int
-        Seed of the chunk choice and the subsets.
-    n_chunks, sample_voxels : int
-        Sampling sizes for large images.
-
-    Returns
-    -------
-    (numpy.ndarray, str)
-        The values at ``percentiles`` and ``"exact"`` or ``"sampled"``.
-
-    Raises
-    ------
-    InputError
-        If the sampled voxels hold no finite value.
-    """
-    shape = [n for i, n in enumerate(ref.level.shape) if i != ref.channel_axis]
-    chunks = [c for i, c in enumerate(ref.level.chunks) if i != ref.channel_axis]
-    if math.prod(shape) <= EXACT_LIMIT:
-        values = region_reader(ref).read(ref.selection([0] * len(shape), shape)).ravel().astype(np.float32)
-        method = "exact"
-    else:
-        grid = [-(-n // c) for n, c in zip(shape, chunks)]
-        total, want = math.prod(grid), min(n_chunks, math.prod(grid))
-        rng, picks = np.random.default_rng([seed, 9]), np.zeros(0, np.int64)
-        while len(picks) < want:  # distinct chunks without a permutation of the whole grid
-            picks = np.unique(np.concatenate([picks, rng.integers(0, total, size=2 * want)]))
-        picks = rng.permutation(picks)[:want]
-        regions = []
-        for k, flat in enumerate(picks):
-            start = [int(i) * c for i, c in zip(np.unravel_index(flat, grid), chunks)]
-            regions.append((start, [min(c, n - a) for c, n, a in zip(chunks, shape, start)], seed + k))
-        items = [(ref, regions[a:a + 8], max(1, sample_voxels // want)) for a in range(0, want, 8)]
-        values = np.concatenate(list(run_tasks(_sample_regions, items, client=client, window=8, ordered=False)))
-        method = "sampled"
-    with np.errstate(all="ignore"):
-        table = np.nanpercentile(values, percentiles) if values.size else np.full(len(percentiles), np.nan)
-    if not np.all(np.isfinite(table)):
-        raise InputError(f"{ref.url} (channel {ref.channel}) holds no finite values; cannot normalise it")
-    return table, method

@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, ModelError
-from ..models import UNet, load_model, save_model
-from ..models.store import ModelConfig
-from .losses import get_loss
+from bigcare.errors import ConfigError, ModelError
+from bigcare.models import UNet, load_model, save_model
+from bigcare.models.folder import ModelConfig
+from bigcare.training.losses import get_loss
 
 __all__ = ["fit", "TrainResult"]
 
@@ -91,7 +91,7 @@ def fit(
     config : ModelConfig
         Its config, saved with every checkpoint; provenance gets the training history.
     batches : iterator of (x, y)
-        Endless stream of normalised float32 batches, each (N, C, *spatial).
+        Endless stream of normalized float32 batches, each (N, C, *spatial).
     validation : iterable of (x, y)
         Fixed validation batches.
     epochs, steps_per_epoch : int

@@ -1,0 +1,155 @@
+"""The predictor protocol, the per-process predictor cache, and applying a predictor to a region."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from bigcare.errors import ConfigError
+from bigcare.normalization import Normalizer
+from bigcare.types import Precision
+
+if TYPE_CHECKING:
+    from bigcare.blocks.layout import AxisLayout
+
+__all__ = ["Predictor", "load_predictor", "build_predictor", "cached_predictor", "check_predictor",
+           "predict_region"]
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What the block runner needs from a restoration method.
+
+    Attributes
+    ----------
+    spatial_axes : str
+        Lower-case spatial axes the predictor works on, e.g. ``"zyx"``.
+    outputs : tuple of str
+        Names of the outputs, in order; the first is the primary image.
+    n_channel_in, n_channel_out : int
+        Channels expected on input and produced per output.
+    halo, align : tuple of int
+        Context and grid alignment per spatial axis (see :mod:`bigcare.blocks.plan`), in the
+        grid the predictor sees.
+    zoom : tuple of float or None
+        Output voxels per input voxel per spatial axis, for methods that change the grid
+        (isotropic restoration: ``(factor, 1, 1)``). The engine upsamples the input by it
+        (:mod:`bigcare.blocks.zoom`) before :meth:`predict`. None: the same grid.
+    factor : float or None
+        The axial factor (Z voxel size / lateral voxel size) an isotropic model was trained
+        for; the engine checks the volume's voxel sizes against it. None for other methods.
+    fingerprint : str
+        Identity of a predictor object sent with the run (part of the run key); model folders
+        use their hash instead.
+    pmin, pmax : float
+        Normalisation percentiles the model was trained with.
+    """
+
+    spatial_axes: str
+    outputs: tuple[str, ...]
+    n_channel_in: int
+    n_channel_out: int
+    halo: tuple[int, ...]
+    align: tuple[int, ...]
+    zoom: tuple[float, ...] | None
+    factor: float | None
+    fingerprint: str
+    pmin: float
+    pmax: float
+
+    def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
+        """Restore one region ``x`` (C, *spatial) given in raw intensities."""
+        ...
+
+
+def check_predictor(obj: object) -> Predictor:
+    """``obj`` if it has everything of :class:`Predictor`; else ConfigError naming what it lacks."""
+    missing = [name for name in (*Predictor.__annotations__, "predict") if not hasattr(obj, name)]
+    if missing:
+        raise ConfigError(
+            f"model object {type(obj).__name__} is not a bigcare predictor: it lacks {', '.join(missing)} "
+            "(see bigcare.predictors.Predictor)"
+        )
+    return obj  # type: ignore[return-value]
+
+
+def build_predictor(model, config, *, device: str = "cpu", precision: Precision = "fp32") -> Predictor:
+    """The predictor of a loaded network, chosen by its config's ``kind``."""
+    from bigcare.predictors.care import CAREPredictor
+
+    net = CAREPredictor(model, config, device=device, precision=precision)
+    if config.kind == "isotropic":
+        from bigcare.predictors.isotropic import IsotropicPredictor
+
+        return IsotropicPredictor(net)
+    return net
+
+
+_CACHE: dict[tuple, Predictor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_predictor(key: tuple, build: Callable[[], Predictor]) -> Predictor:
+    """The predictor cached under ``key`` in this process, built by ``build()`` the first time."""
+    with _CACHE_LOCK:
+        predictor = _CACHE.get(key)
+        if predictor is None:
+            predictor = _CACHE[key] = build()
+    return predictor
+
+
+def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision = "fp32",
+                   expected_hash: str | None = None) -> Predictor:
+    """Build (once per process) the predictor a model folder describes.
+
+    Worker processes call this for every block; the model is read from disk and moved to the
+    device only the first time for a given (path, hash, device, precision).
+
+    Parameters
+    ----------
+    model_path : str
+        Model folder (config.json + model.safetensors).
+    device : str
+        ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
+    precision : str
+        ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (autocast).
+    expected_hash : str, optional
+        If given, the folder's current hash must match (the model changed under a run
+        otherwise) - checked once, on load.
+
+    Returns
+    -------
+    Predictor
+    """
+    def build() -> Predictor:
+        from bigcare.errors import ModelMismatchError
+        from bigcare.models.folder import load_model, model_hash
+
+        if expected_hash is not None and model_hash(model_path) != expected_hash:
+            raise ModelMismatchError(
+                f"model folder {model_path} changed since the run was planned (hash differs); "
+                "re-run the command to plan again"
+            )
+        model, config = load_model(model_path, device=device)
+        return build_predictor(model, config, device=device, precision=precision)
+
+    return cached_predictor((str(model_path), expected_hash, device, precision), build)
+
+
+def predict_region(predictor: Predictor, layout: AxisLayout, region: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
+    """Predict every named output of a region given in the volume's axis order.
+
+    The same function serves whole-volume prediction (the region is the volume) and blockwise
+    prediction (the region is a block's read region), so the two cannot drift apart.
+    """
+    x = layout.to_core(region)
+    nb = len(layout.batch)
+    results = {name: np.empty(x.shape[:nb] + (layout.n_channel_out,) + x.shape[nb + 1:], np.float32)
+               for name in predictor.outputs}
+    for b in np.ndindex(*x.shape[:nb]):
+        for name, y in predictor.predict(x[b], normalizer).items():
+            results[name][b] = y
+    return {name: layout.from_core(y) for name, y in results.items()}

@@ -1,0 +1,121 @@
+"""The restore queue: every block of one volume or many on one cluster, through the task runner.
+
+::
+
+    runs ──► run_tasks(run_block, (block, spec) of every run, all at once, unordered,
+                       one retry, GPU resources, rescheduled counts)
+               ├─ ok      -> statistics of its run
+               └─ failed  -> the block recorded as failed (with its error)
+
+Tasks of every run share one queue, so a batch of volumes keeps the cluster busy across volume
+boundaries, and the model (sent once by :func:`shipping`) is built once per worker process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from bigcare.errors import BlockError
+from bigcare.runs.results import RunResult, cluster_info
+from bigcare.tasks.block import run_block
+from bigcare.tasks.runner import run_tasks
+
+__all__ = ["execute", "shipping", "block_error", "MAX_RETRIES"]
+
+#: a block that raised is resubmitted this many times before it counts as failed
+MAX_RETRIES = 1
+
+
+@contextlib.contextmanager
+def shipping(client, payloads):
+    """Send model payloads to every worker (also later ones) for the duration of a run."""
+    from bigcare.predictors.shipping import ModelPlugin
+
+    plugins = {p.hash: ModelPlugin(p) for p in payloads if p is not None}
+    for plugin in plugins.values():
+        client.register_plugin(plugin)
+    try:
+        yield
+    finally:
+        for plugin in plugins.values():
+            with contextlib.suppress(Exception):
+                client.unregister_worker_plugin(plugin.name)
+
+
+def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
+    """Run the blocks still to do of started runs on one queue; one RunResult per run.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    runs : list of bigcare.runs.volume.VolumeRun
+        Started runs (``spec`` and ``todo`` set).
+    progress : bool
+        Show a progress bar over all runs' blocks (blocks done / total, rate, ETA).
+
+    Returns
+    -------
+    list of RunResult
+    """
+    t0 = time.perf_counter()
+    info = cluster_info(client)
+    results, index = [], {}  # id of a run's spec -> its position (items come back as submitted)
+    for i, run in enumerate(runs):
+        results.append(RunResult(outputs=run.images, blocks_total=len(run.plan),
+                                 blocks_skipped=len(run.plan) - len(run.todo), blocks_computed=0,
+                                 halo_overhead=run.plan.overhead, input=run.volume.url, cluster=info))
+        index[id(run.spec)] = i
+    items = [(block, run.spec) for run in runs for block in run.todo]
+    left = [len(r.todo) for r in runs]
+
+    def key(item) -> str:
+        block, spec = item
+        return f"bigcare-block-{runs[index[id(spec)]].run_key[:8]}-{'-'.join(map(str, block.index))}"
+
+    def resources(item) -> dict | None:
+        return {"GPU": 1} if str(item[1].device).startswith("cuda") else None
+
+    desc = "restore" if len(runs) == 1 else f"restore {len(runs)} volumes"
+    for out in run_tasks(run_block, items, client=client, window=None, ordered=False, retries=MAX_RETRIES,
+                         key=key, resources=resources, outcomes=True, count_rescheduled=True,
+                         progress=progress, desc=desc, unit="block"):
+        block, spec = out.item
+        i = index[id(spec)]
+        result = results[i]
+        result.retries += out.attempts - 1
+        result.rescheduled += out.rescheduled
+        if out.ok:
+            status = out.result
+            result.blocks_computed += 1
+            result.voxels += status["voxels"]
+            result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, status["peak_rss_mb"])
+            for part in ("read", "predict", "write"):
+                result.seconds_in[part] += status[f"{part}_s"]
+        else:
+            result.failed.append((block.index, block.write, f"{type(out.error).__name__}: {out.error}"))
+        left[i] -= 1
+        if left[i] == 0:
+            result.seconds = time.perf_counter() - t0
+    return results
+
+
+def block_error(runs, results) -> BlockError:
+    """One BlockError naming every failed block of every run (first five per run in full)."""
+    parts, listing, n_failed, n_todo = [], [], 0, 0
+    for run, result in zip(runs, results):
+        n_todo += result.blocks_total - result.blocks_skipped
+        if not result.failed:
+            continue
+        n_failed += len(result.failed)
+        where = f"{run.output}: " if len(runs) > 1 else ""
+        shown = ", ".join(str(i) for i, _, _ in result.failed[:100])
+        listing.append(where + shown + (f", ... ({len(result.failed)} in all)" if len(result.failed) > 100 else ""))
+        parts.append(where + "; ".join(f"block {i} (write region {w}): {e}" for i, w, e in result.failed[:5]))
+    err = BlockError(
+        f"{n_failed} of {n_todo} block(s) failed; the others are written and marked done, re-run the "
+        f"same command to retry. Failed blocks: {' | '.join(listing)} (with errors in bigcare_summary.json). "
+        f"First failures: " + " | ".join(parts)
+    )
+    err.results = list(results)
+    return err

@@ -1,0 +1,206 @@
+"""The block runner's public face: restore a volume on a cluster, predict an array in memory.
+
+::
+
+    restore(input, output, model)
+      model ─► ModelRef (client-side predictor; the model's bytes are sent to the workers once)
+      plan_volume_run   open input ─► check model fits ─► plan blocks ─► fresh/resume/replace/refuse
+      (cluster: the given client, an existing scheduler, or one started here by name)
+      start_volume_run  percentiles, outputs metadata-first + done markers   (fresh runs)
+      execute           client.map(run_block, blocks not yet done): one task per block,
+                        coordinates only; one retry per failed block; progress bar
+      finish_volume_run summary JSON ─► pyramid ─► mark complete   (or BlockError)
+
+Everything that can reject the input runs before anything is written. The stages live in
+:mod:`bigcare.runs.volume` (one volume), :mod:`bigcare.runs.queue` (the queue of block tasks) and
+:mod:`bigcare.runs.results`; :mod:`bigcare.runs.batch` runs many volumes as one queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from bigcare.blocks.layout import AxisLayout
+from bigcare.blocks.zoom import volume_zoom, zoom_region
+from bigcare.normalization import Normalizer, array_normalizer
+from bigcare.predictors.base import load_predictor, predict_region
+from bigcare.runs.queue import block_error, execute, shipping
+from bigcare.runs.results import RunResult
+from bigcare.runs.volume import cluster_devices, finish_volume_run, fit_to_cluster, plan_volume_run, resolve_model, start_volume_run
+from bigcare.store.axes import default_axis_type
+from bigcare.types import PRECISIONS, ClusterKind, NgffVersion, Precision, check_choice, check_device
+
+__all__ = ["restore", "predict", "client_for", "default_device"]
+
+
+def default_device() -> str:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security):
+    """The given client, or one to ``scheduler``, or to a cluster started (and closed) here."""
+    if client is not None:
+        yield client
+        return
+    from bigcare.tasks.cluster import cluster_client
+
+    with cluster_client(scheduler, cluster=cluster, config=cluster_config, n_workers=workers, device=device,
+                        quiet=not progress, security=security) as c:
+        yield c
+
+
+def restore(
+    input,
+    output,
+    model,
+    *,
+    client=None,
+    scheduler: str | None = None,
+    cluster: ClusterKind = "local",
+    cluster_config=None,
+    block_shape=None,
+    tile_shape=None,
+    device: str | None = None,
+    precision: Precision = "fp32",
+    workers: int | None = None,
+    overwrite: bool = False,
+    ngff_version: NgffVersion | None = None,
+    output_dtype: str = "float32",
+    pyramid: bool = True,
+    progress: bool = True,
+    storage_options: dict | None = None,
+    output_storage_options: dict | None = None,
+    torch_threads: int | None = None,
+    ship_model: bool = True,
+    security=None,
+) -> RunResult:
+    """Restore an OME-Zarr volume block by block with a model, on a dask cluster.
+
+    Parameters
+    ----------
+    input : str, os.PathLike or Volume
+        OME-Zarr image (NGFF 0.4 or 0.5): a path or an fsspec URL (``s3://bucket/a.ome.zarr``).
+    output : str or os.PathLike
+        Where to write. A model with one output writes one OME-Zarr image there; a model with
+        several named outputs (e.g. ``mean`` and ``scale``) writes a group holding one image per
+        name (``output/mean``, ``output/scale``). ``output/bigcare_summary.json`` holds the run
+        summary.
+    model : str, os.PathLike, ModelPayload or Predictor
+        Model folder (config.json + model.safetensors), a
+        :class:`~bigcare.predictors.shipping.ModelPayload`, or a picklable predictor object such as
+        :class:`bigcare.predictors.identity.IdentityPredictor` (sent to workers with the run).
+    client : distributed.Client, optional
+        Cluster to run on. Without one, ``scheduler`` is connected to, or a cluster of kind
+        ``cluster`` is started and closed afterwards.
+    scheduler : str, optional
+        Address of an existing scheduler (``tcp://host:8786``, ``tls://...``).
+    cluster : {"local", "local-cuda", "slurm", "kubernetes"}
+        Kind of cluster to start when neither ``client`` nor ``scheduler`` is given.
+    cluster_config : str or os.PathLike, optional
+        Config file of the slurm / kubernetes cluster (see ``cluster/``).
+    block_shape : tuple of int, optional
+        Write-region shape per spatial axis (e.g. ``(64, 256, 256)``); default: a whole number
+        of output chunks chosen from the model's halo, the device and the cluster's size (see
+        :func:`~bigcare.blocks.sizing.plan_restoration`).
+    tile_shape : tuple of int, optional
+        Largest write region of one network call, per spatial axis; a block larger than it is
+        predicted in several calls (tiles) inside its task. Default: chosen with the blocks.
+    device : str, optional
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; default CUDA when available. GPU tasks request
+        one ``GPU`` worker resource each.
+    precision : {"fp32", "bf16", "fp16"}
+        Inference precision (autocast for the latter two).
+    workers : int, optional
+        Worker processes of a local cluster started here.
+    overwrite : bool
+        Replace an output written by bigcare with another model/input/layout. A path bigcare
+        did not write is never overwritten.
+    ngff_version : {"0.5", "0.4"}, optional
+        Output format; default "0.5" (zarr v3).
+    output_dtype : str
+        dtype of the outputs (float32 by default; integer types are rounded and clipped).
+    pyramid : bool
+        Build the multiscale pyramid of every output after the full-resolution level.
+    progress : bool
+        Show a progress bar and print the cluster's dashboard address.
+    storage_options, output_storage_options : dict, optional
+        fsspec options for the input and output stores (they travel to the workers). Without
+        them, S3 endpoint and credentials come from the standard ``AWS_*`` variables.
+    torch_threads : int, optional
+        Threads per worker for torch; default: the worker's thread count.
+    ship_model : bool
+        Send a model folder's bytes (config JSON + safetensors, checked by hash) to every
+        worker once, so workers need no access to the client's files (default). False: the
+        workers load the model from ``model``'s path, which must be on shared storage.
+    security : distributed.Security, optional
+        TLS settings for a ``tls://`` scheduler.
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    InputError, ModelError, ModelMismatchError, OutputError, ConfigError
+        Before anything is written, when an argument is unusable.
+    BlockError
+        After the run, if some blocks failed (the others are written and marked done); its
+        ``results`` attribute holds the RunResult.
+    """
+    device = check_device(device or default_device())
+    ref = resolve_model(model, ship_model)
+    run = plan_volume_run(input, output, ref, block_shape=block_shape, tile_shape=tile_shape, device=device,
+                          precision=precision,
+                          overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
+                          storage_options=storage_options, output_storage_options=output_storage_options,
+                          torch_threads=torch_threads)
+    with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
+        fit_to_cluster(run, cluster_devices(c, device))
+        start_volume_run(run, c)
+        with shipping(c, [ref.payload] if run.todo else []):
+            (result,) = execute(c, [run], progress=progress)
+        finish_volume_run(run, result, c, pyramid, progress)
+    if result.failed:
+        raise block_error([run], [result])
+    return result
+
+
+def predict(data: np.ndarray, model, *, axes: str, device: str = "cpu", precision: Precision = "fp32",
+            normalizer: Normalizer | None = None) -> dict[str, np.ndarray]:
+    """Restore an in-memory array in one piece (the whole-volume reference for small data).
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        The image, axes given by ``axes`` (e.g. ``"zyx"`` or ``"czyx"``).
+    model : str or os.PathLike
+        Model folder.
+    axes : str
+        Axis names of ``data``.
+    device, precision : str
+        As in :func:`restore`.
+    normalizer : Normalizer, optional
+        Percentile statistics; default: computed exactly from ``data``.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        One float32 array per named output; for an isotropic model on the Z-upsampled grid.
+    """
+    axes = axes.lower()
+    check_choice("precision", precision, PRECISIONS)
+    predictor = load_predictor(str(model), device=check_device(device), precision=precision)
+    types = [default_axis_type(a) or "space" for a in axes]
+    layout = AxisLayout.build(axes, types, predictor.spatial_axes, predictor.n_channel_in,
+                              predictor.n_channel_out, data.shape, "the array")
+    if normalizer is None:
+        normalizer = array_normalizer(data, axes.find("c") if "c" in axes else None,
+                                      predictor.pmin, predictor.pmax, name="the array")
+    region = zoom_region(np.asarray(data), volume_zoom(predictor, layout))
+    return predict_region(predictor, layout, region, normalizer)

@@ -1,0 +1,172 @@
+"""What a restoration run did: :class:`RunResult`, a short text for people, a JSON file for machines.
+
+Every run writes ``OUTPUT/bigcare_summary.json`` inside the output group (zarr readers ignore
+files they do not know), local or on object storage, also when blocks failed. The same
+numbers are kept in the output's ``bigcare.last_run`` attribute once the run is complete. A
+batch also writes ``OUTPUT_DIR/bigcare_batch_summary.json`` with one entry per volume.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+
+import fsspec
+
+from bigcare.version import __version__
+
+__all__ = ["RunResult", "cluster_info", "SUMMARY_NAME", "BATCH_SUMMARY_NAME", "summary_dict", "format_summary", "write_summary",
+           "write_batch_summary"]
+
+SUMMARY_NAME = "bigcare_summary.json"
+BATCH_SUMMARY_NAME = "bigcare_batch_summary.json"
+
+
+@dataclass
+class RunResult:
+    """What a restoration run did (also written to ``OUTPUT/bigcare_summary.json``).
+
+    Attributes
+    ----------
+    outputs : dict of str to str
+        Output image URL per named output.
+    blocks_total, blocks_skipped, blocks_computed : int
+        Blocks in the plan, already done before this run, computed by this run.
+    failed : list of (index, write region, message)
+        Blocks that failed twice (after one retry).
+    voxels : int
+        Output voxels written by this run (per named output).
+    seconds : float
+        From the first submitted block to this run's last finished block.
+    halo_overhead : float
+        Voxels predicted per voxel written over the whole plan (the recomputed halo).
+    normalization : dict
+        The percentile statistics used.
+    peak_worker_rss_mb : float
+        Largest peak resident memory reported by a worker process.
+    seconds_in : dict
+        Task seconds spent reading, predicting and writing, summed over blocks.
+    retries : int
+        Blocks resubmitted after they raised.
+    rescheduled : int
+        Blocks that were running on a worker that died and ran again elsewhere.
+    input, summary_path : str
+        The input volume, and where the JSON summary was written.
+    cluster : dict
+        Scheduler address, workers, threads and dashboard link of the cluster used.
+    """
+
+    outputs: dict[str, str]
+    blocks_total: int
+    blocks_skipped: int
+    blocks_computed: int
+    failed: list = field(default_factory=list)
+    voxels: int = 0
+    seconds: float = 0.0
+    halo_overhead: float = 1.0
+    normalization: dict = field(default_factory=dict)
+    peak_worker_rss_mb: float = 0.0
+    seconds_in: dict = field(default_factory=lambda: {"read": 0.0, "predict": 0.0, "write": 0.0})
+    retries: int = 0
+    rescheduled: int = 0
+    input: str = ""
+    summary_path: str = ""
+    cluster: dict = field(default_factory=dict)
+
+    @property
+    def voxels_per_second(self) -> float:
+        return self.voxels / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-friendly copy (tuples become lists)."""
+        d = dict(self.__dict__)
+        d["failed"] = [{"block": list(i), "write_region": [list(r) for r in w], "error": e} for i, w, e in self.failed]
+        d["voxels_per_second"] = self.voxels_per_second
+        return d
+
+
+def cluster_info(client) -> dict:
+    """Scheduler address, worker count, threads and dashboard link of a client's cluster."""
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:  # older distributed
+        info = client.scheduler_info()
+    workers = info.get("workers", {})
+    return {"scheduler": info.get("address", ""), "workers": len(workers),
+            "threads": sum(w.get("nthreads", 0) for w in workers.values()),
+            "dashboard": getattr(client, "dashboard_link", None)}
+
+
+def summary_dict(result, *, model: str = "", model_hash: str = "", output: str = "") -> dict:
+    """The JSON summary of one run.
+
+    Keys: ``bigcare_version``, ``finished_at`` (UTC, ISO 8601), ``input``, ``output``,
+    ``outputs``, ``model``, ``model_hash``, ``complete``, ``blocks`` (total, skipped,
+    computed, failed), ``failed_blocks`` (block index, write region, error), ``voxels``,
+    ``seconds``, ``voxels_per_second``, ``retries``, ``rescheduled``, ``halo_overhead``,
+    ``peak_worker_rss_mb``, ``seconds_in`` (read, predict, write: task seconds summed over
+    blocks), ``cluster`` (scheduler, workers, threads, dashboard), ``normalization``.
+    """
+    d = result.as_dict()
+    return {
+        "bigcare_version": __version__,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "input": result.input, "output": output, "outputs": d["outputs"], "model": model,
+        "model_hash": model_hash, "complete": not result.failed,
+        "blocks": {"total": result.blocks_total, "skipped": result.blocks_skipped,
+                   "computed": result.blocks_computed, "failed": len(result.failed)},
+        "failed_blocks": d["failed"],
+        "voxels": result.voxels, "seconds": round(result.seconds, 3),
+        "voxels_per_second": round(result.voxels_per_second, 1),
+        "retries": result.retries, "rescheduled": result.rescheduled,
+        "halo_overhead": round(result.halo_overhead, 4),
+        "peak_worker_rss_mb": round(result.peak_worker_rss_mb, 1),
+        "seconds_in": {k: round(v, 3) for k, v in result.seconds_in.items()},
+        "cluster": d["cluster"], "normalization": d["normalization"],
+    }
+
+
+def format_summary(result, name: str = "") -> str:
+    """A few lines for the terminal: blocks, voxels, time, rate, retries, failures, where to."""
+    s = result.seconds_in
+    lines = [
+        f"{name + ': ' if name else ''}restored {result.blocks_computed} block(s) "
+        f"({result.blocks_skipped} already done, {len(result.failed)} failed) of {result.blocks_total} "
+        f"in {result.seconds:.1f} s: {result.voxels / 1e6:.2f} Mvoxel, {result.voxels_per_second / 1e6:.2f} Mvoxel/s",
+        f"  retries {result.retries}, rescheduled after a worker died {result.rescheduled}, "
+        f"halo overhead {result.halo_overhead:.2f}x, peak worker RSS {result.peak_worker_rss_mb:.0f} MB",
+        f"  task seconds: read {s['read']:.1f}, predict {s['predict']:.1f}, write {s['write']:.1f}",
+    ]
+    if result.summary_path:
+        lines.append(f"  summary: {result.summary_path}")
+    return "\n".join(lines)
+
+
+def _write_json(url: str, options: dict | None, data: dict) -> str:
+    with fsspec.open(url, "w", **(options or {})) as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    return url
+
+
+def write_summary(run, result) -> str:
+    """Write ``bigcare_summary.json`` into a run's output group; return its URL."""
+    data = summary_dict(result, model=run.model.label, model_hash=run.model.hash, output=run.output)
+    return _write_json(f"{run.output.rstrip('/')}/{SUMMARY_NAME}", run.output_options, data)
+
+
+def write_batch_summary(output_dir: str, options: dict | None, runs, results, seconds: float) -> str:
+    """Write ``bigcare_batch_summary.json`` (totals and one summary per volume); return its URL."""
+    volumes = [summary_dict(r, model=run.model.label, model_hash=run.model.hash, output=run.output)
+               for run, r in zip(runs, results)]
+    voxels = sum(r.voxels for r in results)
+    data = {
+        "bigcare_version": __version__, "volumes": len(volumes), "seconds": round(seconds, 3),
+        "voxels": voxels, "voxels_per_second": round(voxels / seconds, 1) if seconds > 0 else 0.0,
+        "blocks_computed": sum(r.blocks_computed for r in results),
+        "blocks_failed": sum(len(r.failed) for r in results),
+        "retries": sum(r.retries for r in results), "rescheduled": sum(r.rescheduled for r in results),
+        "complete": all(not r.failed for r in results), "per_volume": volumes,
+    }
+    return _write_json(f"{output_dir.rstrip('/')}/{BATCH_SUMMARY_NAME}", options, data)

@@ -1,0 +1,382 @@
+"""The life of one volume's restoration run: plan (no writes), start (outputs), finish.
+
+::
+
+    plan_volume_run()      open input, check the model fits, plan blocks, decide
+       (writes nothing)    fresh / resume / replace / refuse
+    start_volume_run()     percentiles (fresh), create outputs metadata-first + done markers,
+       (on the cluster)    the RunSpec and the blocks still to do
+    execute()              one task per block (bigcare.runs.queue), for one run or a batch
+    finish_volume_run()    if every block is done: the pyramid and ``bigcare.complete = True``;
+                           always: the summary JSON (the caller raises BlockError on failures)
+
+:func:`bigcare.restore` runs one volume through these steps; :func:`bigcare.runs.batch.restore_many`
+plans every volume first (so a bad input stops the batch before anything is written), then
+runs all their blocks as one queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import zarr
+
+from bigcare.blocks.layout import AxisLayout
+from bigcare.blocks.plan import BlockPlan
+from bigcare.blocks.sizing import plan_restoration
+from bigcare.errors import ConfigError, InputError, ModelMismatchError, OutputError
+from bigcare.normalization import Normalizer, volume_normalizer
+from bigcare.predictors.base import Predictor, check_predictor, load_predictor
+from bigcare.store.axes import Axis
+from bigcare.store.pyramid import write_pyramid
+from bigcare.store.urls import normalize_url, store_kwargs
+from bigcare.store.volume import Volume, open_volume
+from bigcare.store.write import create_image, update_attrs
+from bigcare.tasks.block import MARKER, RunSpec
+from bigcare.types import NGFF_VERSIONS, PRECISIONS, NgffVersion, Precision, check_choice
+from bigcare.version import __version__
+
+__all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
+           "finish_volume_run", "cluster_devices", "fit_to_cluster"]
+
+@dataclass
+class ModelRef:
+    """A model as a run uses it: the client-side predictor (metadata) and how workers get it.
+
+    Attributes
+    ----------
+    predictor : Predictor
+        Client-side instance: halo, axes, channels, percentiles.
+    hash : str
+        Model identity (part of the run key).
+    path : str or None
+        Model folder the workers read (shared storage); None when the model is sent.
+    payload : ModelPayload or None
+        The model's bytes, sent once to every worker by a worker plugin.
+    obj : object or None
+        A picklable predictor object (e.g. IdentityPredictor) sent with the run spec.
+    """
+
+    predictor: Predictor
+    hash: str
+    path: str | None = None
+    payload: object | None = None
+    obj: object | None = None
+
+    @property
+    def label(self) -> str:
+        return self.path or (self.payload.source if self.payload is not None else "") or self.hash
+
+
+def resolve_model(model, ship_model: bool = True) -> ModelRef:
+    """Turn ``model`` into a :class:`ModelRef`: client-side predictor, hash, how workers get it.
+
+    Parameters
+    ----------
+    model : str, os.PathLike, ModelPayload or predictor object
+        A model folder, a model's bytes, or a picklable predictor (sent with the run spec).
+    ship_model : bool
+        For a folder: send its bytes to the workers (True) or let them read the path (False).
+
+    Returns
+    -------
+    ModelRef
+
+    Raises
+    ------
+    ModelError
+        If the folder is missing or invalid, or a payload's bytes do not match its hash.
+    """
+    from bigcare.models.folder import model_hash
+    from bigcare.predictors.shipping import ModelPayload
+
+    if isinstance(model, ModelPayload):
+        model.verify()
+        return ModelRef(model.build("cpu"), model.hash, payload=model)
+    if hasattr(model, "predict"):  # a predictor object: sent with the spec
+        obj = check_predictor(model)
+        return ModelRef(obj, obj.fingerprint or type(obj).__name__, obj=obj)
+    mhash = model_hash(model)
+    predictor = load_predictor(str(model), device="cpu")
+    if ship_model:
+        payload = ModelPayload.from_folder(model)
+        if payload.hash != mhash:
+            raise ConfigError(f"model folder {model} changed while it was being read; try again")
+        return ModelRef(predictor, mhash, path=str(model), payload=payload)
+    return ModelRef(predictor, mhash, path=str(model))
+
+
+def _check_anisotropy(volume: Volume, predictor) -> None:
+    """An isotropic model's factor must match the volume's Z / lateral voxel sizes (within 5%)."""
+    factor = predictor.factor
+    if factor is None:
+        return
+    scale = dict(zip(volume.axis_names, volume.scale))
+    if "z" not in scale or "x" not in scale:
+        return
+    ratio = scale["z"] / scale["x"]
+    if abs(ratio - factor) > 0.05 * factor:
+        raise ModelMismatchError(
+            f"the isotropic model was trained for an axial factor of {factor:g} (Z voxel size / "
+            f"lateral voxel size), but {volume.url} has voxel sizes z={scale['z']:g}, x={scale['x']:g} "
+            f"(ratio {ratio:g}); train a model for this volume, or fix its voxel sizes "
+            "(bigcare convert --voxel-size)"
+        )
+
+
+@dataclass
+class VolumeRun:
+    """One volume's run: what was planned, and (once started) what the workers need."""
+
+    volume: Volume
+    output: str
+    model: ModelRef
+    layout: AxisLayout
+    chunks: tuple
+    plan: BlockPlan
+    run_key: str
+    state: str  # fresh | resume | replace
+    device: str
+    precision: Precision
+    ngff_version: NgffVersion
+    output_dtype: str
+    output_options: dict | None
+    torch_threads: int | None
+    attrs: dict = field(default_factory=dict)
+    normalizer: Normalizer | None = None
+    spec: RunSpec | None = None
+    todo: list = field(default_factory=list)
+    overwrite: bool = False
+    default_blocks: bool = True  # no block or tile shape was given: the cluster's size may change them
+
+    @property
+    def images(self) -> dict[str, str]:
+        """Output image URL per named output."""
+        names = self.model.predictor.outputs
+        if len(names) == 1:
+            return {names[0]: self.output}
+        return {n: f"{self.output.rstrip('/')}/{n}" for n in names}
+
+
+def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str) -> str:
+    ident = {
+        "input": volume.url, "shape": list(volume.shape), "dtype": str(volume.dtype),
+        "model": mhash, "plan": plan.as_dict(), "outputs": list(outputs), "dtype_out": dtype,
+        "precision": precision,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool) -> str:
+    """'fresh', 'resume', 'replace', or raise OutputError. Nothing is deleted here.
+
+    'replace' is our own output of another run with overwrite asked, or our own output of
+    this run whose creation was cut short (no done markers yet: nothing to lose).
+    """
+    fs, path = fsspec.core.url_to_fs(str(url), **(options or {}))
+    if not fs.exists(path):
+        return "fresh"
+    try:
+        group = zarr.open_group(mode="r", **store_kwargs(url, options))
+        attrs = dict(group.attrs)
+    except Exception:
+        group, attrs = None, {}
+    ours = attrs.get("bigcare")
+    if not isinstance(ours, dict) or "run_key" not in ours:
+        raise OutputError(
+            f"output path {url} already exists and was not written by bigcare; "
+            "choose another path or remove it yourself"
+        )
+    if ours["run_key"] == run_key:
+        try:
+            group[MARKER]
+        except KeyError:  # killed while the outputs were being created: no block was done
+            return "replace"
+        return "resume"
+    if not overwrite:
+        raise OutputError(
+            f"output {url} was written by a different run (other model, input or block layout); "
+            "pass overwrite=True (--overwrite) to replace it, or choose another output path"
+        )
+    return "replace"
+
+
+def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, tile_shape=None, devices=1,
+                    device="cpu", precision="fp32",
+                    overwrite=False, ngff_version="0.5", output_dtype="float32", storage_options=None,
+                    output_storage_options=None, torch_threads=None) -> VolumeRun:
+    """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
+
+    Parameters
+    ----------
+    input : str, os.PathLike or Volume
+        The OME-Zarr image.
+    output : str or os.PathLike
+        Output path or URL.
+    model : ModelRef
+        From :func:`resolve_model`.
+    block_shape, tile_shape, devices, device, precision, overwrite, ngff_version, output_dtype, storage_options,
+    output_storage_options, torch_threads
+        As in :func:`bigcare.restore`.
+
+    Returns
+    -------
+    VolumeRun
+        With ``state`` "fresh", "resume" or "replace".
+
+    Raises
+    ------
+    InputError, ModelMismatchError, OutputError, ConfigError
+        When the input, the model or the output cannot be used.
+    """
+    volume = input if isinstance(input, Volume) else open_volume(input, storage_options=storage_options)
+    check_choice("ngff_version", ngff_version, NGFF_VERSIONS)
+    check_choice("precision", precision, PRECISIONS)
+    output = normalize_url(output)
+    predictor = model.predictor
+    layout = AxisLayout.build(volume.axis_names, [a.type for a in volume.axes], predictor.spatial_axes,
+                              predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
+    _check_anisotropy(volume, predictor)
+    chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape, devices)
+    run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision)
+    state = _output_state(output, output_storage_options, run_key, overwrite)
+    return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
+                     ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
+                     default_blocks=block_shape is None and tile_shape is None)
+
+
+def cluster_devices(client, device: str) -> int:
+    """Devices a run spreads over: GPUs (``GPU`` worker resources) for CUDA, else workers."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values() if client is not None else []
+    if str(device).startswith("cuda"):
+        return max(1, int(sum(w.get("resources", {}).get("GPU", 0) for w in workers)))
+    return max(1, len(workers))
+
+
+def fit_to_cluster(run: VolumeRun, devices: int) -> VolumeRun:
+    """Re-plan default blocks for a cluster of ``devices`` (see :func:`plan_restoration`).
+
+    Only runs with default block shapes whose plan changes are touched (nothing is written).
+    """
+    if not run.default_blocks:
+        return run
+    chunks, plan = plan_restoration(run.volume, run.model.predictor, run.layout, None, run.device, None, devices)
+    if plan == run.plan:
+        return run
+    run.chunks, run.plan = chunks, plan
+    run.run_key = _run_key(run.volume, run.model.hash, plan, run.model.predictor.outputs, run.output_dtype,
+                           run.precision)
+    run.state = _output_state(run.output, run.output_options, run.run_key, run.overwrite)
+    return run
+
+
+def _create_outputs(run: VolumeRun) -> None:
+    volume, layout, options = run.volume, run.layout, run.output_options
+    in_chunks = dict(zip(volume.axis_names, run.chunks))
+    in_chunks["c"] = layout.n_channel_out
+    out_chunks = tuple(in_chunks[a] for a in layout.out_axes)
+    axes_by_name = {a.name: a for a in volume.axes}
+    scale_by_name = dict(zip(volume.axis_names, volume.scale))
+    trans_by_name = dict(zip(volume.axis_names, volume.levels[0].translation))
+    out_axes = [axes_by_name.get(a, Axis("c", "channel", None)) for a in layout.out_axes]
+    zoom = dict(zip(volume.axis_names, run.plan.zoom or (1.0,) * len(volume.axis_names)))
+    scale = [scale_by_name.get(a, 1.0) / zoom.get(a, 1.0) for a in layout.out_axes]
+    translation = [trans_by_name.get(a, 0.0) for a in layout.out_axes]
+    images = run.images
+    single = len(images) == 1
+    if not single:
+        zarr.open_group(mode="w", zarr_format=3 if run.ngff_version == "0.5" else 2, attributes=run.attrs,
+                        **store_kwargs(run.output, options))
+    for name, url in images.items():
+        create_image(
+            url, shape=layout.out_shape(run.plan.shape), dtype=run.output_dtype, chunks=out_chunks, axes=out_axes,
+            scale=scale, translation=translation, ngff_version=run.ngff_version, storage_options=options,
+            name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,
+        )
+    root = zarr.open_group(mode="r+", **store_kwargs(run.output, options))
+    grid = run.plan.grid
+    root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)
+
+
+def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
+    """Percentiles and outputs (fresh runs), the RunSpec, and the blocks still to do.
+
+    Parameters
+    ----------
+    run : VolumeRun
+        A planned run; ``normalizer``, ``attrs``, ``spec`` and ``todo`` are filled in.
+    client : distributed.Client, optional
+        Where the percentile reads run.
+
+    Returns
+    -------
+    VolumeRun
+        The same object.
+
+    Raises
+    ------
+    InputError
+        If the input cannot be read for its percentiles (nothing is written then).
+    """
+    volume, options, predictor = run.volume, run.output_options, run.model.predictor
+    if run.state in ("fresh", "replace"):
+        try:
+            normalizer = volume_normalizer(volume, predictor.pmin, predictor.pmax, client=client)
+        except InputError:
+            raise
+        except Exception as exc:  # unreadable chunks etc.: nothing is written yet
+            raise InputError(f"could not read {volume.url} to compute its percentiles: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        if run.state == "replace":  # only now that the new run can start
+            fs, path = fsspec.core.url_to_fs(run.output, **(options or {}))
+            fs.rm(path, recursive=True)
+            fs.invalidate_cache()
+        run.attrs = {"bigcare": {
+            "version": __version__, "run_key": run.run_key, "input": volume.url,
+            "model": run.model.label, "model_hash": run.model.hash, "outputs": list(predictor.outputs),
+            "plan": run.plan.as_dict(), "normalization": normalizer.as_dict(), "complete": False,
+        }}
+        _create_outputs(run)
+    else:
+        run.attrs = dict(zarr.open_group(mode="r", **store_kwargs(run.output, options)).attrs)
+        normalizer = Normalizer.from_dict(run.attrs["bigcare"]["normalization"])
+    run.normalizer = normalizer
+    shipped = run.model.payload is not None or run.model.obj is not None
+    run.spec = RunSpec(
+        input_url=volume.url, input_path=volume.levels[0].path, input_options=volume.storage_options,
+        layout=run.layout, model_path=None if shipped else run.model.path, model_hash=run.model.hash,
+        predictor=run.model.obj, device=run.device, precision=run.precision, normalizer=normalizer,
+        outputs=tuple((n, u, "0") for n, u in run.images.items()), output_options=options,
+        output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
+        torch_threads=run.torch_threads, plan=run.plan,
+    )
+    done = np.asarray(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options))[...]).astype(bool)
+    run.todo = [b for b in run.plan if not done[b.index]]
+    if run.todo and run.state == "resume" and run.attrs["bigcare"].get("complete"):
+        run.attrs["bigcare"]["complete"] = False  # blocks are missing after all: not complete
+        update_attrs(run.output, {"bigcare": run.attrs["bigcare"]}, storage_options=options)
+    return run
+
+
+def finish_volume_run(run: VolumeRun, result, client=None, pyramid: bool = True, progress: bool = False) -> None:
+    """Pyramid and completion flag of a run whose blocks all succeeded; summary JSON always.
+
+    With failed blocks the summary is written and the output stays marked incomplete; the
+    caller raises :class:`~bigcare.errors.BlockError`.
+    """
+    from bigcare.runs.results import write_summary
+
+    result.normalization = run.normalizer.as_dict() if run.normalizer else {}
+    result.failed.sort()
+    if not result.failed:
+        if pyramid:
+            for url in run.images.values():
+                write_pyramid(open_volume(url, storage_options=run.output_options), client=client, progress=progress)
+        bigcare_attrs = {**run.attrs["bigcare"], "complete": True, "last_run": result.as_dict()}
+        update_attrs(run.output, {"bigcare": bigcare_attrs}, storage_options=run.output_options)
+    result.summary_path = write_summary(run, result)

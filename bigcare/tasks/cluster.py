@@ -1,0 +1,381 @@
+"""Naming a cluster: the same restore runs on a laptop, a GPU node, SLURM or Kubernetes.
+
+::
+
+    --scheduler tcp://host:8786 | tls://host:8786   an existing scheduler (left running)
+    --cluster local        LocalCluster, separate worker processes, sized from the machine
+    --cluster local-cuda   one worker per GPU, pinned by CUDA_VISIBLE_DEVICES, resource GPU=1
+                           (dask-cuda's LocalCUDACluster when installed, else the same layout
+                           built here from distributed's Nannies)
+    --cluster slurm        dask-jobqueue SLURMCluster from a jobqueue YAML (cluster/slurm.yaml)
+    --cluster kubernetes   dask-kubernetes operator cluster from a DaskCluster spec
+                           (cluster/kubernetes.yaml)
+
+Clusters started here are closed when the run ends. ``cluster/README.md`` says how each is
+started and which settings a site must change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from bigcare.errors import ConfigError
+from bigcare.types import CLUSTER_KINDS
+
+__all__ = ["CLUSTER_KINDS", "cluster_client", "make_cluster", "local_cluster_shape", "local_cuda_worker_spec",
+           "load_cluster_config", "slurm_cluster", "kubernetes_cluster", "validate_kubernetes_spec",
+           "tls_security", "add_cluster_arguments", "cluster_kwargs"]
+
+_ADDRESS_PREFIXES = ("tcp://", "tls://", "inproc://", "ucx://")
+
+
+def local_cluster_shape(n_workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """Workers and threads per worker for a local CPU cluster.
+
+    One worker process with all cores by default: the U-Net call holds a per-process lock and
+    gives torch every worker thread, while the worker's other threads read and write blocks,
+    so I/O overlaps compute without oversubscribing the cores. More workers split the cores.
+
+    Returns
+    -------
+    (n_workers, threads_per_worker)
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_workers = max(1, int(n_workers or 1))
+    return n_workers, max(1, cores // n_workers)
+
+
+def _gpu_ids() -> list[int]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [int(v) for v in visible.split(",") if v.strip().isdigit()]
+    try:
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    except Exception:
+        return []
+
+
+def local_cuda_worker_spec(devices: list[int], threads_per_worker: int = 1) -> dict:
+    """SpecCluster worker specs: one Nanny per GPU, as dask-cuda's LocalCUDACluster lays them out.
+
+    Worker ``gpu-d`` sees ``CUDA_VISIBLE_DEVICES`` rotated to start at ``d`` (so its
+    ``cuda:0`` is GPU ``d``) and advertises the resource ``GPU=1``.
+    """
+    from distributed import Nanny
+
+    if not devices:
+        raise ConfigError("local-cuda: no GPU to start workers on; expected at least one CUDA device")
+    spec = {}
+    for k, d in enumerate(devices):
+        rotated = devices[k:] + devices[:k]
+        spec[f"gpu-{d}"] = {"cls": Nanny, "options": {
+            "nthreads": threads_per_worker, "resources": {"GPU": 1}, "name": f"gpu-{d}",
+            "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, rotated))},
+        }}
+    return spec
+
+
+def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | None, dashboard: bool):
+    devices = list(devices) if devices is not None else _gpu_ids()
+    if not devices:
+        raise ConfigError(
+            "--cluster local-cuda needs CUDA GPUs, found none (torch.cuda.device_count() is 0 and "
+            "CUDA_VISIBLE_DEVICES is unset); use --cluster local on a CPU machine"
+        )
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(devices))
+    dashboard_address = ":8787" if dashboard else None
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        from distributed import Scheduler, SpecCluster
+
+        return SpecCluster(
+            workers=local_cuda_worker_spec(devices, threads),
+            scheduler={"cls": Scheduler, "options": {"dashboard_address": dashboard_address}},
+            name="bigcare-local-cuda", silence_logs=40,
+        )
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, threads_per_worker=threads, resources={"GPU": 1},
+                            dashboard_address=dashboard_address, silence_logs=40)
+
+
+def load_cluster_config(path: str | os.PathLike, kind: str) -> dict | list:
+    """Read a cluster config file (YAML): a jobqueue config for slurm, a spec for kubernetes.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, not YAML, or not what ``kind`` expects.
+    """
+    import yaml
+
+    if path is None:
+        default = Path(__file__).resolve().parent.parent / "cluster" / f"{kind}.yaml"
+        if not default.is_file():
+            raise ConfigError(f"--cluster {kind} needs --cluster-config FILE (see cluster/{kind}.yaml)")
+        path = default
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"cluster config {path} does not exist; expected a YAML file like cluster/{kind}.yaml")
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cluster config {path} is not valid YAML: {exc}") from None
+    if kind == "kubernetes":
+        return docs
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise ConfigError(f"cluster config {path} must hold one YAML mapping, got {len(docs)} document(s)")
+    cfg = docs[0]
+    unknown = set(cfg) - {"jobqueue", "bigcare"}
+    if unknown:
+        raise ConfigError(f"cluster config {path}: unknown top-level key(s) {sorted(unknown)}; "
+                          "expected 'jobqueue' (dask-jobqueue's own config) and 'bigcare'")
+    if not isinstance(cfg.get("jobqueue", {}).get("slurm"), dict):
+        raise ConfigError(f"cluster config {path}: expected a 'jobqueue: slurm:' mapping (dask-jobqueue's format)")
+    return cfg
+
+
+def slurm_cluster(config: dict):
+    """A dask-jobqueue SLURMCluster from a config in dask-jobqueue's own format.
+
+    ``config["jobqueue"]["slurm"]`` holds dask-jobqueue's keys (``queue``, ``cores``,
+    ``memory``, ``walltime``, ``job-extra-directives``, ...); they are applied as dask config
+    on top of dask-jobqueue's defaults, so the same block also works in
+    ``~/.config/dask/jobqueue.yaml``. No job is submitted until the cluster is scaled.
+    """
+    import dask
+
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ConfigError("--cluster slurm needs dask-jobqueue: pip install 'bigcare[slurm]'") from None
+    # dask-jobqueue reads its config lazily (also when jobs start), so the settings are kept
+    # under a name of bigcare's own: the user's jobqueue.slurm config is left as it is
+    merged = {**dask.config.get("jobqueue.slurm", {}), **config["jobqueue"]["slurm"]}
+    dask.config.set({"jobqueue.bigcare-slurm": merged})
+    ours = config.get("bigcare") or {}
+    unknown = set(ours) - {"adapt", "tls", "shared-temp-directory"}
+    if unknown:
+        raise ConfigError(f"slurm config: unknown key(s) bigcare.{sorted(unknown)}; expected adapt, tls, "
+                          "shared-temp-directory")
+    kwargs = {}
+    if ours.get("tls"):
+        from distributed import Security
+
+        kwargs = {"security": Security.temporary(), "protocol": "tls://"}
+        if ours.get("shared-temp-directory"):
+            shared = os.path.expanduser(os.path.expandvars(ours["shared-temp-directory"]))
+            os.makedirs(shared, mode=0o700, exist_ok=True)
+            kwargs["shared_temp_directory"] = shared
+    return SLURMCluster(config_name="bigcare-slurm", **kwargs)
+
+
+_K8S_API = "kubernetes.dask.org/v1"
+
+
+def validate_kubernetes_spec(docs: list) -> tuple[dict, dict | None]:
+    """Check a DaskCluster spec (and an optional DaskAutoscaler); return both.
+
+    Raises
+    ------
+    ConfigError
+        Naming the missing or wrong key.
+    """
+    cluster = [d for d in docs if isinstance(d, dict) and d.get("kind") == "DaskCluster"]
+    scaler = [d for d in docs if isinstance(d, dict) and d.get("kind") == "DaskAutoscaler"]
+    if len(cluster) != 1:
+        raise ConfigError(f"kubernetes spec: expected exactly one 'kind: DaskCluster' document, found {len(cluster)}")
+    spec = cluster[0]
+    if spec.get("apiVersion") != _K8S_API:
+        raise ConfigError(f"kubernetes spec: apiVersion must be {_K8S_API!r}, got {spec.get('apiVersion')!r}")
+    if not (spec.get("metadata") or {}).get("name"):
+        raise ConfigError("kubernetes spec: metadata.name is required")
+    for part in ("worker", "scheduler"):
+        pod = ((spec.get("spec") or {}).get(part) or {}).get("spec") or {}
+        containers = pod.get("containers")
+        if not containers or not isinstance(containers, list) or not containers[0].get("image"):
+            raise ConfigError(f"kubernetes spec: spec.{part}.spec.containers[0].image is required")
+    if "service" not in spec["spec"]["scheduler"]:
+        raise ConfigError("kubernetes spec: spec.scheduler.service is required (the scheduler's ports)")
+    worker = spec["spec"]["worker"]
+    if not isinstance(worker.get("replicas", 0), int) or worker.get("replicas", 0) < 0:
+        raise ConfigError(f"kubernetes spec: spec.worker.replicas must be a count, got {worker.get('replicas')!r}")
+    if scaler:
+        s = scaler[0].get("spec") or {}
+        if s.get("cluster") != spec["metadata"]["name"] or not 0 <= s.get("minimum", 0) <= s.get("maximum", -1):
+            raise ConfigError("kubernetes spec: DaskAutoscaler needs spec.cluster = the DaskCluster's name and "
+                              f"0 <= minimum <= maximum, got {s}")
+    return spec, (scaler[0] if scaler else None)
+
+
+def kubernetes_cluster(docs: list):
+    """A dask-kubernetes operator cluster (KubeCluster) from a DaskCluster spec."""
+    spec, _ = validate_kubernetes_spec(docs)
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError:
+        raise ConfigError("--cluster kubernetes needs dask-kubernetes: pip install 'bigcare[kubernetes]'; "
+                          "or `kubectl apply -f` the spec and pass --scheduler") from None
+    return KubeCluster(custom_cluster_spec=spec, shutdown_on_close=True)
+
+
+def make_cluster(kind: str = "local", *, config=None, n_workers: int | None = None,
+                 threads_per_worker: int | None = None, device: str = "cpu", dashboard: bool = True,
+                 devices: list[int] | None = None):
+    """Start a cluster of the named kind (not scaled yet for slurm / kubernetes).
+
+    Parameters
+    ----------
+    kind : {"local", "local-cuda", "slurm", "kubernetes"}
+    config : str or os.PathLike, optional
+        Config file for slurm / kubernetes; default ``cluster/<kind>.yaml`` of a checkout.
+    n_workers, threads_per_worker : int, optional
+        Local cluster shape (see :func:`local_cluster_shape`).
+    device : str
+        ``"cpu"`` or ``"cuda[:N]"``; a local cluster for CUDA gives its workers ``GPU=1``.
+    dashboard : bool
+        Serve the dask dashboard (port 8787, or a free one).
+    devices : list of int, optional
+        GPUs for local-cuda; default all visible ones.
+
+    Returns
+    -------
+    distributed.deploy.Cluster
+
+    Raises
+    ------
+    ConfigError
+        Unknown kind, missing package or GPUs, bad config file.
+    """
+    if kind not in CLUSTER_KINDS:
+        raise ConfigError(f"cluster must be one of {', '.join(CLUSTER_KINDS)}, got {kind!r}")
+    if kind == "local-cuda":
+        return _local_cuda_cluster(devices, threads_per_worker, dashboard)
+    if kind == "slurm":
+        return slurm_cluster(load_cluster_config(config, "slurm"))
+    if kind == "kubernetes":
+        return kubernetes_cluster(load_cluster_config(config, "kubernetes"))
+    from distributed import LocalCluster
+
+    workers, threads = local_cluster_shape(n_workers)
+    return LocalCluster(
+        n_workers=workers, threads_per_worker=threads_per_worker or threads, processes=True,
+        dashboard_address=":8787" if dashboard else None,
+        resources={"GPU": 1} if str(device).startswith("cuda") else None, silence_logs=40,
+    )
+
+
+def _scale(cluster, kind: str, config) -> None:
+    if kind == "slurm":
+        adapt = (load_cluster_config(config, "slurm").get("bigcare") or {}).get("adapt") or {}
+        cluster.adapt(minimum_jobs=adapt.get("minimum_jobs", 1), maximum_jobs=adapt.get("maximum_jobs", 8))
+    elif kind == "kubernetes":
+        _, scaler = validate_kubernetes_spec(load_cluster_config(config, "kubernetes"))
+        if scaler:
+            cluster.adapt(minimum=scaler["spec"]["minimum"], maximum=scaler["spec"]["maximum"])
+
+
+def tls_security(ca_file: str, cert: str, key: str | None = None):
+    """A ``distributed.Security`` for a ``tls://`` scheduler (encryption required)."""
+    from distributed import Security
+
+    for what, path in (("CA file", ca_file), ("certificate", cert), ("key", key)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"TLS {what} {path} does not exist")
+    return Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
+
+
+@contextlib.contextmanager
+def cluster_client(
+    scheduler: str | None = None,
+    *,
+    cluster: str = "local",
+    config=None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    device: str = "cpu",
+    dashboard: bool = True,
+    quiet: bool = False,
+    security=None,
+) -> Iterator:
+    """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new cluster.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of an existing scheduler (``tcp://host:8786`` or ``tls://``). It is left running.
+    cluster : str
+        Kind of cluster to start otherwise (see :func:`make_cluster`); closed afterwards.
+    config : str or os.PathLike, optional
+        Config file of a slurm / kubernetes cluster.
+    n_workers, threads_per_worker, device, dashboard
+        See :func:`make_cluster`.
+    quiet : bool
+        Do not print the cluster and its dashboard address.
+    security : distributed.Security, optional
+        TLS settings (see :func:`tls_security`).
+    """
+    from distributed import Client
+
+    if scheduler is not None:
+        if not str(scheduler).startswith(_ADDRESS_PREFIXES):
+            raise ConfigError(f"scheduler must be an address like tcp://host:8786, got {scheduler!r}")
+        if str(scheduler).startswith("tls://") and security is None:
+            raise ConfigError(f"scheduler {scheduler} uses TLS: give --tls-ca-file, --tls-cert and --tls-key")
+        client = Client(scheduler, security=security)
+        try:
+            if not quiet:
+                print(f"bigcare: connected to {scheduler}; dashboard: {client.dashboard_link}", flush=True)
+            yield client
+        finally:
+            client.close()
+        return
+
+    started = make_cluster(cluster, config=config, n_workers=n_workers, threads_per_worker=threads_per_worker,
+                           device=device, dashboard=dashboard)
+    try:
+        _scale(started, cluster, config)
+        client = Client(started)
+        try:
+            if not quiet:
+                info = client.scheduler_info()["workers"]
+                threads = sum(w["nthreads"] for w in info.values())
+                link = client.dashboard_link if dashboard else "(disabled)"
+                print(f"bigcare: {cluster} cluster with {len(info)} worker process(es), {threads} thread(s); "
+                      f"dashboard: {link}", flush=True)
+            yield client
+        finally:
+            client.close()
+    finally:
+        started.close()
+
+
+def add_cluster_arguments(parser) -> None:
+    """Add --cluster, --cluster-config, --scheduler, --workers and the TLS options to a parser."""
+    g = parser.add_argument_group("cluster")
+    g.add_argument("--cluster", default="local", choices=CLUSTER_KINDS,
+                   help="cluster to start when no --scheduler is given [local]")
+    g.add_argument("--cluster-config", default=None, metavar="FILE",
+                   help="config of a slurm / kubernetes cluster [cluster/<kind>.yaml]")
+    g.add_argument("--scheduler", default=None, help="address of an existing dask scheduler, e.g. tcp://host:8786")
+    g.add_argument("--workers", type=int, default=None, help="local worker processes when no scheduler is given")
+    g.add_argument("--tls-ca-file", default=None, help="CA certificate for a tls:// scheduler")
+    g.add_argument("--tls-cert", default=None, help="client certificate for a tls:// scheduler")
+    g.add_argument("--tls-key", default=None, help="client key for a tls:// scheduler")
+
+
+def cluster_kwargs(args) -> dict:
+    """The keyword arguments of :func:`bigcare.restore` that the cluster options set."""
+    security = None
+    if args.tls_ca_file or args.tls_cert:
+        if not (args.tls_ca_file and args.tls_cert):
+            raise ConfigError("TLS needs both --tls-ca-file and --tls-cert (and --tls-key unless the "
+                              "certificate file holds the key)")
+        security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
+    return {"scheduler": args.scheduler, "cluster": args.cluster, "cluster_config": args.cluster_config,
+            "workers": args.workers, "security": security}
