@@ -23,10 +23,9 @@ import torch
 
 def make_volume(url, shape, chunks, seed=0):
     """A compressible uint16 volume (synthetic cells + noise), written slab by slab."""
-    from bigcare.store.write import create_image
-    from bigcare.store.pyramid import write_pyramid
-    from bigcare.synth import degrade, phantom
     from bigcare.store.axes import Axis
+    from bigcare.store.write import create_image
+    from bigcare.synth import degrade, phantom
 
     axes = [Axis(a, "space", "micrometer") for a in "zyx"]
     vol = create_image(url, shape=shape, dtype="uint16", chunks=chunks, axes=axes, scale=(1.0, 0.5, 0.5))
@@ -88,7 +87,6 @@ def bench_copy(tmp: Path, args) -> dict:
 
 def bench_care(tmp: Path, args) -> dict:
     """CARE 3D U-Net (CSBDeep default) end to end vs in memory in one piece."""
-    import zarr
     from distributed import Client, LocalCluster
 
     import bigcare

@@ -31,11 +31,11 @@ import torch
 from scipy import ndimage
 
 import bigcare
-from bigcare.metrics import psnr, spectral_isotropy, ssim
-from bigcare.store.write import write_array
 from bigcare.blocks.zoom import upsample_rows, zoom_length
-from bigcare.synth import phantom
+from bigcare.metrics import psnr, spectral_isotropy, ssim
 from bigcare.store.axes import Axis
+from bigcare.store.write import write_array
+from bigcare.synth import phantom
 
 SIGMA_XY, SIGMA_Z, FACTOR = 2.0, 8.0, 8
 

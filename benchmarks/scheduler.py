@@ -57,10 +57,10 @@ import zarr  # noqa: E402
 
 def make_run(n, tmp: Path, spec_kb: float):
     """Real Blocks (a grid of >= n) and a real RunSpec padded to about ``spec_kb`` KiB."""
+    from bigcare.blocks.layout import AxisLayout
     from bigcare.blocks.plan import plan_blocks
     from bigcare.normalization import Normalizer
     from bigcare.tasks.block import MARKER, RunSpec
-    from bigcare.blocks.layout import AxisLayout
 
     side = math.ceil(n ** (1 / 3))
     grid = (math.ceil(n / side**2), side, side)
@@ -216,7 +216,7 @@ def main(argv=None):
         print("marker:", results["marker"], flush=True)
         with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
                           dashboard_address=":0", silence_logs=40) as cluster, Client(cluster) as client:
-            client.run(lambda: __import__("bigcare.tasks"))  # imports not counted
+            client.run(lambda: __import__("bigcare.tasks.block"))  # imports not counted
             for n in args.n:
                 plan, blocks, spec, out = make_run(n, tmp, args.spec_kb)
                 size = len(pickle.dumps((blocks[0], spec)))

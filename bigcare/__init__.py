@@ -42,8 +42,7 @@ Glossary (one word per concept, used everywhere in code, docs and messages):
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bigcare.errors import (
     BigcareError,
@@ -54,6 +53,7 @@ from bigcare.errors import (
     ModelMismatchError,
     OutputError,
 )
+from bigcare.lazy import lazy_attributes
 from bigcare.version import __version__
 
 if TYPE_CHECKING:
@@ -93,14 +93,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bigcare' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

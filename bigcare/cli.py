@@ -105,7 +105,7 @@ def _cmd_train(args) -> int:
     else:
         result = train(args.config)
     print(f"trained {result.epochs} epoch(s) ({result.epochs - result.start_epoch} now); best validation loss "
-          f"{min(result.val_loss):.4f} at epoch {result.best_epoch + 1}; model: {result.model_dir / 'best'}")
+          f"{min(result.val_loss):.4f} at epoch {result.best_epoch + 1}; model: {result.model_dir}/best")
     return 0
 
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bigcare.runs.restore import restore
 from bigcare.metrics import nrmse, ssim
 from bigcare.models import UNet, UNetConfig
 from bigcare.models.folder import ModelConfig
+from bigcare.runs.restore import restore
+from bigcare.store.axes import Axis
+from bigcare.store.volume import open_volume
 from bigcare.store.write import write_array
 from bigcare.synth import degrade, phantom
 from bigcare.training import ArrayPairSampler, fit
-from bigcare.store.axes import Axis
-from bigcare.store.volume import open_volume
 
 __all__ = ["run_demo"]
 
@@ -111,7 +111,7 @@ def run_demo(
     timings["restore"] = time.perf_counter() - t
     restored = np.asarray(open_volume(out / "restored.ome.zarr").array(0)[...])
 
-    metrics = {
+    metrics: dict = {
         "input": {"nrmse": nrmse(noisy, clean), "ssim": ssim(noisy, clean)},
         "restored": {"nrmse": nrmse(restored, clean), "ssim": ssim(restored, clean)},
         "seconds": timings,

@@ -43,7 +43,17 @@ class ConfigError(BigcareError, ValueError):
 
 
 class BlockError(BigcareError, RuntimeError):
-    """One or more blocks failed; the message lists which and why."""
+    """One or more blocks failed; the message lists which and why.
+
+    Attributes
+    ----------
+    results : list
+        The :class:`~bigcare.runs.results.RunResult` of every run of the call (failed blocks included).
+    """
+
+    def __init__(self, message: str, results: list | None = None):
+        super().__init__(message)
+        self.results = list(results or [])
 
 
 def format_validation_error(err) -> str:

@@ -19,14 +19,15 @@ import numpy as np
 from skimage.metrics import structural_similarity
 
 from bigcare.errors import ConfigError, InputError
+from bigcare.normalization import EPS, normalize
 
-__all__ = ["normalize_percentile", "fit_affine", "nrmse", "ssim", "psnr", "spectral_isotropy"]
+__all__ = ["normalize_percentile", "fit_affine", "nrmse", "ssim", "psnr", "spectral_isotropy", "line_power"]
 
 GT_PERCENTILES = (0.1, 99.9)
 
 
 def normalize_percentile(
-    x: np.ndarray, pmin: float = 0.1, pmax: float = 99.9, eps: float = 1e-20
+    x: np.ndarray, pmin: float = 0.1, pmax: float = 99.9, eps: float = EPS
 ) -> np.ndarray:
     """Map the ``pmin`` percentile of ``x`` to 0 and the ``pmax`` percentile to 1 (no clipping).
 
@@ -58,13 +59,14 @@ def normalize_percentile(
     x = np.asarray(x)
     if x.size == 0:
         raise InputError(f"cannot normalize an empty array (shape {x.shape})")
-    return _normalize64(x, pmin, pmax, eps).astype(np.float32)
+    return _percentile_normalized(x, pmin, pmax, eps).astype(np.float32)
 
 
-def _normalize64(x: np.ndarray, pmin: float, pmax: float, eps: float = 1e-20) -> np.ndarray:
+def _percentile_normalized(x: np.ndarray, pmin: float, pmax: float, eps: float = EPS) -> np.ndarray:
+    """:func:`bigcare.normalization.normalize` at ``x``'s own percentiles, in float64 (metrics)."""
     x = np.asarray(x, dtype=np.float64)
     lo, hi = np.percentile(x, (pmin, pmax))
-    return (x - lo) / (hi - lo + eps)
+    return normalize(x, lo, hi, eps=eps, dtype=np.float64)
 
 
 def _pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +111,7 @@ def fit_affine(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
 
 def _normalized(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p, g = _pair(pred, gt)
-    g = _normalize64(g, *GT_PERCENTILES)
+    g = _percentile_normalized(g, *GT_PERCENTILES)
     alpha, beta = fit_affine(p, g)
     return alpha * p + beta, g
 
@@ -206,7 +208,7 @@ def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(10 * np.log10(data_range**2 / mse))
 
 
-def _line_power(v: np.ndarray, axis: int, n: int) -> np.ndarray:
+def line_power(v: np.ndarray, axis: int, n: int) -> np.ndarray:
     """Mean power spectrum of the Hann-windowed, mean-free segments of length ``n`` along ``axis``."""
     lines = np.moveaxis(v, axis, -1)
     k = lines.shape[-1] // n
@@ -230,5 +232,5 @@ def spectral_isotropy(volume: np.ndarray, cutoff: float = 0.1) -> float:
                          f"got shape {v.shape}")
     n = min(v.shape[0], v.shape[2], 128)
     f = np.fft.rfftfreq(n)
-    axial, lateral = (float(_line_power(v, axis, n)[f > cutoff].sum()) for axis in (0, 2))
+    axial, lateral = (float(line_power(v, axis, n)[f > cutoff].sum()) for axis in (0, 2))
     return axial / lateral if lateral > 0 else float("nan")

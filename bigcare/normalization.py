@@ -98,7 +98,7 @@ class Normalizer:
         return {"lo": list(self.lo), "hi": list(self.hi), "pmin": self.pmin, "pmax": self.pmax, "method": self.method}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Normalizer":
+    def from_dict(cls, d: dict) -> Normalizer:
         return cls(tuple(d["lo"]), tuple(d["hi"]), d["pmin"], d["pmax"], d["method"])
 
 

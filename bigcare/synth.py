@@ -195,8 +195,8 @@ def write_pair(
     (Volume, Volume)
         The input and target images.
     """
-    from bigcare.store.write import write_array
     from bigcare.store.axes import Axis
+    from bigcare.store.write import write_array
 
     shape = _check_shape(shape)
     clean = phantom(shape, n_nuclei=n_nuclei, seed=seed)

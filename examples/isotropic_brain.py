@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 import bigcare
-from bigcare.store.convert import describe, tiff_to_ome_zarr
-from bigcare.metrics import spectral_isotropy
 from bigcare.blocks.zoom import upsample_rows, zoom_length
+from bigcare.metrics import spectral_isotropy
+from bigcare.store.convert import describe, tiff_to_ome_zarr
 from bigcare.training.isotropic import axial_blur_match
 
 HERE = Path(__file__).resolve().parent

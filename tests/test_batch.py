@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import bigcare
-from bigcare.runs.batch import expand_inputs, output_paths
 from bigcare.cli import main
 from bigcare.errors import ConfigError, InputError
-
+from bigcare.runs.batch import expand_inputs, output_paths
 from conftest import builds, make_model, read, smooth_volume, write_volume
 
 BLOCK = (8, 32, 32)

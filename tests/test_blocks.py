@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from bigcare.blocks.sizing import default_block_shape, window_overhead
 from bigcare.blocks.plan import plan_blocks
+from bigcare.blocks.sizing import default_block_shape, window_overhead
 from bigcare.errors import ConfigError
 
 

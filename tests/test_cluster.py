@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from dask_procs import DaskProcesses
 from distributed import Client
 
 import bigcare
@@ -15,11 +16,11 @@ from bigcare.cli import main
 from bigcare.errors import ModelError
 from bigcare.models import model_hash
 from bigcare.predictors.shipping import ModelPayload
-
 from conftest import builds, make_model, read, smooth_volume, write_volume
-from dask_procs import DaskProcesses
 
 BLOCK = (8, 32, 32)
+
+pytestmark = pytest.mark.slow  # real dask scheduler and worker processes
 
 
 @pytest.fixture(scope="module")

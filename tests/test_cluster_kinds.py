@@ -12,17 +12,23 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from dask_procs import DaskProcesses
 from distributed import Client
+from tls_certs import make_tls_files
 
 import bigcare
 from bigcare.cli import main
-from bigcare.tasks.cluster import cluster_client, kubernetes_cluster, load_cluster_config, make_cluster, slurm_cluster, validate_kubernetes_spec
 from bigcare.errors import ConfigError
 from bigcare.predictors.identity import IdentityPredictor
-
+from bigcare.tasks.cluster import (
+    cluster_client,
+    kubernetes_cluster,
+    load_cluster_config,
+    make_cluster,
+    slurm_cluster,
+    validate_kubernetes_spec,
+)
 from conftest import make_model, write_volume
-from dask_procs import DaskProcesses
-from tls_certs import make_tls_files
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 
@@ -132,6 +138,7 @@ def test_unknown_cluster_kind_and_bad_scheduler_address():
             pass
 
 
+@pytest.mark.slow  # real dask scheduler and worker processes over TLS
 def test_restore_through_a_tls_scheduler_with_generated_certificates(tmp_path, capsys):
     tls = make_tls_files(tmp_path / "certs")
     args = ["--tls-ca-file", tls["ca"], "--tls-cert", tls["cert"], "--tls-key", tls["key"]]

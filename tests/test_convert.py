@@ -11,8 +11,8 @@ import zarr
 from ome_zarr_models import v05
 
 import bigcare.store.convert as convert
-from bigcare.store.convert import describe, tiff_to_ome_zarr
 from bigcare.errors import InputError
+from bigcare.store.convert import describe, tiff_to_ome_zarr
 from bigcare.store.volume import open_volume
 
 BRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain_cells_5x2x2um.tif"

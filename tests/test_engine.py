@@ -11,9 +11,8 @@ import zarr
 
 import bigcare
 from bigcare.errors import BlockError, InputError, ModelMismatchError, OutputError
-from bigcare.tasks.block import MARKER
 from bigcare.store.volume import open_volume
-
+from bigcare.tasks.block import MARKER
 from conftest import make_model, read, smooth_volume, write_volume
 
 

@@ -179,6 +179,7 @@ def compiled():
     return {3: f3, 2: f2}
 
 
+@pytest.mark.slow
 def test_compile_fp32_3d(compiled):
     f = compiled[3]
     y, ref = f(NETS[3][1]), _reference(3)
@@ -188,6 +189,7 @@ def test_compile_fp32_3d(compiled):
     assert _max_rel(y, ref) <= 1e-4
 
 
+@pytest.mark.slow
 def test_compile_bf16_2d(compiled):
     y, ref = compiled[2](NETS[2][1]), _reference(2)
     _check_outputs(y, ref)

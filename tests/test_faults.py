@@ -17,17 +17,18 @@ import cloudpickle
 import numpy as np
 import pytest
 import zarr
+from dask_procs import DaskProcesses
 from distributed import Client
 
 import bigcare
 from bigcare.cli import main
 from bigcare.predictors.identity import IdentityPredictor
 from bigcare.tasks.block import MARKER
-
 from conftest import make_model, read, smooth_volume, write_volume
-from dask_procs import DaskProcesses
 
 BLOCK = (8, 32, 32)
+
+pytestmark = pytest.mark.slow  # fault injection: kills workers and whole runs
 
 
 def markers(url) -> np.ndarray:

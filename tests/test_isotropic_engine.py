@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from conftest import make_model, read, smooth_volume, write_volume
-
-import bigcare
 from ome_zarr_models import open_ome_zarr
 
-from bigcare.errors import ModelMismatchError
+import bigcare
 from bigcare.blocks.zoom import source_range, upsample_rows, zoom_length
+from bigcare.errors import ModelMismatchError
+from conftest import make_model, read, smooth_volume, write_volume
 
 
 @pytest.mark.parametrize("factor", [2.0, 2.5, 3.0])

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import pickle
 
-import pydantic
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from bigcare.errors import ModelError, ModelMismatchError, OutputError
+from bigcare.errors import ConfigError, ModelError, ModelMismatchError, OutputError
 from bigcare.models import ModelConfig, UNet, UNetConfig, load_config, load_model, model_hash, save_model
 
 
@@ -96,14 +95,14 @@ def test_save_refuses_config_of_other_architecture(tmp_path):
 
 
 def test_model_config_rejects_axes_of_wrong_length():
-    with pytest.raises(pydantic.ValidationError, match="has 3 axes but architecture.ndim is 2"):
+    with pytest.raises(ConfigError, match="has 3 axes but architecture.ndim is 2"):
         ModelConfig(axes="ZYX", architecture=UNetConfig(ndim=2))
-    with pytest.raises(pydantic.ValidationError, match="distinct letters"):
+    with pytest.raises(ConfigError, match="distinct letters"):
         ModelConfig(axes="YY", architecture=UNetConfig(ndim=2))
 
 
 def test_normalization_rejects_pmin_above_pmax():
-    with pytest.raises(pydantic.ValidationError, match="pmin must be < pmax"):
+    with pytest.raises(ConfigError, match="pmin must be < pmax"):
         ModelConfig(
             axes="YX", architecture=UNetConfig(ndim=2), normalization={"pmin": 50, "pmax": 2}
         )

@@ -15,10 +15,10 @@ from ome_zarr_models import open_ome_zarr, v04, v05
 
 import bigcare.store.pyramid as pyramid
 from bigcare.errors import BlockError, ConfigError, InputError, OutputError
-from bigcare.store.write import create_image, downsample_factors, update_attrs
-from bigcare.store.pyramid import write_pyramid
 from bigcare.store.axes import Axis
+from bigcare.store.pyramid import write_pyramid
 from bigcare.store.volume import open_volume
+from bigcare.store.write import create_image, downsample_factors, update_attrs
 
 UM = "micrometer"
 CZYX = (Axis("c", "channel"), Axis("z", "space", UM), Axis("y", "space", UM), Axis("x", "space", UM))

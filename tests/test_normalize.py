@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import write_volume
 
 from bigcare.errors import InputError
 from bigcare.normalization import EPS, Normalizer, array_normalizer, normalize, percentile_table, volume_normalizer
 from bigcare.synth import degrade, phantom
+from conftest import write_volume
 
 
 def test_exact_percentiles_match_numpy(tmp_path):

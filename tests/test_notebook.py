@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "restore_on_a_cluster.ipynb"
 DATA = ROOT.parent / "shared" / "data" / "llsm_cell_deskewed.tif"
 
+pytestmark = pytest.mark.slow  # runs the example notebook in a kernel
+
 
 @pytest.mark.skipif(not DATA.exists(), reason="shared/data/llsm_cell_deskewed.tif not available beside the checkout")
 def test_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):

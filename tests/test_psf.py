@@ -11,7 +11,19 @@ import tifffile
 from scipy import ndimage, signal
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.psf import confocal_psf, fwhm, gaussian_psf, isotropic_kernels, lateral_kernel, lightsheet_psf, load_psf, rotate_psf, second_moment_sigma, split_psf, widefield_psf
+from bigcare.psf import (
+    confocal_psf,
+    fwhm,
+    gaussian_psf,
+    isotropic_kernels,
+    lateral_kernel,
+    lightsheet_psf,
+    load_psf,
+    rotate_psf,
+    second_moment_sigma,
+    split_psf,
+    widefield_psf,
+)
 
 MEASURED = Path("/work/shared/data/llsm_psf_measured_skewed.tif")
 # a water-immersion widefield setup, sampled finely enough to measure its widths

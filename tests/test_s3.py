@@ -14,12 +14,13 @@ import zarr
 import bigcare
 from bigcare.cli import main
 from bigcare.errors import OutputError
-
 from conftest import make_model, smooth_volume
 
 BLOCK = (8, 32, 32)
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bigcare-test", "AWS_SECRET_ACCESS_KEY": "bigcare-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
+
+pytestmark = pytest.mark.slow  # a real S3-compatible server on loopback
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def s3_server():
 
 
 def write_s3_volume(url, data, options):
-    from bigcare.store.write import write_array
     from bigcare.store.axes import Axis
+    from bigcare.store.write import write_array
 
     axes = tuple(Axis(a, "space", "micrometer") for a in "zyx")
     return write_array(url, data, chunks=BLOCK, scale=(2.0, 0.5, 0.5), axes=axes, storage_options=options)

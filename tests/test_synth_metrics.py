@@ -51,12 +51,16 @@ def test_degrade_is_seeded_and_has_poisson_statistics():
     assert degrade(clean, photons=200, read_noise=0.0, seed=5).var() < noisy.var() / 5
 
 
-def test_degrade_blur_smooths_edges():
+def test_degrade_blur_is_a_gaussian_filter_before_the_noise():
+    from scipy import ndimage
+
     clean = phantom((64, 64), seed=0)
-    sharp = degrade(clean, photons=1e6, read_noise=0, background=0)
-    blurred = degrade(clean, photons=1e6, read_noise=0, background=0, blur_sigma=2.0)
-    grad = lambda a: np.abs(np.diff(a, axis=-1)).mean()  # noqa: E731
-    assert grad(blurred) < 0.6 * grad(sharp)
+    photons = 1e6  # shot noise sd <= sqrt(1.1 / 1e6) ~ 1e-3
+    blurred = degrade(clean, photons=photons, read_noise=0, background=0, blur_sigma=2.0)
+    expected = ndimage.gaussian_filter(clean, 2.0)
+    np.testing.assert_allclose(blurred, expected, atol=6 * math.sqrt(1.0 / photons))
+    # the residual is shot noise of the blurred image: its variance is mean(expected) / photons
+    assert np.var(blurred - expected) == pytest.approx(np.mean(expected) / photons, rel=0.1)
 
 
 @pytest.mark.parametrize(
@@ -107,14 +111,33 @@ def test_metrics_perfect_for_affinely_transformed_gt(shape):
     assert psnr(pred, gt) > 100
 
 
+def _care_reference(pred, gt):
+    """The CARE protocol written out independently: gt to percentiles (0.1, 99.9), pred fitted by lstsq."""
+    gt = gt.astype(np.float64).ravel()
+    lo, hi = np.percentile(gt, (0.1, 99.9))
+    g = (gt - lo) / (hi - lo)
+    a = np.stack([pred.astype(np.float64).ravel(), np.ones(pred.size)], axis=1)
+    (alpha, beta), *_ = np.linalg.lstsq(a, g, rcond=None)
+    return (alpha * pred.astype(np.float64) + beta).reshape(pred.shape), g.reshape(pred.shape)
+
+
 @pytest.mark.parametrize("shape", [(96, 96), (24, 48, 48)])
-def test_metrics_worse_for_noisier_predictions(shape):
+def test_metrics_follow_the_care_protocol_and_rank_noisier_predictions_worse(shape):
+    from skimage.metrics import structural_similarity
+
     gt = phantom(shape, seed=1)
     good = degrade(gt, photons=100, seed=2)
     bad = degrade(gt, photons=5, seed=2)
-    assert 0.01 < nrmse(good, gt) < nrmse(bad, gt)
-    assert ssim(bad, gt) < ssim(good, gt) < 0.99
-    assert psnr(bad, gt) < psnr(good, gt) < 60
+    for pred in (good, bad):
+        p, g = _care_reference(pred, gt)
+        mse = np.mean((p - g) ** 2)
+        assert nrmse(pred, gt) == pytest.approx(math.sqrt(mse), rel=1e-9)
+        assert psnr(pred, gt) == pytest.approx(10 * math.log10((g.max() - g.min()) ** 2 / mse), rel=1e-9)
+        assert ssim(pred, gt) == pytest.approx(structural_similarity(g, p, win_size=7, data_range=g.max() - g.min()),
+                                               rel=1e-9)
+    assert nrmse(good, gt) < nrmse(bad, gt)
+    assert ssim(bad, gt) < ssim(good, gt)
+    assert psnr(bad, gt) < psnr(good, gt)
 
 
 def test_nrmse_is_rmse_in_units_of_gt_percentile_range():

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pydantic
 import pytest
 import torch
 
-from bigcare.errors import ModelMismatchError
-from bigcare.models.unet import Head, UNet, UNetConfig, divisor, halo, receptive_extents, receptive_radius
+from bigcare.errors import ConfigError, ModelMismatchError
+from bigcare.models.architecture import Head, UNetConfig, divisor, halo, receptive_extents, receptive_radius
+from bigcare.models.unet import UNet
 
 
 def _n_params(net: torch.nn.Module) -> int:
@@ -90,12 +90,12 @@ def test_input_not_divisible_by_pool_is_refused():
     ],
 )
 def test_config_rejects_invalid_values(kwargs, match):
-    with pytest.raises(pydantic.ValidationError, match=match):
+    with pytest.raises(ConfigError, match=match):
         UNetConfig(**kwargs)
 
 
 def test_head_name_must_be_identifier():
-    with pytest.raises(pydantic.ValidationError, match="identifier"):
+    with pytest.raises(ConfigError, match="identifier"):
         Head(name="my.head")
 
 

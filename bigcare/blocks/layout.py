@@ -31,7 +31,7 @@ class AxisLayout:
 
     @classmethod
     def build(cls, in_axes: str, axis_types: list, spatial: str, n_in: int, n_out: int,
-              shape: tuple, name: str) -> "AxisLayout":
+              shape: tuple, name: str) -> AxisLayout:
         """Check that a volume fits a predictor and return the layout; raises ModelMismatchError."""
         vol_spatial = "".join(a for a, t in zip(in_axes, axis_types) if t == "space" or
                               (t is None and a in "zyx"))

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from bigcare.blocks.zoom import source_range, zoom_length
 from bigcare.errors import ConfigError
@@ -167,13 +167,13 @@ class BlockPlan:
 
     def as_dict(self) -> dict:
         """JSON-friendly description, used in run keys and summaries."""
-        d = {
+        d: dict[str, list] = {
             "shape": list(self.shape),
             "block_shape": list(self.block_shape),
             "halo": list(self.halo),
             "align": list(self.align),
         }
-        if self.zoom is not None:
+        if self.zoom is not None and self.in_shape is not None:
             d.update(zoom=list(self.zoom), in_shape=list(self.in_shape))
         if self.tile_shape is not None:
             d.update(tile_shape=list(self.tile_shape))

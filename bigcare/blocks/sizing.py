@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bigcare.blocks.layout import AxisLayout
-from bigcare.blocks.plan import BlockPlan, plan_blocks
+from bigcare.blocks.plan import plan_blocks
 from bigcare.blocks.zoom import volume_zoom, zoom_length
 from bigcare.errors import ConfigError
 

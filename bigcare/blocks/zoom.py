@@ -19,8 +19,13 @@ function, so the network is trained on exactly the interpolation it will see.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from bigcare.blocks.layout import AxisLayout
+    from bigcare.predictors.base import Predictor
 
 __all__ = ["zoom_length", "source_range", "upsample_rows", "interpolate_rows", "volume_zoom", "zoom_region"]
 
@@ -101,9 +106,9 @@ def upsample_rows(x: np.ndarray, axis: int, factor: float, i0: int, o0: int, o1:
     return interpolate_rows(x, axis, local, frac)
 
 
-def volume_zoom(predictor, layout: AxisLayout) -> tuple[float, ...] | None:
+def volume_zoom(predictor: Predictor, layout: AxisLayout) -> tuple[float, ...] | None:
     """The predictor's zoom per axis of the volume (None when it keeps the grid)."""
-    zoom = getattr(predictor, "zoom", None)
+    zoom = predictor.zoom
     if zoom is None or all(f == 1.0 for f in zoom):
         return None
     by_axis = dict(zip(layout.spatial, zoom))

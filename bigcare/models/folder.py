@@ -17,14 +17,18 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
-from safetensors.torch import load_file, save_file
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bigcare.errors import ModelError, ModelMismatchError, OutputError, format_validation_error
-from bigcare.models.unet import UNet, UNetConfig
+from bigcare.models.architecture import UNetConfig
+from bigcare.schema import Schema
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: configs need none
+    import torch
+
+    from bigcare.models.unet import UNet
 
 __all__ = [
     "CONFIG_NAME",
@@ -42,7 +46,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class Normalization(BaseModel, extra="forbid"):
+class Normalization(Schema):
     """Percentile normalization of the network input (CSBDeep's ``normalize``)."""
 
     pmin: float = Field(1.0, ge=0, le=100, description="Lower percentile, mapped to 0.")
@@ -55,7 +59,7 @@ class Normalization(BaseModel, extra="forbid"):
         return self
 
 
-class IsotropicConfig(BaseModel, extra="forbid"):
+class IsotropicConfig(Schema):
     """How an isotropic-restoration model (a 2D network) is applied to an anisotropic volume."""
 
     factor: float = Field(gt=1, le=64, description="Axial subsampling factor sigma: Z voxel size / "
@@ -67,7 +71,7 @@ class IsotropicConfig(BaseModel, extra="forbid"):
                                 "degraded with (for the record).")
 
 
-class ModelConfig(BaseModel, extra="forbid"):
+class ModelConfig(Schema):
     """Everything needed to rebuild and use a model, stored as ``config.json``."""
 
     format: Literal["bigcare-model"] = Field(
@@ -164,6 +168,9 @@ def save_model(
             f"model folder {path} already holds {', '.join(existing)}; pass overwrite=True "
             "to replace it"
         )
+    import torch
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
@@ -222,6 +229,8 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def _read_weights(wfile: pathlib.Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     if not wfile.is_file():
         raise ModelError(f"model folder {wfile.parent} has no {WEIGHTS_NAME}")
     try:
@@ -259,6 +268,8 @@ def load_model(
         missing or not a safetensors file, or they do not match the architecture (the
         message names the tensor and both shapes).
     """
+    from bigcare.models.unet import UNet
+
     config = load_config(path)
     wfile = pathlib.Path(path) / WEIGHTS_NAME
     tensors = _read_weights(wfile)

@@ -19,6 +19,11 @@ __all__ = ["Predictor", "load_predictor", "build_predictor", "cached_predictor",
            "predict_region"]
 
 
+#: What the engine reads of a predictor, besides :meth:`Predictor.predict`.
+MEMBERS = ("spatial_axes", "outputs", "n_channel_in", "n_channel_out", "halo", "align", "zoom", "factor",
+           "fingerprint", "pmin", "pmax")
+
+
 @runtime_checkable
 class Predictor(Protocol):
     """What the block runner needs from a restoration method.
@@ -48,17 +53,39 @@ class Predictor(Protocol):
         Normalisation percentiles the model was trained with.
     """
 
-    spatial_axes: str
-    outputs: tuple[str, ...]
-    n_channel_in: int
-    n_channel_out: int
-    halo: tuple[int, ...]
-    align: tuple[int, ...]
-    zoom: tuple[float, ...] | None
-    factor: float | None
-    fingerprint: str
-    pmin: float
-    pmax: float
+    # read-only members (properties), so that a class attribute or an instance attribute fits
+    @property
+    def spatial_axes(self) -> str: ...
+
+    @property
+    def outputs(self) -> tuple[str, ...]: ...
+
+    @property
+    def n_channel_in(self) -> int: ...
+
+    @property
+    def n_channel_out(self) -> int: ...
+
+    @property
+    def halo(self) -> tuple[int, ...]: ...
+
+    @property
+    def align(self) -> tuple[int, ...]: ...
+
+    @property
+    def zoom(self) -> tuple[float, ...] | None: ...
+
+    @property
+    def factor(self) -> float | None: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def pmin(self) -> float: ...
+
+    @property
+    def pmax(self) -> float: ...
 
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore one region ``x`` (C, *spatial) given in raw intensities."""
@@ -67,7 +94,7 @@ class Predictor(Protocol):
 
 def check_predictor(obj: object) -> Predictor:
     """``obj`` if it has everything of :class:`Predictor`; else ConfigError naming what it lacks."""
-    missing = [name for name in (*Predictor.__annotations__, "predict") if not hasattr(obj, name)]
+    missing = [name for name in (*MEMBERS, "predict") if not hasattr(obj, name)]
     if missing:
         raise ConfigError(
             f"model object {type(obj).__name__} is not a bigcare predictor: it lacks {', '.join(missing)} "

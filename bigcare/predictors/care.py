@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from bigcare.errors import ModelMismatchError
+from bigcare.models.architecture import divisor, halo
 from bigcare.models.folder import ModelConfig
-from bigcare.models.unet import UNet, divisor, halo
+from bigcare.models.unet import UNet
 from bigcare.normalization import Normalizer
 from bigcare.predictors.fastpath import prepare_model
 from bigcare.types import PRECISIONS, Precision, check_choice

@@ -77,9 +77,9 @@ def default_paths(device: str | torch.device = "cpu", precision: str = "fp32") -
 
 
 def _spatial_ndim(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if getattr(config, "ndim", None) in (2, 3):
-        return int(config.ndim)
+    ndim = getattr(getattr(model, "config", None), "ndim", None)
+    if ndim in (2, 3):
+        return int(ndim)
     for p in model.parameters():
         if p.dim() in (4, 5):
             return p.dim() - 2

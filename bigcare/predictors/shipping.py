@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from bigcare.errors import ModelError
+from bigcare.types import Precision
 
 __all__ = ["ModelPayload", "ModelPlugin", "shipped_predictor", "payload_hash"]
 
-_PAYLOADS: dict[str, "ModelPayload"] = {}
+_PAYLOADS: dict[str, ModelPayload] = {}
 _LOCK = threading.Lock()
 #: how many times this process built a network from a payload (tests read it)
 BUILDS = {"count": 0}
@@ -70,7 +71,7 @@ class ModelPayload:
     source: str = ""
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike) -> "ModelPayload":
+    def from_folder(cls, path: str | os.PathLike) -> ModelPayload:
         """Read a model folder (config validated, weights as bytes).
 
         Raises
@@ -98,7 +99,7 @@ class ModelPayload:
                 f"{got[:16]}..., expected {self.hash[:16]}..."
             )
 
-    def build(self, device: str = "cpu", precision: str = "fp32"):
+    def build(self, device: str = "cpu", precision: Precision = "fp32"):
         """The predictor of this model (:func:`~bigcare.predictors.base.build_predictor`; no pickle)."""
         from pydantic import ValidationError
         from safetensors.torch import load as load_safetensors
@@ -143,7 +144,7 @@ class ModelPlugin(WorkerPlugin):
             _PAYLOADS.pop(self.payload.hash, None)
 
 
-def shipped_predictor(model_hash: str, device: str, precision: str):
+def shipped_predictor(model_hash: str, device: str, precision: Precision):
     """The predictor of a model sent with :class:`ModelPlugin`, built once per process.
 
     Raises

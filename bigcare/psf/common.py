@@ -10,7 +10,6 @@ from scipy import ndimage
 
 from bigcare.errors import ConfigError
 
-
 LATERAL_AXES = {"y": 1, "x": 2}
 
 

@@ -9,7 +9,6 @@ import numpy as np
 from bigcare.errors import ConfigError
 from bigcare.psf.common import LATERAL_AXES, as_psf, crop_pad, number, resample, unit_sum, vector
 
-
 _FISTA_ITER = 200  # at most; split_psf stops earlier once the kernel no longer changes
 
 

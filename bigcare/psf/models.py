@@ -10,7 +10,6 @@ from scipy import sparse, special
 from bigcare.errors import ConfigError
 from bigcare.psf.common import number, odd_shape, optics, unit_sum, vector
 
-
 _SUB = 3  # sub-positions per voxel and axis of the widefield model
 
 

@@ -25,8 +25,14 @@ from bigcare.errors import ConfigError, InputError
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.restore import client_for, default_device
 from bigcare.runs.results import write_batch_summary
-from bigcare.runs.volume import (cluster_devices, finish_volume_run, fit_to_cluster, plan_volume_run, resolve_model,
-                                 start_volume_run)
+from bigcare.runs.volume import (
+    cluster_devices,
+    finish_volume_run,
+    fit_to_cluster,
+    plan_volume_run,
+    resolve_model,
+    start_volume_run,
+)
 from bigcare.store.urls import is_url, normalize_url
 from bigcare.types import check_device
 

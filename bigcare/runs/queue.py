@@ -112,10 +112,9 @@ def block_error(runs, results) -> BlockError:
         shown = ", ".join(str(i) for i, _, _ in result.failed[:100])
         listing.append(where + shown + (f", ... ({len(result.failed)} in all)" if len(result.failed) > 100 else ""))
         parts.append(where + "; ".join(f"block {i} (write region {w}): {e}" for i, w, e in result.failed[:5]))
-    err = BlockError(
+    return BlockError(
         f"{n_failed} of {n_todo} block(s) failed; the others are written and marked done, re-run the "
         f"same command to retry. Failed blocks: {' | '.join(listing)} (with errors in bigcare_summary.json). "
-        f"First failures: " + " | ".join(parts)
+        f"First failures: " + " | ".join(parts),
+        results,
     )
-    err.results = list(results)
-    return err

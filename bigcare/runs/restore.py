@@ -28,7 +28,14 @@ from bigcare.normalization import Normalizer, array_normalizer
 from bigcare.predictors.base import load_predictor, predict_region
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.results import RunResult
-from bigcare.runs.volume import cluster_devices, finish_volume_run, fit_to_cluster, plan_volume_run, resolve_model, start_volume_run
+from bigcare.runs.volume import (
+    cluster_devices,
+    finish_volume_run,
+    fit_to_cluster,
+    plan_volume_run,
+    resolve_model,
+    start_volume_run,
+)
 from bigcare.store.axes import default_axis_type
 from bigcare.types import PRECISIONS, ClusterKind, NgffVersion, Precision, check_choice, check_device
 

@@ -111,7 +111,7 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
     d = result.as_dict()
     return {
         "bigcare_version": __version__,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "input": result.input, "output": output, "outputs": d["outputs"], "model": model,
         "model_hash": model_hash, "complete": not result.failed,
         "blocks": {"total": result.blocks_total, "skipped": result.blocks_skipped,

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
@@ -40,6 +40,9 @@ from bigcare.store.write import create_image, update_attrs
 from bigcare.tasks.block import MARKER, RunSpec
 from bigcare.types import NGFF_VERSIONS, PRECISIONS, NgffVersion, Precision, check_choice
 from bigcare.version import __version__
+
+if TYPE_CHECKING:
+    from bigcare.predictors.shipping import ModelPayload
 
 __all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
            "finish_volume_run", "cluster_devices", "fit_to_cluster"]
@@ -65,8 +68,8 @@ class ModelRef:
     predictor: Predictor
     hash: str
     path: str | None = None
-    payload: object | None = None
-    obj: object | None = None
+    payload: ModelPayload | None = None
+    obj: Predictor | None = None
 
     @property
     def label(self) -> str:
@@ -194,7 +197,7 @@ def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool)
         )
     if ours["run_key"] == run_key:
         try:
-            group[MARKER]
+            group[MARKER]  # type: ignore[index]  # attrs were read: the group opened
         except KeyError:  # killed while the outputs were being created: no block was done
             return "replace"
         return "resume"

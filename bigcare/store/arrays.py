@@ -47,8 +47,8 @@ def open_array(url: str, path: str, mode: str = "r", storage_options: dict | Non
     with _LOCK:
         arr = _ARRAYS.get(key)
     if arr is None:
-        kwargs = {} if zarr_format is None else {"zarr_format": zarr_format}
-        arr = zarr.open_array(path=path, mode=mode, **kwargs, **store_kwargs(url, storage_options))
+        arr = zarr.open_array(path=path, mode=mode, zarr_format=zarr_format,  # type: ignore[arg-type]
+                              **store_kwargs(url, storage_options))
         with _LOCK:
             if len(_ARRAYS) >= _MAX:
                 _ARRAYS.clear()

@@ -42,7 +42,7 @@ class Axis:
     unit: str | None = None
 
     @classmethod
-    def named(cls, name: str, unit: str | None = None) -> "Axis":
+    def named(cls, name: str, unit: str | None = None) -> Axis:
         """An axis typed from its name by the table (``Axis.named("z", "micrometer")``)."""
         return cls(name.lower(), default_axis_type(name), None if default_axis_type(name) != "space" else unit)
 

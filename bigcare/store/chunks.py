@@ -76,7 +76,8 @@ class ImageRef:
         """Slices over all array axes for a box given over the non-channel axes."""
         sl = [slice(int(s), int(s) + int(n)) for s, n in zip(start, size)]
         if self.channel_axis is not None:
-            sl.insert(self.channel_axis, slice(self.channel, self.channel + 1))
+            c = self.channel or 0
+            sl.insert(self.channel_axis, slice(c, c + 1))
         return tuple(sl)
 
     @property
@@ -265,7 +266,7 @@ class RegionReader:
         layout = _fast_layout(self.array)
         self.fast = layout is not None
         self._id = (url, level.path)
-        if self.fast:
+        if layout is not None:
             self._stored, decoder = layout
             self._chunks = tuple(int(c) for c in self.array.chunks)
             self._nbytes = math.prod(self._chunks) * self._stored.itemsize
@@ -279,6 +280,11 @@ class RegionReader:
                 self._prefix = f"{root.rstrip('/')}/{level.path}/"
             else:
                 self._fs, self._prefix = None, os.path.join(url, level.path, "")
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """The array's chunk shape (the unit one fetch decodes)."""
+        return tuple(int(c) for c in self.array.chunks)
 
     def _fetch(self, key: str, buffers: ChunkBuffers):
         """The stored bytes of chunk ``key`` (a view of a scratch buffer for local files), or None."""

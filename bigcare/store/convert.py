@@ -25,10 +25,10 @@ import numpy as np
 import tifffile
 
 from bigcare.errors import InputError
-from bigcare.store.write import create_image
-from bigcare.store.pyramid import write_pyramid
 from bigcare.store.axes import Axis
+from bigcare.store.pyramid import write_pyramid
 from bigcare.store.volume import Volume
+from bigcare.store.write import create_image
 
 __all__ = ["tiff_to_ome_zarr", "describe"]
 
@@ -90,6 +90,7 @@ def _read_slab(tif: tifffile.TiffFile, layout: _Layout, region: dict[str, slice]
             if block is None:
                 block = np.empty(tuple(len(r) for r in ranges) + plane.shape, plane.dtype)
             block[pos] = plane
+    assert block is not None  # every slab holds at least one plane
     return block.transpose([layout.names.index(a) for a in layout.out])
 
 
@@ -108,9 +109,10 @@ def _metadata_voxel_size(tif: tifffile.TiffFile, spatial: str) -> tuple[dict[str
             root = None
         pixels = None if root is None else next((e for e in root.iter() if e.tag.endswith("Pixels")), None)
         if pixels is not None:
-            sizes = {a: float(pixels.get(f"PhysicalSize{a.upper()}")) for a in spatial if pixels.get(f"PhysicalSize{a.upper()}")}
-            units = {a: _unit(pixels.get(f"PhysicalSize{a.upper()}Unit", "µm")) for a in sizes}
-            if sizes and None not in units.values():
+            sizes = {a: float(v) for a in spatial if (v := pixels.get(f"PhysicalSize{a.upper()}"))}
+            found = {a: _unit(pixels.get(f"PhysicalSize{a.upper()}Unit", "µm")) for a in sizes}
+            units = {a: u for a, u in found.items() if u is not None}
+            if sizes and len(units) == len(found):
                 if len(set(units.values())) == 1:
                     return sizes, units.popitem()[1]
                 return {a: v * _IN_MICROMETER[units[a]] for a, v in sizes.items()}, "micrometer"
@@ -187,8 +189,8 @@ def tiff_to_ome_zarr(tiff_path, out_url, *, voxel_size: Sequence[float] | None =
                 raise InputError(f"voxel_size: expected {len(spatial)} positive values for axes {spatial!r}, got {tuple(voxel_size)}")
             sizes, size_unit = dict(zip(spatial, map(float, voxel_size))), unit
         else:
-            sizes, size_unit = _metadata_voxel_size(tif, spatial)
-            size_unit = size_unit or unit
+            sizes, found_unit = _metadata_voxel_size(tif, spatial)
+            size_unit = found_unit or unit
             missing = [a for a in spatial if a not in sizes]
             if missing:
                 warnings.warn(f"{path}: no voxel size for axes {''.join(missing)!r} in the TIFF metadata; "

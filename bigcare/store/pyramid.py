@@ -36,7 +36,7 @@ def mean_reduce(block: np.ndarray, factors: tuple[int, ...], out_shape: tuple[in
     pad = [(0, n * f - s) for n, f, s in zip(out_shape, factors, block.shape)]
     if any(p for _, p in pad):
         block = np.pad(block, pad, mode="edge")
-    acc = np.float32 if dtype.itemsize <= 2 and dtype.kind in "uib" else np.float64
+    acc: np.dtype = np.dtype(np.float32 if dtype.itemsize <= 2 and dtype.kind in "uib" else np.float64)
     if dtype.kind == "f":
         acc = np.promote_types(dtype, np.float32)
     cells = block.reshape([x for n, f in zip(out_shape, factors) for x in (n, f)])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -86,7 +86,7 @@ class Volume:
     attrs: dict = field(hash=False, repr=False)
 
     @property
-    def zarr_format(self) -> int:
+    def zarr_format(self) -> Literal[2, 3]:
         """Zarr format of the arrays: 2 for NGFF 0.4, 3 for NGFF 0.5."""
         return 2 if self.ngff_version == "0.4" else 3
 

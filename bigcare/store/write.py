@@ -20,11 +20,8 @@ Physical placement follows the mean: a level-k voxel covers ``F`` level-0 voxels
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any, Literal
 
 import fsspec
 import numcodecs
@@ -32,7 +29,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from bigcare.errors import BlockError, ConfigError, OutputError
+from bigcare.errors import ConfigError, OutputError
 from bigcare.store.axes import Axis, as_axes
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.urls import normalize_url, store_kwargs
@@ -206,7 +203,7 @@ def create_image(url, *, shape, dtype, chunks, axes: Sequence[Axis], scale, tran
 
     url = normalize_url(url)
     _check_target(url, storage_options, overwrite)
-    zarr_format = 3 if ngff_version == "0.5" else 2
+    zarr_format: Literal[2, 3] = 3 if ngff_version == "0.5" else 2
 
     cumulative, level_shapes, datasets = (1,) * len(axes), [shape], []
     for k in range(len(factors) + 1):
@@ -217,10 +214,11 @@ def create_image(url, *, shape, dtype, chunks, axes: Sequence[Axis], scale, tran
             {"type": "scale", "scale": [s * c for s, c in zip(scale, cumulative)]},
             {"type": "translation", "translation": [t + (c - 1) / 2 * s for t, c, s in zip(translation, cumulative, scale)]},
         ]})
-    multiscale = {"axes": [{k: v for k, v in (("name", a.name), ("type", a.type), ("unit", a.unit)) if v is not None} for a in axes],
-                  "datasets": datasets}
+    ngff_axes = [{k: v for k, v in (("name", a.name), ("type", a.type), ("unit", a.unit)) if v is not None} for a in axes]
+    multiscale: dict[str, Any] = {"axes": ngff_axes, "datasets": datasets}
     if name is not None:
         multiscale["name"] = name
+    root_attrs: dict[str, Any]
     if ngff_version == "0.5":
         root_attrs = {"ome": {"version": "0.5", "multiscales": [multiscale]}}
     else:

@@ -20,7 +20,7 @@ from bigcare.blocks.layout import AxisLayout
 from bigcare.blocks.plan import Block, BlockPlan
 from bigcare.blocks.zoom import zoom_region
 from bigcare.normalization import Normalizer
-from bigcare.predictors.base import predict_region
+from bigcare.predictors.base import Predictor, predict_region
 from bigcare.store.arrays import open_array
 from bigcare.types import Precision
 
@@ -49,7 +49,7 @@ class RunSpec:
     marker_url: str
     run_key: str
     torch_threads: int | None = None
-    predictor: object | None = None  # a shipped predictor object instead of a model folder
+    predictor: Predictor | None = None  # a predictor object sent with the spec instead of a model folder
     plan: BlockPlan | None = None  # the block plan: zoom (methods that change the grid) and tiles
 
 

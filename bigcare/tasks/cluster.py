@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from bigcare.errors import ConfigError
 from bigcare.types import CLUSTER_KINDS
@@ -104,7 +105,7 @@ def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | Non
                             dashboard_address=dashboard_address, silence_logs=40)
 
 
-def load_cluster_config(path: str | os.PathLike, kind: str) -> dict | list:
+def load_cluster_config(path: str | os.PathLike, kind: str) -> Any:
     """Read a cluster config file (YAML): a jobqueue config for slurm, a spec for kubernetes.
 
     Raises

@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +96,7 @@ class _Backend:
         kwargs: dict[str, Any] = {"pure": False}
         if self.key is not None:
             kwargs["key"] = [self.key(item) for item in items]
-        groups: dict[Hashable, list[int]] = {}
+        groups: dict[tuple | None, list[int]] = {}
         for i, item in enumerate(items):  # one map per distinct resource request
             r = self._resources(item)
             groups.setdefault(tuple(sorted(r.items())) if r else None, []).append(i)

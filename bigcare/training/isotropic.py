@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, signal
 
-from bigcare.errors import ConfigError
 from bigcare.blocks.zoom import interpolate_rows
+from bigcare.errors import ConfigError
 
 __all__ = ["LateralDegradation", "degrade_batches", "psf_kernels", "axial_blur_match"]
 
@@ -53,7 +53,7 @@ class LateralDegradation:
     margin: int
 
     @classmethod
-    def build(cls, kernel: np.ndarray, factor: float) -> "LateralDegradation":
+    def build(cls, kernel: np.ndarray, factor: float) -> LateralDegradation:
         """A degradation whose margin covers the kernel's radius plus one coarse row."""
         kernel = np.asarray(kernel, np.float64)
         if kernel.ndim != 2 or not np.isfinite(kernel).all() or kernel.sum() <= 0:
@@ -65,7 +65,7 @@ class LateralDegradation:
 
     def read_shape(self, patch_shape: tuple[int, int]) -> tuple[int, int]:
         """Shape of the lateral patches to read for final patches of ``patch_shape``."""
-        return tuple(p + 2 * self.margin for p in patch_shape)
+        return (patch_shape[0] + 2 * self.margin, patch_shape[1] + 2 * self.margin)
 
     def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Degrade a batch of read patches ``y`` (B, C, H, W); returns cropped ``(x, y)``, float32."""
@@ -192,8 +192,8 @@ def axial_blur_match(volume: np.ndarray, factor: float, sigma_xy: float, voxel_x
     dict
         ``{"sigma_z", "target", "ratios": {candidate: ratio}}``.
     """
-    from bigcare.metrics import _line_power, spectral_isotropy
     from bigcare.blocks.zoom import upsample_rows, zoom_length
+    from bigcare.metrics import line_power, spectral_isotropy
 
     v = np.asarray(volume, np.float32)
     target = spectral_isotropy(upsample_rows(v, 0, factor, 0, 0, zoom_length(len(v), factor)), cutoff)
@@ -206,7 +206,7 @@ def axial_blur_match(volume: np.ndarray, factor: float, sigma_xy: float, voxel_x
         kernel = psf_kernels({"kind": "gaussian", "sigma_xy": sigma_xy, "sigma_z": s}, (1.0, voxel_xy, voxel_xy),
                              split=True)["kernel"] if s > sigma_xy else np.ones((1, 1))
         x, _ = LateralDegradation.build(kernel, factor)(v[:, None], np.random.default_rng(seed))
-        rows, cols = (float(_line_power(x[:, 0], axis, n)[f > cutoff].sum()) for axis in (1, 2))
+        rows, cols = (float(line_power(x[:, 0], axis, n)[f > cutoff].sum()) for axis in (1, 2))
         ratios[s] = rows / cols
     s_sorted = sorted(ratios)
     r = np.array([ratios[s] for s in s_sorted])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from bigcare.errors import ConfigError
+
 __all__ = ["LOSSES", "get_loss"]
 
 
@@ -25,4 +27,4 @@ def get_loss(name: str):
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {name!r}") from None
+        raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {name!r}") from None

@@ -6,10 +6,11 @@ Huge datasets use the lazy sampler instead, which yields batches of the same for
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
+from bigcare.errors import ConfigError, InputError
 from bigcare.metrics import normalize_percentile
 
 __all__ = ["ArrayPairSampler"]
@@ -40,9 +41,9 @@ class ArrayPairSampler:
         self.patch_shape = tuple(patch_shape)
         for x, y in self.pairs:
             if x.shape != y.shape or x.ndim != len(self.patch_shape):
-                raise ValueError(f"pair shapes {x.shape} / {y.shape} do not fit patch shape {self.patch_shape}")
+                raise InputError(f"pair shapes {x.shape} / {y.shape} do not fit patch shape {self.patch_shape}")
             if any(p > n for p, n in zip(self.patch_shape, x.shape)):
-                raise ValueError(f"patch shape {self.patch_shape} is larger than the array {x.shape}")
+                raise ConfigError(f"patch shape {self.patch_shape} is larger than the array {x.shape}")
         self.flips = flips
         self.rng = np.random.default_rng(seed)
 

@@ -23,6 +23,7 @@ as :meth:`PatchSampler.batches` does, so both give the same batches.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import zarr
@@ -30,10 +31,10 @@ from zarr.codecs import BloscCodec
 
 from bigcare.errors import ConfigError, InputError, OutputError
 from bigcare.store.chunks import ImageRef, region_reader
-from bigcare.training.reads import normalize_batch, read_patches, unaugment
-from bigcare.tasks.runner import run_tasks
-from bigcare.store.volume import Level
 from bigcare.store.urls import normalize_url, store_kwargs
+from bigcare.store.volume import Level
+from bigcare.tasks.runner import run_tasks
+from bigcare.training.reads import normalize_batch, read_patches, unaugment
 
 __all__ = ["PatchStore", "write_store"]
 
@@ -51,7 +52,9 @@ def _split_name(split: str) -> str:
 
 def _write_rows(plan, url: str, storage_options, split: str, first: int, sources, starts) -> int:
     """Task: read one group of patches (raw, not augmented) and write them as rows ``first ...``."""
-    x, y = read_patches(plan, sources, starts, None, np.zeros(len(sources), np.uint8))
+    result = read_patches(plan, sources, starts, None, np.zeros(len(sources), np.uint8))
+    assert isinstance(result, tuple)  # no slot given: the arrays come back
+    x, y = result
     for name, data in (("x", x), ("y", y)):
         arr = zarr.open_array(path=f"{split}/{name}", mode="r+", zarr_format=3, **store_kwargs(url, storage_options))
         arr[first:first + len(data)] = data
@@ -59,7 +62,7 @@ def _write_rows(plan, url: str, storage_options, split: str, first: int, sources
 
 
 def write_store(sampler, url, *, split: str = "train", storage_options: dict | None = None,
-                overwrite: bool = False) -> "PatchStore":
+                overwrite: bool = False) -> PatchStore:
     """Write one split of ``sampler``'s patches to a patch store (see the module docstring).
 
     Parameters
@@ -93,9 +96,10 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
         group = zarr.open_group(mode="r+", zarr_format=3, **kwargs)
     except (FileNotFoundError, zarr.errors.BaseZarrError):
         group = None
-    if group is not None and _KEY not in group.attrs:
+    attrs: dict[str, Any] = dict(group.attrs) if group is not None else {}
+    if group is not None and _KEY not in attrs:
         raise OutputError(f"{url}: exists and is not a bigcare patch store; refusing to write into it")
-    if group is not None and split in group.attrs[_KEY].get("splits", {}) and not overwrite:
+    if group is not None and split in attrs[_KEY].get("splits", {}) and not overwrite:
         raise OutputError(f"{url}: already holds the {split!r} split; pass overwrite=True to replace it")
     if group is None:
         try:
@@ -103,7 +107,7 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             raise OutputError(f"{url}: exists and is not a bigcare patch store; refusing to write into it") from None
     n, shape = len(positions), sampler.patch_shape
-    meta = dict(group.attrs.get(_KEY, {}))
+    meta: dict[str, Any] = dict(attrs.get(_KEY, {}))
     splits = {k: v for k, v in meta.get("splits", {}).items() if k != split}
     meta.update({"version": 1, "patch_shape": list(shape), "batch_size": sampler.batch_size, "seed": sampler.seed,
                  "augment": sampler.augment, "rotations": sampler.rotations, "provenance": sampler.provenance,
@@ -176,9 +180,10 @@ class PatchStore:
             group = zarr.open_group(mode="r", zarr_format=3, **store_kwargs(self.url, self.storage_options))
         except (FileNotFoundError, zarr.errors.BaseZarrError):
             raise InputError(f"{self.url}: not a zarr group; expected a bigcare patch store") from None
-        if _KEY not in group.attrs:
+        attrs: dict[str, Any] = dict(group.attrs)
+        if _KEY not in attrs:
             raise InputError(f"{self.url}: zarr group without {_KEY!r} attributes; expected a bigcare patch store")
-        self._meta = dict(group.attrs[_KEY])
+        self._meta: dict[str, Any] = dict(attrs[_KEY])
         return group
 
     @property
@@ -202,10 +207,12 @@ class PatchStore:
         refs = []
         for role in ("x", "y"):
             arr = group[f"{name}/{role}"]
+            assert isinstance(arr, zarr.Array)
             level = Level(f"{name}/{role}", tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype),
                           (1.0,) * arr.ndim, (0.0,) * arr.ndim)
             refs.append(ImageRef(self.url, self.storage_options, 3, level, None, None))
-        scaling = np.asarray(group[f"{name}/scaling"][...])
+        scaling = np.asarray(zarr.open_array(path=f"{name}/scaling", mode="r", zarr_format=3,
+                                             **store_kwargs(self.url, self.storage_options))[...])
         n_codes = 8 if self._meta["rotations"] else 4 if self._meta["augment"] else 1
         items = ((tuple(refs), idx, codes, scaling[idx])
                  for idx, codes in batch_order(self.splits[name], batch_size=self.batch_size, seed=self._meta["seed"],

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.store.pyramid import mean_reduce
 from bigcare.store.chunks import ImageRef, region_reader
-from bigcare.tasks.runner import run_tasks
+from bigcare.store.pyramid import mean_reduce
 from bigcare.store.volume import Volume
+from bigcare.tasks.runner import run_tasks
 
 __all__ = ["COARSE_CELLS", "CoarseGrid", "Geometry", "Draw", "choose_coarse", "read_coarse",
            "draw_positions", "forward_max"]

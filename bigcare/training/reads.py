@@ -127,10 +127,10 @@ def read_patches(plan: ReadPlan, sources: np.ndarray, starts: np.ndarray, scalin
         x = np.ndarray(shapes[0], plan.dtypes[0], buffer=mm, offset=0)
         y = np.ndarray(shapes[1], plan.dtypes[1], buffer=mm, offset=sizes[0])
     _fill(plan, sources, starts, codes, x, y)
-    if mm is not None:
+    if mm is not None and into is not None:
         del x, y  # release the mapping's buffer before closing it
         mm.close()
-        return InSlot(into, shapes, tuple(np.dtype(d).str for d in plan.dtypes))
+        return InSlot(into, shapes, (np.dtype(plan.dtypes[0]).str, np.dtype(plan.dtypes[1]).str))
     if scaling is None:
         return x, y
     return normalize_batch(x, scaling[:, :2]), normalize_batch(y, scaling[:, 2:])
@@ -161,13 +161,13 @@ def _fill(plan: ReadPlan, sources: np.ndarray, starts: np.ndarray, codes: np.nda
     plans: list[tuple[tuple, list, list]] = []  # (chunk shape, selections, plan): input and target often share one
     for ref, sels, views in groups.values():
         reader = region_reader(ref)
-        plan = None
+        chunk_plan = None
         if reader.fast:
-            plan = next((p for c, s, p in plans if c == reader._chunks and s == sels), None)
-            if plan is None:
-                plan = reader.plan(sels)
-                plans.append((reader._chunks, sels, plan))
-        reader.read_many(sels, views, plan=plan)
+            chunk_plan = next((p for c, s, p in plans if c == reader.chunks and s == sels), None)
+            if chunk_plan is None:
+                chunk_plan = reader.plan(sels)
+                plans.append((reader.chunks, sels, chunk_plan))
+        reader.read_many(sels, views, plan=chunk_plan)
     for view, dest in pending:
         dest[...] = view.reshape(dest.shape)
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=10)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and str(device).startswith("cuda"))
-    validation = [(_to_tensor(x, device), _to_tensor(y, device)) for x, y in validation]
+    val_batches = [(_to_tensor(x, device), _to_tensor(y, device)) for x, y in validation]
     first = config.architecture.heads[0].name
     result = TrainResult(model_dir=Path(model_dir) if model_dir else None)
     if resume and result.model_dir is not None and (result.model_dir / "last" / STATE_JSON).exists():
@@ -150,7 +150,7 @@ def fit(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
         with torch.inference_mode(), _autocast(device, precision):
-            val = float(np.mean([loss_fn(model(x)[first].float(), y).item() for x, y in validation]))
+            val = float(np.mean([loss_fn(model(x)[first].float(), y).item() for x, y in val_batches]))
         scheduler.step(val)
         result.train_loss.append(float(np.mean(losses)))
         result.val_loss.append(val)
@@ -220,6 +220,7 @@ def _save(result: TrainResult, model: UNet, config: ModelConfig, which: str, *,
 
 def _restore(result: TrainResult, model: UNet, optimizer, scheduler, device) -> None:
     """Load weights, optimizer, scheduler and history from ``model_dir/last``."""
+    assert result.model_dir is not None  # resuming needs a model folder
     folder = result.model_dir / "last"
     try:
         state = json.loads((folder / STATE_JSON).read_text())
