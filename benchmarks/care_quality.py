@@ -1,4 +1,4 @@
-"""CARE vs non-local means on held-out synthetic volumes (issue 3 quality run).
+"""CARE vs non-local means on held-out synthetic volumes (the quality run).
 
     python benchmarks/care_quality.py [--epochs 12 --steps 20 --out /tmp/care_quality]
 

@@ -1,4 +1,4 @@
-"""Model-only throughput of CARE's default 3D U-Net per execution path (issue 6, part 2).
+"""Model-only throughput of CARE's default 3D U-Net per execution path.
 
 CSBDeep's default 3D CARE net (depth 2, 32 filters, kernel 3, ~1 M parameters, random weights)
 on a 64x256x256 float32 volume in one piece (CSBDeep + TensorFlow: 0.57 Mvoxel/s at 3.5 GiB peak

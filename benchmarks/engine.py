@@ -1,4 +1,4 @@
-"""Engine benchmarks (issue 2): overhead vs a plain dask copy, U-Net throughput vs in-memory,
+"""Engine benchmarks: overhead vs a plain dask copy, U-Net throughput vs in-memory,
 peak worker memory vs volume size. Prints its figures last; record them in RESULTS.md.
 
     python benchmarks/engine.py copy      # identity model vs dask zarr-to-zarr copy
@@ -125,7 +125,7 @@ CSBDEEP_CPU = {"Mvox_s": 0.57, "peak_rss_gib": 3.5}  # CSBDeep/TF, this 2-core V
 
 
 def bench_cpu_goal(tmp: Path, args) -> dict:
-    """Issue 6's CPU goal: default blocks, file to file, vs CSBDeep's in-memory figure.
+    """The CPU goal: default blocks, file to file, vs CSBDeep's in-memory figure.
 
     One fresh single-worker LocalCluster per variant (so the worker's peak RSS is the variant's),
     the CSBDeep default 3D net on a 64x256x256 uint16 OME-Zarr volume; the throughput counts

@@ -1,4 +1,4 @@
-"""Scheduler and bookkeeping cost per block task (issue 6, part 5: scale on paper).
+"""Scheduler and bookkeeping cost per block task (what sets the block size of a large cluster).
 
 Figures, on a LocalCluster of separate worker processes (default 2 workers x 1 thread):
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import read, write_volume
 from scipy import ndimage
 
 import bigcare
+from bigcare.blocks.zoom import upsample_rows, zoom_length
 from bigcare.errors import ConfigError
 from bigcare.models import load_model
-from bigcare.blocks.zoom import upsample_rows, zoom_length
 from bigcare.training import train
 from bigcare.training.isotropic import LateralDegradation, degrade_batches
+from conftest import read, write_volume
 
 
 def _gaussian_rows(sigma: float) -> np.ndarray:

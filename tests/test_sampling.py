@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import json
 import os
+import re
+import sys
 
 import fsspec
 import numpy as np
 import pytest
 import zarr
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import ValidationError
 from scipy import ndimage
 
-from bigcare.errors import ConfigError, InputError
-from bigcare.store.write import create_image
-from bigcare.training import positions as positions_module
-from bigcare.training import sampling as sampling_module
-from bigcare.training.patchstore import PatchStore
-from bigcare.tasks import slots as slots_module
-from bigcare.training import reads
+from bigcare.errors import ConfigError, InputError, format_validation_error
+from bigcare.store.axes import Axis
 from bigcare.store.chunks import RegionReader, tune_malloc
+from bigcare.store.write import create_image
+from bigcare.tasks import slots as slots_module
+from bigcare.training import positions as positions_module
+from bigcare.training import reads
+from bigcare.training import sampling as sampling_module
+from bigcare.training.config import SamplingConfig
+from bigcare.training.patchstore import PatchStore
 from bigcare.training.reads import augment
 from bigcare.training.sampling import PatchSampler, Source
-from bigcare.store.axes import Axis
 from conftest import write_volume
 
 PATCH = (8, 32, 32)
+#: glibc's malloc, /proc/self/environ and /dev/shm: what the worker tuning and the result slots use.
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm"),
+                           reason="needs Linux (glibc malloc, /proc, /dev/shm)")
 
 
 class CountingFileSystem(LocalFileSystem):
@@ -101,7 +110,7 @@ def test_sampling_reads_only_the_coarse_level_and_the_patch_chunks(pair):
     assert level > 0
     assert drawing and all(p.startswith(f"{y}/{level}/c/") for p in drawing), drawing  # the target's coarse level only
 
-    sampler.tables  # normalization statistics: a separate, explicit phase
+    _ = sampler.tables  # normalization statistics: a separate, explicit phase
     CountingFileSystem.opened.clear()
     for _ in sampler.batches("train", epochs=1):
         pass
@@ -254,14 +263,12 @@ def test_cluster_batches_equal_thread_pool_batches(client, pair):
     assert len(list(remote.batches("val"))) == 1
 
 
+@LINUX
 def test_malloc_is_tuned_in_dask_workers_only(client):
     # workers start with MALLOC_TRIM_THRESHOLD_ (dask's nanny); this process got it in
     # os.environ from starting the cluster, but its malloc must keep its dynamic threshold
-    import os
-    import sys
-
     assert set(client.run(tune_malloc).values()) == {True}
-    assert "MALLOC_TRIM_THRESHOLD_" in os.environ or not sys.platform.startswith("linux")
+    assert "MALLOC_TRIM_THRESHOLD_" in os.environ
     assert tune_malloc() is False
 
 
@@ -321,7 +328,8 @@ def test_read_patches_decodes_each_chunk_once_and_matches_patch_by_patch_reads(t
         plan = sampler._plan
         fetched = []
         read_many = RegionReader.read_many
-        monkeypatch.setattr(RegionReader, "read_many", lambda self, *a, **k: fetched.append(read_many(self, *a, **k)) or fetched[-1])
+        monkeypatch.setattr(RegionReader, "read_many",
+                            lambda self, *a, _got=fetched, _read=read_many, **k: _got.append(_read(self, *a, **k)) or _got[-1])
         bx, by = reads.read_patches(plan, np.zeros(n, int), starts, None, codes)
         monkeypatch.undo()
         for k in range(n):
@@ -350,6 +358,7 @@ def test_unaugment_is_the_inverse_view_of_augment():
         np.testing.assert_array_equal(out, augment(a, code))
 
 
+@LINUX
 def test_cluster_results_come_through_shared_memory_and_the_slots_are_removed(client, pair, monkeypatch):
     import glob
 
@@ -440,11 +449,16 @@ def test_channel_errors_name_the_channel(tmp_path, pair):
 
 def test_bad_parameters_are_config_errors(pair):
     x, y, _, _ = pair
-    with pytest.raises(ConfigError, match=r"sources\[0\]: unknown key\(s\) \['inputs'\]"):
+    with pytest.raises(ConfigError, match=r"^sources\.0\.input: required key missing; "
+                                          r"sources\.0\.inputs: unknown key \(not allowed\) \(got '.*x\.zarr'\)$"):
         PatchSampler([{"inputs": x}], PATCH, n_patches=10)
+    with pytest.raises(ConfigError, match=r"^sources\.0: expected a Source, an image path .* \(got 7\)$"):
+        PatchSampler([7], PATCH, n_patches=10)
+    with pytest.raises(ConfigError, match=r"^sources: Input should be a valid list"):
+        PatchSampler(x, PATCH, n_patches=10)
     with pytest.raises(ConfigError, match="patch_shape: expected 2 or 3 positive integers"):
         PatchSampler([(x, y)], (4, 8, 32, 32), n_patches=10)
-    with pytest.raises(ConfigError, match=r"validation_fraction: expected a number in \[0, 1\), got 1.5"):
+    with pytest.raises(ConfigError, match=r"^validation_fraction: Input should be less than 1 \(got 1.5\)$"):
         PatchSampler([(x, y)], PATCH, n_patches=10, validation_fraction=1.5)
     with pytest.raises(ConfigError, match=r"pmin_range: expected two percentiles"):
         PatchSampler([(x, y)], PATCH, n_patches=10, pmin_range=(3, 1))
@@ -454,6 +468,66 @@ def test_bad_parameters_are_config_errors(pair):
         PatchSampler([(x, x + "-missing")], PATCH, n_patches=10)
     with pytest.raises(ConfigError, match="split: expected 'train' or 'val', got 'test'"):
         next(PatchSampler([(x, y)], PATCH, n_patches=10).batches("test"))
+
+
+def test_sampler_keywords_are_the_sampling_config():
+    """One schema: every sampler parameter but the client is a SamplingConfig field, same default."""
+    params = {name: p for name, p in inspect.signature(PatchSampler).parameters.items() if name != "client"}
+    assert set(params) == set(SamplingConfig.model_fields)
+    for name, field in SamplingConfig.model_fields.items():
+        default = params[name].default
+        if field.is_required():
+            assert default is inspect.Parameter.empty, name
+        else:
+            assert default == field.default, name
+
+
+def test_source_is_one_schema_for_paths_pairs_and_mappings(tmp_path):
+    from pathlib import Path
+
+    pair = Source("a.zarr", "b.zarr", input_channel=0)
+    assert pair == Source.model_validate({"input": "a.zarr", "target": "b.zarr", "input_channel": 0})
+    assert Source.model_validate(("a.zarr", "b.zarr")) == Source(input="a.zarr", target="b.zarr")
+    assert Source.model_validate(Path("a.zarr")) == Source(Path("a.zarr")) == Source("a.zarr")
+    assert Source(Path("a.zarr")).input == "a.zarr"
+    with pytest.raises(ConfigError, match=r"^Source: input_channel: Input should be greater than or equal to 0 \(got -1\)$"):
+        Source("a.zarr", input_channel=-1)
+    with pytest.raises(ConfigError, match=r"^Source: inputs: unknown key \(not allowed\) \(got 'b.zarr'\)$"):
+        Source("a.zarr", inputs="b.zarr")
+    with pytest.raises(TypeError, match="both positionally and as a keyword"):
+        Source("a.zarr", input="b.zarr")
+    with pytest.raises(ValidationError, match="frozen"):
+        pair.target = "c.zarr"
+    secret = Source("a.zarr", storage_options={"key": "s3cr3t"})
+    assert secret.storage_options == {"key": "s3cr3t"}
+    assert "s3cr3t" not in repr(secret) and "storage_options" not in secret.model_dump()
+
+
+def test_storage_options_are_never_recorded(pair):
+    x, y, _, _ = pair
+    sampler = PatchSampler([Source(x, y, storage_options={"key": "s3cr3t"})], PATCH, n_patches=10, seed=0)
+    assert sampler.settings.sources[0].storage_options == {"key": "s3cr3t"}  # kept for reading
+    record = json.dumps(sampler.provenance)
+    assert x in record and "s3cr3t" not in record and "storage_options" not in record
+
+
+@pytest.mark.parametrize("keywords, message", [
+    ({"n_patches": 0}, r"^n_patches: Input should be greater than or equal to 1 \(got 0\)$"),
+    ({"n_patches": 1}, r"^validation_fraction: leaves no training patch of n_patches=1 \(got 0.1\)$"),
+    ({"foreground_threshold": 1.5}, r"^foreground_threshold: Input should be less than or equal to 1"),
+    ({"foreground_percentile": 0}, r"^foreground_percentile: Input should be greater than 0"),
+    ({"pmax_range": (2.0, 99.0)}, r"^pmax_range: expected percentiles above pmin_range \(1.0, 3.0\)"),
+    ({"seed": -1}, r"^seed: Input should be greater than or equal to 0"),
+    ({"batch_size": 0}, r"^batch_size: Input should be greater than or equal to 1"),
+    ({"read_ahead": -1}, r"^read_ahead: Input should be greater than or equal to 0"),
+    ({"coarse_level": -1}, r"^coarse_level: Input should be greater than or equal to 0"),
+])
+def test_sampler_limits_are_checked_before_any_read(keywords, message):
+    with pytest.raises(ConfigError, match=message):
+        PatchSampler([("missing-x.zarr", "missing-y.zarr")], PATCH, **{"n_patches": 10, **keywords})
+    with pytest.raises(ValidationError) as err:
+        SamplingConfig.model_validate({"sources": ["s.zarr"], "patch_shape": list(PATCH), "n_patches": 10, **keywords})
+    assert re.match(message, format_validation_error(err.value))
 
 
 def test_empty_target_is_an_input_error(tmp_path):

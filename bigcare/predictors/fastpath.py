@@ -1,8 +1,8 @@
-"""Fast, result-preserving execution of a U-Net on one device (issue 6).
+"""Fast, result-preserving execution of a U-Net on one device.
 
 :func:`prepare_model` wraps a network into a callable ``f(x) -> {head: tensor}`` that runs it
 in inference mode with the fastest execution path measured for the device and precision
-(``benchmarks/cpu_paths.py``, ``benchmarks/throughput_notes.md``)::
+(``benchmarks/cpu_paths.py``; figures in ``benchmarks/THROUGHPUT_NOTES.md``)::
 
     f = prepare_model(model, device="cpu", precision="bf16")
     out = f(x)          # x: (N, C, *spatial) float32 on the device; out: float32, contiguous

@@ -23,85 +23,146 @@ target image): give the volume as the only source, 2D patches and an ``isotropic
       psf: {kind: gaussian, sigma_xy: 2.0, sigma_z: 5.0}   # physical units of the volume
       # factor: 2.5   default: Z voxel size / X voxel size of the first source
 
+One schema per object: ``data.sources[]`` is :class:`~bigcare.training.sources.Source`; the
+sampling keys of ``data:`` and ``training:`` are :class:`SamplingConfig`'s, the keyword arguments
+of :class:`~bigcare.training.sampling.PatchSampler`; ``network:`` is the model's own
+:class:`~bigcare.models.architecture.UNetConfig`. YAML and Python thus accept the same values
+with the same limits and report a bad one in the same words, YAML's with its section in front
+(``data.sources.0.input_channel: ...`` here, ``sources.0.input_channel: ...`` from the sampler).
 Unknown keys and wrong types are errors that name the key (``training.epoch: unknown key``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from bigcare.errors import ConfigError, format_validation_error
+from bigcare.models.architecture import UNetConfig, divisor
+from bigcare.schema import Schema
+from bigcare.training.sources import Source
 
-__all__ = ["TrainConfig", "DataConfig", "NetworkConfig", "TrainingConfig", "ClusterConfig",
-           "IsotropicTrainConfig", "PSFConfig", "load_train_config", "describe_schema"]
+__all__ = ["TrainConfig", "DataConfig", "SamplingConfig", "TrainingConfig", "ClusterConfig",
+           "IsotropicTrainConfig", "PSFConfig", "load_train_config", "describe_schema", "validated"]
 
 
-class _Strict(BaseModel, extra="forbid", validate_assignment=True):
+class _Strict(Schema, validate_assignment=True):
     pass
 
 
-class SourceConfig(_Strict):
-    """One training source: an (input, target) pair of OME-Zarr images, or one image whose
-    channels ``input_channel`` and ``target_channel`` hold input and target."""
+def validated(schema: type[BaseModel], values, *, where: str | None = None):
+    """``schema.model_validate(values)``, a bad value raising one :class:`ConfigError`.
 
-    input: str = Field(description="OME-Zarr image (path or fsspec URL) with the low-SNR input.")
-    target: str | None = Field(None, description="OME-Zarr image with the high-SNR target; "
-                               "omit when the input image holds both as channels.")
-    input_channel: int | None = Field(None, ge=0, description="Channel of the input in a two-channel image.")
-    target_channel: int | None = Field(None, ge=0, description="Channel of the target in a two-channel image.")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options (e.g. S3 endpoint).")
+    The message names every bad key (:func:`bigcare.errors.format_validation_error`), after
+    ``where + ": "`` when given; YAML and Python thus report a value in the same words.
+    """
+    try:
+        return schema.model_validate(values)
+    except ValidationError as e:
+        message = format_validation_error(e)
+        raise ConfigError(f"{where}: {message}" if where else message) from None
 
 
-class DataConfig(_Strict):
-    """Where patches come from and how they are drawn."""
+class _PatchDraw(_Strict):
+    """Where patches come from and how they are drawn (``data:`` and the sampler alike)."""
 
-    sources: list[SourceConfig] = Field(min_length=1, description="Training sources.")
+    sources: list[Source] = Field(min_length=1, description="Training sources.")
     patch_shape: list[int] = Field(description="Patch shape, 2 (YX) or 3 (ZYX) sizes, each a "
-                                   "multiple of 2**network.depth.")
-    n_patches: int = Field(2000, ge=2, description="Patches drawn in all (training + validation).")
-    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of patches kept for "
-                                       "validation, from regions disjoint from training patches.")
+                                   "multiple of network.pool**network.depth.")
+    n_patches: int = Field(2000, ge=1, description="Patches drawn in all (training + validation); "
+                           "at least one must be left for training.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, validate_default=True,
+                                       description="Share of patches kept for validation (at least "
+                                       "one when > 0), from regions disjoint from training patches; "
+                                       "training needs > 0.")
     foreground_threshold: float = Field(0.4, ge=0, le=1, description="CSBDeep's patch filter: a "
                                         "patch is foreground if its target maximum exceeds this "
-                                        "fraction of the target's foreground_percentile.")
+                                        "fraction of the target's foreground_percentile; 0 samples "
+                                        "uniformly.")
     foreground_percentile: float = Field(99.9, gt=0, le=100, description="See foreground_threshold.")
-    pmin_range: tuple[float, float] = Field((1.0, 3.0), description="Per-patch random low percentile range.")
-    pmax_range: tuple[float, float] = Field((99.5, 99.9), description="Per-patch random high percentile range.")
-    augment: bool = Field(True, description="Random lateral flips and 90-degree rotations.")
-    patch_store: str | None = Field(None, description="If set, sampled patches are written once to "
-                                    "this zarr store and training streams from it.")
+    coarse_level: int | None = Field(None, ge=0, description="Pyramid level of the targets used to "
+                                     "find foreground; default the coarsest with cells of at most "
+                                     "half a patch.")
+    pmin_range: tuple[float, float] = Field((1.0, 3.0), description="Per-patch random low percentile "
+                                            "range (0 <= low <= high <= 100).")
+    pmax_range: tuple[float, float] = Field((99.5, 99.9), validate_default=True,
+                                            description="Per-patch random high percentile range, "
+                                            "above pmin_range.")
+    augment: bool = Field(True, description="Random lateral flips, and 90-degree rotations when the "
+                          "lateral voxels and the patch are square.")
 
     @field_validator("patch_shape")
     @classmethod
     def _check_patch(cls, v):
         if len(v) not in (2, 3) or any(s < 1 for s in v):
-            raise ValueError(f"must have 2 (YX) or 3 (ZYX) positive sizes, got {v}")
+            raise ValueError("expected 2 or 3 positive integers (YX or ZYX)")
+        return v
+
+    @field_validator("validation_fraction")
+    @classmethod
+    def _leaves_training(cls, v, info: ValidationInfo):
+        n = info.data.get("n_patches")
+        if n is not None and v > 0 and n - max(1, round(n * v)) < 1:
+            raise ValueError(f"leaves no training patch of n_patches={n}")
+        return v
+
+    @field_validator("pmin_range", "pmax_range")
+    @classmethod
+    def _check_range(cls, v, info: ValidationInfo):
+        if not 0 <= v[0] <= v[1] <= 100:
+            raise ValueError("expected two percentiles with 0 <= low <= high <= 100")
+        low = info.data.get("pmin_range")
+        if info.field_name == "pmax_range" and low is not None and not low[1] < v[0]:
+            raise ValueError(f"expected percentiles above pmin_range {low}")
         return v
 
 
-class NetworkConfig(_Strict):
-    """The CARE U-Net (CSBDeep's defaults)."""
+class _BatchDraw(_Strict):
+    """How patches are batched (``training:`` and the sampler alike)."""
 
-    depth: int = Field(2, ge=1, le=5, description="Pooling levels.")
-    n_filter_base: int = Field(32, ge=1, le=512, description="Filters of the first level (doubling per level).")
-    kernel_size: int | None = Field(None, ge=1, description="Convolution size; default 3 in 3D, 5 in 2D.")
-    n_conv_per_depth: int = Field(2, ge=1, le=4, description="Convolutions per level.")
-    residual: bool = Field(True, description="Predict the residual to the input.")
+    seed: int = Field(0, ge=0, description="Seed of the patch draw, the initial weights and the batch order.")
+    batch_size: int = Field(16, ge=1, description="Patches per batch.")
+    read_ahead: int = Field(4, ge=0, description="Batches read ahead while the trainer works on the current one.")
 
 
-class TrainingConfig(_Strict):
-    """The optimisation (CARE: Adam at 4e-4, MAE, halve the rate after 10 stalled epochs)."""
+class SamplingConfig(_BatchDraw, _PatchDraw):
+    """The parameters of :class:`bigcare.training.sampling.PatchSampler`, one schema with YAML's.
+
+    ``data:`` holds the same fields but ``seed``, ``batch_size`` and ``read_ahead``, which
+    ``training:`` holds; limits, defaults and messages are this model's. Limits:
+    ``n_patches >= 1`` with one patch left for training; ``0 <= validation_fraction < 1`` (0:
+    no validation patches, for sampling; training needs validation, see :class:`TrainConfig`);
+    ``0 <= foreground_threshold <= 1``; ``0 < foreground_percentile <= 100``; percentile
+    ranges ``0 <= low <= high <= 100`` with ``pmin_range`` below ``pmax_range``;
+    ``seed >= 0``; ``batch_size >= 1``; ``read_ahead >= 0``; ``coarse_level >= 0``.
+    """
+
+
+class DataConfig(_PatchDraw):
+    """Where patches come from and how they are drawn (the sampler's fields, see :class:`SamplingConfig`)."""
+
+    patch_store: str | None = Field(None, description="If set, sampled patches are written once to "
+                                    "this zarr store and training streams from it.")
+
+
+#: ``network:`` keys that follow from the data: their value (the default, and what a given one must equal).
+_FROM_DATA = {"ndim": "len(data.patch_shape)", "n_channel_in": "1 (one input channel per source)",
+              "n_channel_out": "1 (one target channel per source)"}
+
+
+class TrainingConfig(_BatchDraw):
+    """The optimisation (CARE: Adam at 4e-4, MAE, halve the rate after 10 stalled epochs).
+
+    ``seed``, ``batch_size`` and ``read_ahead`` are the sampler's (see :class:`SamplingConfig`).
+    """
 
     epochs: int = Field(100, ge=1, description="Epochs.")
     steps_per_epoch: int = Field(100, ge=1, description="Batches per epoch.")
-    batch_size: int = Field(16, ge=1, description="Patches per batch.")
     lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
     loss: Literal["mae", "mse"] = Field("mae", description="Per-pixel loss.")
-    seed: int = Field(0, description="Seed of the patch draw, the initial weights and the batch order.")
     device: str | None = Field(None, description="cpu, cuda or cuda:N; default cuda when available.")
     precision: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="Autocast precision; "
                                                               "default bf16 on GPU, fp32 on CPU.")
@@ -147,29 +208,76 @@ class IsotropicTrainConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Everything ``bigcare train`` needs."""
+    """Everything ``bigcare train`` needs.
+
+    ``network`` is the model's own :class:`bigcare.models.architecture.UNetConfig` (its limits
+    and messages): ``ndim`` comes from ``len(data.patch_shape)``, ``n_channel_in`` and
+    ``n_channel_out`` are 1; given anyway, they must equal these. Cross-section rules: ``data.patch_shape`` is a multiple of
+    ``network.pool**network.depth``; training needs ``data.validation_fraction > 0`` (the best
+    model is chosen by validation loss) and one network head.
+    """
 
     model_dir: str = Field(description="Output folder: best/ and last/ model folders, history.jsonl.")
     data: DataConfig
-    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    network: UNetConfig = Field(description="The CARE U-Net (bigcare.models.UNetConfig); "
+                                "default CSBDeep's, for len(data.patch_shape) dimensions.")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     isotropic: IsotropicTrainConfig | None = Field(None, description="Isotropic restoration (see above).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _network_from_data(cls, values):
+        if not isinstance(values, dict):
+            return values
+        network = values.get("network", {})
+        if isinstance(network, dict) and "ndim" not in network:
+            data = values.get("data")
+            shape = data.patch_shape if isinstance(data, DataConfig) else \
+                data.get("patch_shape") if isinstance(data, dict) else None
+            # a bad or missing patch_shape is reported under data; 3 only lets network validate
+            ndim = len(shape) if isinstance(shape, (list, tuple)) and len(shape) in (2, 3) else 3
+            values = {**values, "network": {"ndim": ndim, **network}}
+        return values
+
     @model_validator(mode="after")
-    def _patch_fits_network(self):
+    def _sections_agree(self):
+        data, net = self.data, self.network
+        if net.ndim != len(data.patch_shape):
+            raise ValueError(f"network.ndim: {net.ndim} does not match data.patch_shape {data.patch_shape}; "
+                             f"leave it out, it is {_FROM_DATA['ndim']}")
+        for key in ("n_channel_in", "n_channel_out"):
+            if getattr(net, key) != 1:
+                raise ValueError(f"network.{key}: expected {_FROM_DATA[key]}, got {getattr(net, key)}")
+        if len(net.heads) != 1:
+            raise ValueError(f"network.heads: training fits one head, got {len(net.heads)}")
         if self.isotropic is not None:
-            if len(self.data.patch_shape) != 2:
+            if len(data.patch_shape) != 2:
                 raise ValueError(f"isotropic training needs 2D patches (YX), got data.patch_shape "
-                                 f"{self.data.patch_shape}")
-            if any(s.target is not None for s in self.data.sources):
+                                 f"{data.patch_shape}")
+            if any(s.target is not None for s in data.sources):
                 raise ValueError("isotropic training learns from the volume itself: give data.sources "
                                  "without 'target'")
-        div = 2 ** self.network.depth
-        if any(s % div for s in self.data.patch_shape):
-            raise ValueError(f"data.patch_shape {self.data.patch_shape} must be multiples of "
-                             f"2**network.depth = {div}")
+        div = divisor(net)
+        if any(s % div for s in data.patch_shape):
+            raise ValueError(f"data.patch_shape {data.patch_shape} must be multiples of "
+                             f"network.pool**network.depth = {net.pool}**{net.depth} = {div}")
+        if data.validation_fraction == 0:
+            raise ValueError("data.validation_fraction: training chooses model_dir/best by validation loss, "
+                             "so it needs validation patches: expected a fraction in (0, 1), got 0")
         return self
+
+    def sampling(self, **override) -> SamplingConfig:
+        """The :class:`SamplingConfig` of this config (``data:`` and ``training:``), with overrides.
+
+        Raises
+        ------
+        ConfigError
+            If an override is invalid.
+        """
+        values = {name: getattr(self.data if name in DataConfig.model_fields else self.training, name)
+                  for name in SamplingConfig.model_fields}
+        return validated(SamplingConfig, {**values, **override})
 
 
 def load_train_config(config) -> TrainConfig:
@@ -194,35 +302,42 @@ def load_train_config(config) -> TrainConfig:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{where} must be a mapping of keys, got {type(config).__name__}")
-    try:
-        return TrainConfig.model_validate(config)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+    return validated(TrainConfig, config, where=where)
 
 
 def describe_schema() -> str:
     """Every key of the training config with its type, default and meaning (for --help)."""
     lines = []
 
+    def section(field) -> tuple[type[BaseModel] | None, bool]:  # (model of a section or list item, a list)
+        ann = field.annotation
+        options = [a for a in (getattr(ann, "__args__", None) or (ann,)) if a is not type(None)]
+        one = options[0] if len(options) == 1 else None
+        model = one if isinstance(one, type) and issubclass(one, BaseModel) else None
+        return model, model is not None and getattr(ann, "__origin__", None) is list
+
     def walk(model, prefix):
         for name, field in model.model_fields.items():
             ann = field.annotation
-            options = [a for a in (getattr(ann, "__args__", None) or (ann,)) if a is not type(None)]
-            sub = options[0] if len(options) == 1 and isinstance(options[0], type) and \
-                issubclass(options[0], BaseModel) else None
-            if sub is not None and ann is not sub:
-                lines.append(f"  {prefix}{name}: optional section ({field.description or ''})")
-            if sub is None and name == "sources":
-                sub = SourceConfig
-                lines.append(f"  {prefix}{name}: list of sources (required)")
+            sub, listed = section(field)
+            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+            if listed:
+                extra = ("; a source may also be an image path or an [input, target] pair" if sub is Source
+                         else "; training fits one" if prefix == "network." else "")
+                lines.append(f"  {prefix}{name}: list of {sub.__name__} ({default}{extra})")
                 walk(sub, f"{prefix}{name}[].")
                 continue
             if sub is not None:
+                if ann is not sub:
+                    lines.append(f"  {prefix}{name}: optional section ({field.description or ''})")
                 walk(sub, f"{prefix}{name}.")
                 continue
-            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+            description = field.description or ""
+            if prefix == "network." and name in _FROM_DATA:
+                default = f"default {_FROM_DATA[name]}"
+                description = description.rstrip(".") + "; if given, must equal the default."
             type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-            lines.append(f"  {prefix}{name} ({type_name}, {default}): {field.description or ''}")
+            lines.append(f"  {prefix}{name} ({type_name}, {default}): {description}")
 
     walk(TrainConfig, "")
     return "\n".join(lines)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
-from bigcare.version import __version__
-from bigcare.models import UNet, UNetConfig
-from bigcare.models.folder import ModelConfig, Normalization
 from bigcare.errors import ConfigError
-from bigcare.models import IsotropicConfig
+from bigcare.models import IsotropicConfig, UNet
+from bigcare.models.folder import ModelConfig, Normalization
 from bigcare.training.config import TrainConfig, load_train_config
 from bigcare.training.isotropic import LateralDegradation, degrade_batches, psf_kernels
+from bigcare.training.sources import Source
 from bigcare.training.trainer import TrainResult, fit
+from bigcare.version import __version__
 
 __all__ = ["train"]
 
@@ -51,14 +51,16 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
 
     device = cfg.training.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = cfg.training.precision or ("bf16" if device.startswith("cuda") else "fp32")
-    data, net, opt = cfg.data, cfg.network, cfg.training
-    ndim = len(data.patch_shape)
-    sources = [s.model_dump(exclude_none=True) for s in data.sources]
+    data, arch, opt = cfg.data, cfg.network, cfg.training  # arch: the model's own UNetConfig
+    ndim = arch.ndim
+    sources = list(data.sources)
     degradation, iso = None, None
     if cfg.isotropic is not None:
         sources, degradation, iso = _isotropic_setup(cfg, sources)
     read_shape = degradation.read_shape(tuple(data.patch_shape)) if degradation else tuple(data.patch_shape)
+    settings = cfg.sampling(sources=sources, patch_shape=list(read_shape))
 
+    context: contextlib.AbstractContextManager
     if client is None:
         from bigcare.tasks.cluster import cluster_client
 
@@ -66,31 +68,23 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
     else:
         context = contextlib.nullcontext(client)
     with context as c:
-        sampler = PatchSampler(
-            sources, read_shape,
-            n_patches=data.n_patches, validation_fraction=data.validation_fraction,
-            foreground_threshold=data.foreground_threshold, foreground_percentile=data.foreground_percentile,
-            pmin_range=data.pmin_range, pmax_range=data.pmax_range, augment=data.augment, seed=opt.seed,
-            client=c, batch_size=opt.batch_size,
-        )
+        sampler = PatchSampler(client=c, **dict(settings))
         if data.patch_store:
             store = sampler.write_patch_store(data.patch_store, overwrite=True)
             batches = store.batches("train")
         else:
             batches = sampler.batches("train")
-        validation = sampler.batches("val", epochs=1)
+        val_batches = sampler.batches("val", epochs=1)
         if degradation is not None:
             batches = degrade_batches(batches, degradation, opt.seed)
-            validation = degrade_batches(validation, degradation, opt.seed + 1)
-        validation = list(validation)
-        arch = UNetConfig(ndim=ndim, depth=net.depth, n_filter_base=net.n_filter_base, kernel_size=net.kernel_size,
-                          n_conv_per_depth=net.n_conv_per_depth, residual=net.residual)
+            val_batches = degrade_batches(val_batches, degradation, opt.seed + 1)
+        validation = list(val_batches)
         provenance = {
             "data": sampler.provenance,
             "config": cfg.model_dump(mode="json"),
             "trained_with": {"bigcare": __version__, "torch": torch.__version__, "python": platform.python_version(),
                              "device": device, "precision": precision},
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         # prediction normalizes with the middle of the per-sample percentile ranges used in training
         normalization = Normalization(pmin=sum(data.pmin_range) / 2, pmax=sum(data.pmax_range) / 2)
@@ -110,27 +104,27 @@ def train(config, *, client=None, progress: bool = True) -> TrainResult:
                    tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
 
 
-def _isotropic_setup(cfg: TrainConfig, sources: list[dict]):
+def _isotropic_setup(cfg: TrainConfig, sources: list[Source]):
     """Sources read as (image, image) pairs, the lateral degradation and the model's isotropic
     section, from the config's ``isotropic`` section. Reads metadata only."""
     from bigcare.store.volume import open_volume
 
-    first = open_volume(sources[0]["input"], storage_options=sources[0].get("storage_options"))
+    first = open_volume(sources[0].input, storage_options=sources[0].storage_options)
     scale = dict(zip(first.axis_names, first.scale))
     if not {"z", "y", "x"} <= set(scale):
         raise ConfigError(f"isotropic training needs a volume with Z, Y and X axes; {first.url} has axes "
                           f"{''.join(first.axis_names).upper()!r}")
-    factor = cfg.isotropic.factor or scale["z"] / scale["x"]
+    section = cfg.isotropic
+    assert section is not None
+    factor = section.factor or scale["z"] / scale["x"]
     if not factor > 1:
         raise ConfigError(f"isotropic.factor: {first.url} has voxel sizes z={scale['z']:g}, x={scale['x']:g}, "
                           "so its Z is not coarser than X; give isotropic.factor (> 1) explicitly")
-    psf = cfg.isotropic.psf.model_dump(exclude_none=True)
-    kernels = psf_kernels(psf, (scale["z"], scale["y"], scale["x"]), split=cfg.isotropic.split)
+    psf = section.psf.model_dump(exclude_none=True)
+    kernels = psf_kernels(psf, (scale["z"], scale["y"], scale["x"]), split=section.split)
     degradation = LateralDegradation.build(kernels["kernel"], factor)
-    pairs = []
-    for s in sources:
-        channel = s.get("input_channel")
-        pairs.append({**s, "target": s["input"], "input_channel": channel, "target_channel": channel})
-    record = {**psf, "split": cfg.isotropic.split, "kernel_shape": list(kernels["kernel"].shape),
+    pairs = [Source(input=s.input, target=s.input, input_channel=s.input_channel, target_channel=s.input_channel,
+                    storage_options=s.storage_options) for s in sources]
+    record = {**psf, "split": section.split, "kernel_shape": list(kernels["kernel"].shape),
               "lateral_voxel": float(scale["x"])}
-    return pairs, degradation, IsotropicConfig(factor=factor, combine=cfg.isotropic.combine, psf=record)
+    return pairs, degradation, IsotropicConfig(factor=factor, combine=section.combine, psf=record)

@@ -25,17 +25,19 @@ import collections
 import itertools
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from typing import cast
 
 import numpy as np
 
 from bigcare.errors import ConfigError
-from bigcare.training.positions import COARSE_CELLS, Geometry, choose_coarse, draw_positions, read_coarse
-from bigcare.tasks.slots import InSlot, ResultSlots
-from bigcare.training.reads import ReadPlan, SourcePlan, normalize_batch, read_patches
-from bigcare.tasks.runner import run_tasks
-from bigcare.training.sources import Source, resolve
 from bigcare.normalization import percentile_table
+from bigcare.tasks.runner import run_tasks
+from bigcare.tasks.slots import InSlot, ResultSlots
+from bigcare.training.config import SamplingConfig, validated
+from bigcare.training.positions import COARSE_CELLS, Geometry, choose_coarse, draw_positions, read_coarse
+from bigcare.training.reads import ReadPlan, SourcePlan, normalize_batch, read_patches
+from bigcare.training.sources import Source, resolve
 
 __all__ = ["Source", "PatchSampler", "batch_order"]
 
@@ -54,10 +56,6 @@ SHARED_MEMORY = True
 CACHE_CELLS = 2**24
 
 
-def _isint(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _interp(x: np.ndarray, grid: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Linear interpolation of each row of ``values`` (given at ``grid``) at its own ``x``."""
     if len(grid) == 1:
@@ -66,20 +64,6 @@ def _interp(x: np.ndarray, grid: np.ndarray, values: np.ndarray) -> np.ndarray:
     t = np.clip((x - grid[j]) / (grid[j + 1] - grid[j]), 0.0, 1.0)
     rows = np.arange(len(x))
     return values[rows, j] * (1 - t) + values[rows, j + 1] * t
-
-
-def _check(name: str, value, ok: bool, expected: str):
-    if not ok:
-        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
-
-
-def _check_range(name: str, value, lo: float, hi: float) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected two numbers (low, high), got {value!r}") from None
-    _check(name, value, lo <= a <= b <= hi, f"two percentiles with {lo} <= low <= high <= {hi}")
-    return a, b
 
 
 def batch_order(n: int, *, batch_size: int, seed: int, epochs: int | None, n_codes: int,
@@ -115,6 +99,11 @@ def batch_order(n: int, *, batch_size: int, seed: int, epochs: int | None, n_cod
 class PatchSampler:
     """Seeded, foreground-aware training patches streamed lazily from OME-Zarr images.
 
+    Every parameter but ``client`` is validated by :class:`bigcare.training.config.SamplingConfig`,
+    the schema the YAML config of ``bigcare train`` uses too: same defaults, same limits, and a
+    bad value raises one :class:`ConfigError` worded as YAML's, without its section
+    (``sources.0.input_channel: ...`` here, ``data.sources.0.input_channel: ...`` there).
+
     Parameters
     ----------
     sources : sequence of Source, str, tuple or mapping
@@ -125,34 +114,39 @@ class PatchSampler:
         ``(Y, X)`` or ``(Z, Y, X)``, matched to each image's last spatial axes. 2D patches from
         a 3D image are single Z slices; time points are sampled like positions.
     n_patches : int
-        Training plus validation patches.
+        Training plus validation patches; at least one must be left for training.
     validation_fraction : float
         Share of the patches (at least one when > 0) drawn, as validation, from regions that no
-        training patch touches (see :mod:`bigcare.training.positions`).
+        training patch touches (see :mod:`bigcare.training.positions`); in ``[0, 1)``, 0 drawing
+        no validation patches.
     foreground_threshold, foreground_percentile : float
         CSBDeep's ``patch_filter`` rule on the coarse target: keep a position when the maximum
         over its patch exceeds ``foreground_threshold * percentile(target, foreground_percentile)``.
-        ``foreground_threshold=0`` samples uniformly.
+        ``foreground_threshold`` in ``[0, 1]`` (0 samples uniformly), ``foreground_percentile``
+        in ``(0, 100]``.
     coarse_level : int, optional
         Pyramid level of the targets used to find foreground; by default the coarsest level with
         cells of at most half a patch (reduced further, blockwise, when still large).
     pmin_range, pmax_range : (float, float)
-        Ranges of the per-sample normalization percentiles (CSBDeep: 1-3 and 99.5-99.9).
+        Ranges of the per-sample normalization percentiles (CSBDeep: 1-3 and 99.5-99.9), each
+        ``0 <= low <= high <= 100``, ``pmin_range`` below ``pmax_range``.
     augment : bool
         Random flips of Y and X per sample and epoch; also 90-degree rotations in the (Y, X)
         plane, but only when every source has equal Y and X voxel sizes and the patch is square
         in (Y, X) (otherwise a rotation would change the physical sampling). Never along Z.
     seed : int
-        Seed of the positions, the per-sample percentiles, the epoch orders and augmentations.
+        Seed (>= 0) of the positions, the per-sample percentiles, the epoch orders and augmentations.
     client : distributed.Client, optional
         Cluster that runs the reads; default a local thread pool.
     batch_size : int
-        Patches per batch.
+        Patches per batch (>= 1).
     read_ahead : int
-        Batches read ahead while the consumer works on the current one.
+        Batches read ahead (>= 0) while the consumer works on the current one.
 
     Attributes
     ----------
+    settings : SamplingConfig
+        The validated parameters (sources as :class:`Source`).
     train_positions, val_positions : numpy.ndarray of int64, shape (n, 1 + D)
         Column 0 the source index, then the patch's start voxel along the source's
         non-channel axes (right-aligned; -1 in leading columns of sources with fewer axes).
@@ -167,49 +161,35 @@ class PatchSampler:
     """
 
     def __init__(self, sources: Sequence[Source | str | tuple], patch_shape: tuple[int, ...], *,
-                 n_patches: int, validation_fraction: float = 0.1,
+                 n_patches: int = 2000, validation_fraction: float = 0.1,
                  foreground_threshold: float = 0.4, foreground_percentile: float = 99.9,
                  coarse_level: int | None = None, pmin_range=(1.0, 3.0), pmax_range=(99.5, 99.9),
                  augment: bool = True, seed: int = 0, client=None, batch_size: int = 16, read_ahead: int = 4):
-        if isinstance(sources, (str, os.PathLike, Source, Mapping)) or not isinstance(sources, Sequence) or not sources:
-            raise ConfigError(f"sources: expected a non-empty list of sources, got {sources!r:.200}")
-        try:
-            patch_shape = tuple(int(p) for p in patch_shape)
-        except (TypeError, ValueError):
-            raise ConfigError(f"patch_shape: expected 2 or 3 positive integers, got {patch_shape!r}") from None
-        _check("patch_shape", patch_shape, len(patch_shape) in (2, 3) and min(patch_shape) >= 1,
-               "2 or 3 positive integers (YX or ZYX)")
-        _check("n_patches", n_patches, _isint(n_patches) and n_patches >= 1, "a positive integer")
-        _check("validation_fraction", validation_fraction,
-               isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1, "a number in [0, 1)")
-        _check("foreground_threshold", foreground_threshold,
-               isinstance(foreground_threshold, (int, float)) and 0 <= foreground_threshold < math.inf, "a number >= 0")
-        _check("foreground_percentile", foreground_percentile,
-               isinstance(foreground_percentile, (int, float)) and 0 < foreground_percentile <= 100, "a number in (0, 100]")
-        self.pmin_range = _check_range("pmin_range", pmin_range, 0.0, 100.0)
-        self.pmax_range = _check_range("pmax_range", pmax_range, 0.0, 100.0)
-        _check("pmin_range", pmin_range, self.pmin_range[1] < self.pmax_range[0], f"values below pmax_range {pmax_range}")
-        _check("seed", seed, _isint(seed) and seed >= 0, "a non-negative integer")
-        _check("batch_size", batch_size, _isint(batch_size) and batch_size >= 1, "a positive integer")
-        _check("read_ahead", read_ahead, _isint(read_ahead) and read_ahead >= 0, "a non-negative integer")
-        _check("coarse_level", coarse_level, coarse_level is None or (_isint(coarse_level) and coarse_level >= 0),
-               "None or a pyramid level >= 0")
-        n_val = max(1, round(n_patches * validation_fraction)) if validation_fraction > 0 else 0
-        if n_patches - n_val < 1:
-            raise ConfigError(f"n_patches: {n_patches} leaves no training patch with validation_fraction={validation_fraction}")
-
+        settings = validated(SamplingConfig, {
+            "sources": sources, "patch_shape": patch_shape, "n_patches": n_patches,
+            "validation_fraction": validation_fraction, "foreground_threshold": foreground_threshold,
+            "foreground_percentile": foreground_percentile, "coarse_level": coarse_level,
+            "pmin_range": pmin_range, "pmax_range": pmax_range, "augment": augment, "seed": seed,
+            "batch_size": batch_size, "read_ahead": read_ahead,
+        })
+        patch_shape = tuple(settings.patch_shape)
+        n_val = max(1, round(settings.n_patches * settings.validation_fraction)) if settings.validation_fraction > 0 else 0
+        self.settings: SamplingConfig = settings
         self.patch_shape = patch_shape
-        self.n_patches = int(n_patches)
-        self.validation_fraction = float(validation_fraction)
-        self.foreground_threshold = float(foreground_threshold)
-        self.foreground_percentile = float(foreground_percentile)
-        self.seed = int(seed)
+        self.n_patches = settings.n_patches
+        self.validation_fraction = settings.validation_fraction
+        self.foreground_threshold = settings.foreground_threshold
+        self.foreground_percentile = settings.foreground_percentile
+        self.pmin_range, self.pmax_range = settings.pmin_range, settings.pmax_range
+        self.seed = settings.seed
         self.client = client
-        self.batch_size = int(batch_size)
-        self.read_ahead = int(read_ahead)
-        self._sources = [resolve(s, i, patch_shape) for i, s in enumerate(sources)]
-        self.rotations = bool(augment) and patch_shape[-1] == patch_shape[-2] and all(r.square_voxels for r in self._sources)
-        self.augment = bool(augment)
+        self.batch_size = settings.batch_size
+        self.read_ahead = settings.read_ahead
+        coarse_level = settings.coarse_level
+        augment = settings.augment
+        self._sources = [resolve(s, i, patch_shape) for i, s in enumerate(settings.sources)]
+        self.rotations = augment and patch_shape[-1] == patch_shape[-2] and all(r.square_voxels for r in self._sources)
+        self.augment = augment
 
         grids = [choose_coarse(r.target, r.axes, r.footprint, r.spatial, level=coarse_level, budget=COARSE_CELLS)
                  for r in self._sources]
@@ -235,8 +215,9 @@ class PatchSampler:
         for a in (self._draw.train, self._draw.val):
             a.flags.writeable = False
         rng = np.random.default_rng([self.seed, 5])
-        self._percentiles = {split: np.stack([rng.uniform(*self.pmin_range, size=len(pos)),
-                                              rng.uniform(*self.pmax_range, size=len(pos))], axis=1)
+        (lo_min, lo_max), (hi_min, hi_max) = self.pmin_range, self.pmax_range
+        self._percentiles = {split: np.stack([rng.uniform(lo_min, lo_max, size=len(pos)),
+                                              rng.uniform(hi_min, hi_max, size=len(pos))], axis=1)
                              for split, pos in (("train", self._draw.train), ("val", self._draw.val))}
         self._plan = ReadPlan(
             tuple(SourcePlan(r.input.ref(r.input_channel), r.target.ref(r.target_channel), r.footprint)
@@ -267,8 +248,9 @@ class PatchSampler:
 
     def percentile_grid(self) -> tuple[np.ndarray, np.ndarray]:
         """The percentiles of the per-image tables: (low ones, high ones)."""
-        return (np.unique(np.round(np.linspace(*self.pmin_range, TABLE_POINTS), 6)),
-                np.unique(np.round(np.linspace(*self.pmax_range, TABLE_POINTS), 6)))
+        (lo_min, lo_max), (hi_min, hi_max) = self.pmin_range, self.pmax_range
+        return (np.unique(np.round(np.linspace(lo_min, lo_max, TABLE_POINTS), 6)),
+                np.unique(np.round(np.linspace(hi_min, hi_max, TABLE_POINTS), 6)))
 
     @property
     def tables(self) -> list[dict]:
@@ -348,13 +330,15 @@ class PatchSampler:
         positions = self._positions(split)
         if epochs is not None and not (isinstance(epochs, (int, np.integer)) and epochs >= 0):
             raise ConfigError(f"epochs: expected None or an integer >= 0, got {epochs!r}")
-        self.tables  # statistics before the first task
+        _ = self.tables  # statistics before the first task
         n_codes = 8 if self.rotations else 4 if self.augment else 1
         order = batch_order(len(positions), batch_size=self.batch_size, seed=self.seed, epochs=epochs,
                             n_codes=n_codes, shuffle=split == "train")
         per_task = max(1, -(-TASK_PATCHES // self.batch_size))
         pending: collections.deque = collections.deque()  # (scaling, batch sizes) of the tasks in flight
         local = self.client is None
+        items: Iterator[tuple]
+        slots: ResultSlots | None = None
 
         def groups():
             while True:
@@ -369,9 +353,8 @@ class PatchSampler:
         if local:
             threads = os.cpu_count() or 1
             window = max(-(-self.read_ahead // per_task), threads) + SPARE_TASKS
-            slots = None
             items = ((self._plan, positions[idx, 0], positions[idx, 1:], None, codes) for idx, _, codes in groups())
-            results = run_tasks(read_patches, items, window=window, ordered=True)
+            results = cast(Generator, run_tasks(read_patches, items, window=window, ordered=True))
         else:
             if self._plan_future is None:
                 self._plan_future = self.client.scatter(self._plan, broadcast=True, hash=False)
@@ -382,10 +365,10 @@ class PatchSampler:
             items = ((self._plan_future, positions[idx, 0], positions[idx, 1:], None, codes,
                       None if slots is None else slots.slot(k))
                      for k, (idx, _, codes) in enumerate(groups()))
-            results = run_tasks(read_patches, items, client=self.client, window=window, ordered=True)
+            results = cast(Generator, run_tasks(read_patches, items, client=self.client, window=window, ordered=True))
         try:
             for result in results:
-                x, y = slots.arrays(result) if isinstance(result, InSlot) else result
+                x, y = slots.arrays(result) if slots is not None and isinstance(result, InSlot) else result
                 del result
                 scaling, sizes = pending.popleft()
                 a = 0

@@ -1,8 +1,9 @@
 """Training sources: which images, which channels, and how a patch sits in them.
 
 A :class:`Source` names an (input, target) pair of aligned OME-Zarr images, or one image whose
-channels hold both. :func:`resolve` opens it (metadata only), checks it against the patch
-shape and returns what the sampler needs:
+channels hold both; it is the one schema of a source, for the YAML config and for Python.
+:func:`resolve` opens it (metadata only), checks it against the patch shape and returns what
+the sampler needs:
 
 - the non-channel axes and the patch *footprint* along them: ``patch_shape`` sits on the last
   ``len(patch_shape)`` spatial axes; every other axis (Z for 2D patches, time) has extent 1;
@@ -19,18 +20,48 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
 from bigcare.errors import ConfigError, InputError
-from bigcare.store.volume import Volume, open_volume
+from bigcare.schema import Schema
+
+if TYPE_CHECKING:
+    from bigcare.store.volume import Volume
 
 __all__ = ["Source", "resolve"]
 
-@dataclass(frozen=True)
-class Source:
+
+class _PathsFirst(type(Schema)):  # type: ignore[misc]  # Schema's metaclass, extended
+    """``Source(input, target, **fields)``: the two paths may be given positionally.
+
+    On the constructor only (not an ``__init__``: pydantic would then build nested sources
+    through it and lose their error locations).
+    """
+
+    def __call__(cls, *paths, **fields):
+        if len(paths) > 2:
+            raise TypeError(f"{cls.__name__} takes at most 2 positional arguments (input, target), got {len(paths)}")
+        for name, value in zip(("input", "target"), paths):
+            if name in fields:
+                raise TypeError(f"{cls.__name__} got {name!r} both positionally and as a keyword")
+            fields[name] = value
+        return super().__call__(**fields)
+
+
+class Source(Schema, frozen=True, metaclass=_PathsFirst):
     """One training source: a pair of aligned OME-Zarr images, or one image with input and target channels.
+
+    The one schema of a source, for YAML (``data.sources``) and Python (:class:`PatchSampler`)
+    alike. Besides its fields, a source validates from an image path (one image holding input
+    and target as two channels) or an ``(input, target)`` pair of paths. ``Source(input, target,
+    **fields)`` takes the two paths positionally too. A bad value raises one
+    :class:`~bigcare.errors.ConfigError` naming the field (``Source: input_channel: ...``;
+    ``sources.0.input_channel: ...`` from the sampler, ``data.sources.0.input_channel: ...``
+    from a config).
 
     Attributes
     ----------
@@ -41,38 +72,38 @@ class Source:
         holds both, as channels ``input_channel`` and ``target_channel`` (default 0 and 1 when
         it has exactly two).
     input_channel, target_channel : int or None
-        Channel to read from an image with a channel axis; may be left out when that image has
-        a single channel.
+        Channel (>= 0) to read from an image with a channel axis; may be left out when that
+        image has a single channel.
     storage_options : dict or None
-        fsspec options for both images (credentials, endpoint); never recorded in provenance.
+        fsspec options for both images (credentials, endpoint); never dumped, shown or recorded
+        in provenance.
     """
 
-    input: str
-    target: str | None = None
-    input_channel: int | None = None
-    target_channel: int | None = None
-    storage_options: dict | None = None
+    input: str = Field(description="OME-Zarr image (path or fsspec URL) with the low-SNR input.")
+    target: str | None = Field(None, description="OME-Zarr image with the high-SNR target; "
+                               "omit when the input image holds both as channels.")
+    input_channel: int | None = Field(None, ge=0, description="Channel of the input in a multi-channel image.")
+    target_channel: int | None = Field(None, ge=0, description="Channel of the target in a multi-channel image.")
+    storage_options: dict[str, Any] | None = Field(None, exclude=True, repr=False,
+                                                   description="fsspec options (e.g. S3 endpoint, credentials); "
+                                                   "never recorded.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path_or_pair(cls, value):
+        if isinstance(value, (cls, Mapping)):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return {"input": value}
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return {"input": value[0], "target": value[1]}
+        raise ValueError("expected a Source, an image path (two channels), an (input, target) pair of "
+                         "paths or a mapping of Source fields")
 
-def _as_source(item, index: int) -> Source:
-    if isinstance(item, Source):
-        return item
-    if isinstance(item, (str, os.PathLike)):
-        return Source(input=os.fspath(item))
-    if isinstance(item, Mapping):
-        known = {f.name for f in fields(Source)}
-        unknown = sorted(set(item) - known)
-        if unknown:
-            raise ConfigError(f"sources[{index}]: unknown key(s) {unknown}; expected some of {sorted(known)}")
-        if "input" not in item:
-            raise ConfigError(f"sources[{index}]: missing key 'input'")
-        return Source(**item)
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        return Source(input=os.fspath(item[0]), target=os.fspath(item[1]))
-    raise ConfigError(
-        f"sources[{index}]: expected a Source, an image path (two channels), an (input, target) pair of "
-        f"paths or a mapping of Source fields, got {item!r:.200}"
-    )
+    @field_validator("input", "target", mode="before")
+    @classmethod
+    def _path(cls, value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _channel_axis(volume: Volume) -> int | None:
@@ -85,17 +116,17 @@ def _pick_channel(volume: Volume, channel, what: str, index: int) -> int | None:
     if ca is None:
         if channel not in (None, 0):
             raise ConfigError(
-                f"sources[{index}].{what}={channel!r}: {volume.url} has no channel axis (axes {volume.axis_names!r})"
+                f"sources.{index}.{what}={channel!r}: {volume.url} has no channel axis (axes {volume.axis_names!r})"
             )
         return None
     size = volume.shape[ca]
     if channel is None:
         if size == 1:
             return 0
-        raise ConfigError(f"sources[{index}].{what}: {volume.url} has {size} channels; name the one to use (0..{size - 1})")
+        raise ConfigError(f"sources.{index}.{what}: {volume.url} has {size} channels; name the one to use (0..{size - 1})")
     if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool) or not 0 <= channel < size:
         raise ConfigError(
-            f"sources[{index}].{what}={channel!r} is out of range: {volume.url} has {size} channel(s), expected 0..{size - 1}"
+            f"sources.{index}.{what}={channel!r} is out of range: {volume.url} has {size} channel(s), expected 0..{size - 1}"
         )
     return int(channel)
 
@@ -117,24 +148,35 @@ class Resolved:
     square_voxels: bool            # lateral voxel sizes equal (input and target)
 
 
-def resolve(item, index: int, patch_shape: tuple[int, ...]) -> Resolved:
-    src = _as_source(item, index)
+def resolve(src: Source, index: int, patch_shape: tuple[int, ...]) -> Resolved:
+    """Open source number ``index`` (metadata only) and check it against ``patch_shape``.
+
+    Raises
+    ------
+    ConfigError
+        A channel out of range or missing, a patch larger than the image or with more axes.
+    InputError
+        An image is missing or unreadable, or input and target are not aligned.
+    """
+    from bigcare.store.volume import open_volume  # zarr: imported when a source is opened
+
     so = src.storage_options
     inp = open_volume(src.input, storage_options=so)
     if src.target is None:
-        if _channel_axis(inp) is None or inp.shape[_channel_axis(inp)] < 2:
+        ca = _channel_axis(inp)
+        if ca is None or inp.shape[ca] < 2:
             raise ConfigError(
-                f"sources[{index}]: {inp.url} alone must hold input and target as two channels, but its axes "
+                f"sources.{index}: {inp.url} alone must hold input and target as two channels, but its axes "
                 f"{inp.axis_names!r} have shape {inp.shape}; give a target image or a two-channel image"
             )
         tgt = inp
         ic, tc = src.input_channel, src.target_channel
-        if ic is None and tc is None and inp.shape[_channel_axis(inp)] == 2:
+        if ic is None and tc is None and inp.shape[ca] == 2:
             ic, tc = 0, 1
         ic = _pick_channel(inp, ic, "input_channel", index)
         tc = _pick_channel(inp, tc, "target_channel", index)
         if ic == tc:
-            raise ConfigError(f"sources[{index}]: input_channel and target_channel are both {ic}; expected two different channels")
+            raise ConfigError(f"sources.{index}: input_channel and target_channel are both {ic}; expected two different channels")
     else:
         tgt = open_volume(src.target, storage_options=so)
         ic = _pick_channel(inp, src.input_channel, "input_channel", index)
@@ -145,7 +187,7 @@ def resolve(item, index: int, patch_shape: tuple[int, ...]) -> Resolved:
     shape = tuple(inp.shape[i] for i in axes_in)
     if names != "".join(tgt.axes[i].name for i in axes_tg) or shape != tuple(tgt.shape[i] for i in axes_tg):
         raise InputError(
-            f"sources[{index}]: input {inp.url} (axes {names!r}, shape {shape}) and target {tgt.url} (axes "
+            f"sources.{index}: input {inp.url} (axes {names!r}, shape {shape}) and target {tgt.url} (axes "
             f"{''.join(tgt.axes[i].name for i in axes_tg)!r}, shape {tuple(tgt.shape[i] for i in axes_tg)}) "
             "do not match; expected aligned images of the same shape"
         )
@@ -153,7 +195,7 @@ def resolve(item, index: int, patch_shape: tuple[int, ...]) -> Resolved:
     space = [k for k, s in enumerate(spatial) if s]
     if len(space) < len(patch_shape):
         raise ConfigError(
-            f"patch_shape {patch_shape} has {len(patch_shape)} axes but sources[{index}] ({inp.url}) has only the "
+            f"patch_shape {patch_shape} has {len(patch_shape)} axes but sources.{index} ({inp.url}) has only the "
             f"spatial axes {''.join(names[k] for k in space)!r}"
         )
     patch_axes = space[len(space) - len(patch_shape):]
@@ -161,7 +203,7 @@ def resolve(item, index: int, patch_shape: tuple[int, ...]) -> Resolved:
     for k, p in zip(patch_axes, patch_shape):
         if p > shape[k]:
             raise ConfigError(
-                f"patch_shape {patch_shape} is larger than sources[{index}] ({inp.url}, axes {names!r}, shape "
+                f"patch_shape {patch_shape} is larger than sources.{index} ({inp.url}, axes {names!r}, shape "
                 f"{shape}) along axis {names[k]!r}: {p} > {shape[k]}"
             )
         footprint[k] = p
