@@ -187,12 +187,12 @@ def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
     codes = rng.integers(0, 8, len(pos)).astype(np.uint8)
     groups = [(pos[a:a + n, 0], pos[a:a + n, 1:], None, codes[a:a + n]) for a in range(0, len(pos), n)]
     for g in groups + groups:  # page cache and malloc's heap warm (steady state, as in a long stream)
-        read_patches(sampler._plan, *g)
-    scaling = sampler._scaling("train", np.arange(n))
+        read_patches(sampler.read_plan, *g)
+    scaling = sampler.scaling("train", np.arange(n))
     total = norm = 0.0
     for g in groups:
         t = time.thread_time()
-        x, y = read_patches(sampler._plan, *g)
+        x, y = read_patches(sampler.read_plan, *g)
         total += time.thread_time() - t
         t = time.thread_time()
         normalize_batch(x, scaling[:, :2]), normalize_batch(y, scaling[:, 2:])
@@ -201,7 +201,7 @@ def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
     fetch = decode = 0.0
     touched = fetched = 0
     buffers = chunk_buffers()
-    src = sampler._plan.sources[0]
+    src = sampler.read_plan.sources[0]
     for ref in (src.input, src.target):
         reader = region_reader(ref)
         flat, _ = buffers.decoded(reader._nbytes, reader._stored, reader._chunks)
@@ -229,7 +229,7 @@ def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
     try:
         t = time.thread_time()
         for g in groups:
-            read_patches(sampler._plan, *g)
+            read_patches(sampler.read_plan, *g)
         rest = time.thread_time() - t
     finally:
         for reader, attrs in zip(readers, saved):

@@ -33,7 +33,8 @@ Glossary (one word per concept, used everywhere in code, docs and messages):
 - **zoom**: output voxels per input voxel along an axis (isotropic restoration upsamples Z).
 - **in flight**: tasks submitted and not yet finished (the runner's ``window`` argument bounds
   them).
-- **cell**: a unit of the train/validation split of a training image (never "tile").
+- **cell**: one voxel of the coarse grid the training sampler finds foreground on; a **zone**
+  is a unit of its train/validation split (a few patch lengths; never called a tile).
 - **normalize**: percentile normalization ``(x - lo) / (hi - lo + eps)``; **normalizer**: its
   ``lo``/``hi`` per channel.
 - **predictor**: what maps one region to named outputs; **model**: a folder (config + weights).

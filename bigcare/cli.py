@@ -38,7 +38,7 @@ class _Deprecated(argparse.Action):
 def _cmd_demo(args) -> int:
     from bigcare.demo import run_demo
 
-    metrics = run_demo(args.out, epochs=args.epochs, steps_per_epoch=args.steps, workers=args.workers,
+    metrics = run_demo(args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, workers=args.workers,
                        device=args.device, seed=args.seed)
     better = (metrics["restored"]["nrmse"] < metrics["input"]["nrmse"]
               and metrics["restored"]["ssim"] > metrics["input"]["ssim"])
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic data -> train a small CARE net -> restore blockwise on a local cluster")
     p.add_argument("--out", default="bigcare-demo", help="output folder (replaced) [bigcare-demo]")
     p.add_argument("--epochs", type=int, default=12, help="training epochs [12]")
-    p.add_argument("--steps", type=int, default=20, help="steps per epoch [20]")
+    p.add_argument("--steps-per-epoch", type=int, default=20, help="steps per epoch [20]")
+    p.add_argument("--steps", dest="steps_per_epoch", type=int, action=_Deprecated, new="--steps-per-epoch",
+                   help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=None, help="local worker processes [1]")
     p.add_argument("--device", default=None, help="cpu or cuda [cuda if available]")
     p.add_argument("--seed", type=int, default=0)

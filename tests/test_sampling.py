@@ -325,7 +325,7 @@ def test_read_patches_decodes_each_chunk_once_and_matches_patch_by_patch_reads(t
     codes = rng.integers(0, 8, n)
     for sources, expected in (([(x, y)], (noisy, target)), ([str(tmp_path / "xy.zarr")], (noisy, target))):
         sampler = PatchSampler(sources, PATCH, n_patches=20, seed=0)
-        plan = sampler._plan
+        plan = sampler.read_plan
         fetched = []
         read_many = RegionReader.read_many
         monkeypatch.setattr(RegionReader, "read_many",
@@ -342,7 +342,7 @@ def test_read_patches_decodes_each_chunk_once_and_matches_patch_by_patch_reads(t
         assert fetched == ([len(touched)] * 2 if len(sources[0]) == 2 else [len(touched)])
         assert sum(fetched) < 2 * sum(np.prod([(a + p - 1) // c - a // c + 1 for a, p, c in zip(s, PATCH, (8, 32, 32))])
                                       for s in starts)
-        scaling = sampler._scaling("train", np.arange(len(sampler.train_positions)))[:1].repeat(n, 0)
+        scaling = sampler.scaling("train", np.arange(len(sampler.train_positions)))[:1].repeat(n, 0)
         nx, ny = reads.read_patches(plan, np.zeros(n, int), starts, scaling, codes)
         np.testing.assert_array_equal(nx, reads.normalize_batch(bx, scaling[:, :2]))
         np.testing.assert_array_equal(ny, reads.normalize_batch(by, scaling[:, 2:]))
@@ -385,7 +385,7 @@ def test_read_patches_into_a_slot_and_the_fallbacks(tmp_path, pair):
     x, y, _, _ = pair
     sampler = PatchSampler([(x, y)], PATCH, n_patches=40, seed=0)
     pos, codes = sampler.train_positions[:10], np.arange(10) % 8
-    args = (sampler._plan, pos[:, 0], pos[:, 1:], None, codes)
+    args = (sampler.read_plan, pos[:, 0], pos[:, 1:], None, codes)
     ex, ey = reads.read_patches(*args)
 
     class Client:  # what ResultSlots needs of a distributed.Client

@@ -88,7 +88,7 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
         If ``url`` holds something that is not a patch store, or already holds ``split`` and
         ``overwrite`` is False.
     """
-    positions = sampler._positions(split)
+    positions = sampler.positions(split)
     split = _split_name(split)
     url = normalize_url(url)
     kwargs = store_kwargs(url, storage_options)
@@ -113,15 +113,15 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
                  "augment": sampler.augment, "rotations": sampler.rotations, "provenance": sampler.provenance,
                  "splits": {**splits, split: {"n": n, "complete": False}}})
     group.attrs[_KEY] = meta
-    for name, dtype in zip(("x", "y"), sampler._plan.dtypes):
+    for name, dtype in zip(("x", "y"), sampler.read_plan.dtypes):
         group.create_array(f"{split}/{name}", shape=(n, 1) + shape, chunks=(1, 1) + shape, dtype=dtype,
                            compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), overwrite=True)
-    for name, data in (("positions", positions), ("scaling", sampler._scaling(split, np.arange(n)))):
+    for name, data in (("positions", positions), ("scaling", sampler.scaling(split, np.arange(n)))):
         arr = group.create_array(f"{split}/{name}", shape=data.shape, chunks=(max(1, n),) + data.shape[1:],
                                  dtype=data.dtype, overwrite=True)
         if n:
             arr[...] = data
-    plan = sampler._plan if sampler.client is None else sampler.client.scatter(sampler._plan, broadcast=True, hash=False)
+    plan = sampler.read_plan if sampler.client is None else sampler.client.scatter(sampler.read_plan, broadcast=True, hash=False)
     items = [(plan, url, storage_options, split, a, positions[a:a + _ROWS_PER_TASK, 0], positions[a:a + _ROWS_PER_TASK, 1:])
              for a in range(0, n, _ROWS_PER_TASK)]
     written = sum(run_tasks(_write_rows, items, client=sampler.client, window=8, ordered=False))

@@ -6,17 +6,17 @@ further by a mean over ``G`` cells when that level is still larger than ``COARSE
 
     full res    |....|....|....|....|....|....|....|    patch starts s in [0, N - P]
     cells       |  0 |  1 |  2 |  3 |  4 |  5 |  6 |    cell c holds the starts cF .. cF + F - 1
-    tiles       |  tile 0 (T cells) |  tile 1 ...  |    each tile is train or validation
+    zones       |  zone 0 (T cells) |  zone 1 ...  |    each zone is train or validation
     patch            [s ........ s+P)                   start in cell c = s // F; the patch
                                                         touches cells c .. c + Kmax - 1 at most
 
 - **Foreground** (CSBDeep's ``no_background_patches``): cell ``c`` is foreground when the
   maximum of the coarse target over the ``ceil(P / F)`` cells from ``c`` exceeds
   ``threshold * percentile(coarse target, percentile)``. ``threshold <= 0`` keeps every cell.
-- **Split**: the cell grid is cut into tiles of a few patch lengths; a seeded draw sends a
-  fraction of the tiles holding foreground to validation. A start is eligible for a split only
+- **Split**: the cell grid is cut into zones of a few patch lengths; a seeded draw sends a
+  fraction of the zones holding foreground to validation. A start is eligible for a split only
   when every cell its patch can touch (``Kmax = (F + P - 2) // F + 1`` cells from ``c``) lies
-  in tiles of that split, so train and validation footprints never overlap.
+  in zones of that split, so train and validation footprints never overlap.
 - **Draw**: starts are uniform over the eligible foreground starts of all sources together
   (a cell is drawn with probability proportional to its number of valid starts, then a start
   uniformly inside it).
@@ -81,14 +81,14 @@ class Geometry:
         Patch extent ``P`` per axis (1 on axes the patch does not extend along).
     grid : CoarseGrid
         The coarse grid of the target.
-    tile_unit : tuple of int
-        Tile extent in voxels for one patch length (tiles are 2-4 units).
+    zone_unit : tuple of int
+        Zone extent in voxels for one patch length (zones are 2-4 units).
     """
 
     shape: tuple[int, ...]
     footprint: tuple[int, ...]
     grid: CoarseGrid
-    tile_unit: tuple[int, ...]
+    zone_unit: tuple[int, ...]
 
     def starts_per_cell(self) -> list[np.ndarray]:
         """Per axis, how many valid patch starts each cell holds."""
@@ -239,14 +239,14 @@ def _weights(geom: Geometry) -> np.ndarray:
     return functools.reduce(np.multiply.outer, geom.starts_per_cell())
 
 
-def _tile_sums(a: np.ndarray, tiles: Sequence[int]) -> np.ndarray:
-    for axis, t in enumerate(tiles):
+def _zone_sums(a: np.ndarray, zones: Sequence[int]) -> np.ndarray:
+    for axis, t in enumerate(zones):
         a = np.add.reduceat(a, np.arange(0, a.shape[axis], t), axis=axis)
     return a
 
 
-def _tile_cells(geom: Geometry, k: int) -> tuple[int, ...]:
-    return tuple(max(1, -(-k * u // f)) for u, f in zip(geom.tile_unit, geom.grid.factors))
+def _zone_cells(geom: Geometry, k: int) -> tuple[int, ...]:
+    return tuple(max(1, -(-k * u // f)) for u, f in zip(geom.zone_unit, geom.grid.factors))
 
 
 @dataclass
@@ -260,16 +260,16 @@ class Draw:
         right-aligned; sources with fewer than D axes have -1 in the leading columns.
     per_source : list of dict
         ``n_train``, ``n_val``, ``foreground_fraction`` (of valid starts), ``coarse_level``,
-        ``coarse_factors``, ``tile_shape`` (voxels).
-    n_tiles, n_val_tiles : int
-        Tiles holding foreground, and those sent to validation.
+        ``coarse_factors``, ``zone_shape`` (voxels).
+    n_zones, n_val_zones : int
+        Zones holding foreground, and those sent to validation.
     """
 
     train: np.ndarray
     val: np.ndarray
     per_source: list[dict]
-    n_tiles: int
-    n_val_tiles: int
+    n_zones: int
+    n_val_zones: int
 
 
 def draw_positions(geoms: Sequence[Geometry], coarse: Callable[[int], np.ndarray], *, n_train: int, n_val: int,
@@ -305,95 +305,29 @@ def draw_positions(geoms: Sequence[Geometry], coarse: Callable[[int], np.ndarray
         return np.random.default_rng([seed, *key])
 
     depth = max(len(g.shape) for g in geoms)
-    k = 2  # tiles of k patch lengths: 4 when there are enough of them, else down to 2
-    if n_val:
-        needed = max(20, math.ceil(2 * (n_train + n_val) / n_val))  # validation gets >= 2 tiles
-        for k in (4, 3, 2):
-            if sum(math.prod(-(-m // t) for m, t in zip(g.grid.shape, _tile_cells(g, k))) for g in geoms) >= needed:
-                break
-    tiles = [_tile_cells(g, k) for g in geoms]
-
-    # pass 1: per tile, the foreground starts whose patches stay inside the tile (those a
-    # validation tile keeps whatever its neighbours are)
-    tile_fg, fg_total, fg_fraction = [], [], []
-    for i, g in enumerate(geoms):
-        fg = _foreground(coarse(i), g, threshold, percentile)
-        w = _weights(g)
-        fgw = w * fg
-        fg_total.append(float(fgw.sum(dtype=np.float64)))
-        fg_fraction.append(fg_total[-1] / max(float(w.sum(dtype=np.float64)), 1.0))
-        inside = []
-        for m, t, kmax in zip(g.grid.shape, tiles[i], g.window()):
-            c = np.arange(m)
-            inside.append(np.minimum(c + kmax, m) <= np.minimum((c // t + 1) * t, m))
-        tile_fg.append(_tile_sums(fgw * functools.reduce(np.multiply.outer, inside), tiles[i]))
-    if not any(fg_total):
-        raise InputError(
-            f"no foreground found in {', '.join(names)}: no patch position has a target maximum above "
-            f"foreground_threshold={threshold} x the {percentile} percentile; lower foreground_threshold "
-            "(0 samples uniformly) or check the target images"
-        )
-
-    # seeded choice of validation tiles among the tiles holding foreground
-    offsets = np.cumsum([0] + [t.size for t in tile_fg])
-    fg_tiles = np.concatenate([np.flatnonzero(t) + o for t, o in zip(tile_fg, offsets)])
-    n_val_tiles = 0
-    is_val_tile = np.zeros(offsets[-1], bool)
-    if n_val:
-        if len(fg_tiles) < 2:
-            raise InputError(
-                f"cannot draw disjoint validation patches: {', '.join(names)} hold(s) foreground in only "
-                f"{len(fg_tiles)} tile of {tuple(int(t * f) for t, f in zip(tiles[0], geoms[0].grid.factors))} "
-                "voxels; use larger or more volumes, a smaller patch_shape, or validation_fraction=0"
-            )
-        n_val_tiles = min(len(fg_tiles) - 1, max(1, round(len(fg_tiles) * n_val / (n_train + n_val))))
-        is_val_tile[rng(1).choice(fg_tiles, size=n_val_tiles, replace=False)] = True
+    zones = _zone_shapes(geoms, n_train, n_val)
+    fg = _ForegroundRule(coarse, geoms, threshold, percentile)
+    zone_fg, fg_fraction = _foreground_per_zone(geoms, zones, fg, names)
+    offsets = np.cumsum([0] + [t.size for t in zone_fg])
+    is_val_zone, n_fg_zones, n_val_zones = _validation_zones(zone_fg, offsets, n_train, n_val, rng(1),
+                                                             geoms[0], zones[0], names)
 
     def candidates(i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Weights of the starts eligible for training and for validation in source ``i``."""
         g = geoms[i]
-        fgw = _weights(g) * _foreground(coarse(i), g, threshold, percentile)
-        labels = is_val_tile[offsets[i]:offsets[i + 1]].reshape(tile_fg[i].shape)
-        val = labels[np.ix_(*[np.arange(m) // t for m, t in zip(g.grid.shape, tiles[i])])]
+        fgw = _weights(g) * fg(i)
+        labels = is_val_zone[offsets[i]:offsets[i + 1]].reshape(zone_fg[i].shape)
+        val = labels[np.ix_(*[np.arange(m) // t for m, t in zip(g.grid.shape, zones[i])])]
         window = g.window()
-        in_val = ~forward_max(~val, window)
-        in_train = ~forward_max(val, window)
-        return fgw * in_train, fgw * in_val
+        return fgw * ~forward_max(val, window), fgw * ~forward_max(~val, window)
 
-    # pass 2: eligible weight per source and split; allocate the counts across sources
-    totals = np.array([[c.sum(dtype=np.float64) for c in candidates(i)] for i in range(len(geoms))]).reshape(-1, 2)
-    counts = np.zeros((len(geoms), 2), np.int64)
-    for split, n in ((0, n_train), (1, n_val)):
-        if n == 0:
-            continue
-        if totals[:, split].sum() <= 0:
-            what = "training" if split == 0 else "validation"
-            raise InputError(
-                f"no {what} positions: the {what} tiles of {', '.join(names)} hold no foreground far enough "
-                "from the other split's tiles; use larger volumes, a smaller patch_shape or a lower "
-                "foreground_threshold"
-            )
-        counts[:, split] = rng(2, split).multinomial(n, totals[:, split] / totals[:, split].sum())
-
-    # pass 3: draw cells proportional to their eligible starts, then a start inside each cell
+    counts = _allocate(candidates, len(geoms), n_train, n_val, rng, names)
     drawn: list[list[np.ndarray]] = [[], []]
     for i, g in enumerate(geoms):
-        if not counts[i].any():
-            continue
-        per_axis = g.starts_per_cell()
-        for split, weights in enumerate(candidates(i)):
-            n = int(counts[i, split])
-            if n == 0:
-                continue
-            r = rng(3, i, split)
-            cdf = np.cumsum(weights.ravel(), dtype=np.float64)
-            cells = np.searchsorted(cdf, r.random(n) * cdf[-1], side="right")
-            cells = np.minimum(cells, cdf.size - 1)
-            coords = np.unravel_index(cells, g.grid.shape)
-            rows = np.full((n, 1 + depth), -1, np.int64)
-            rows[:, 0] = i
-            for a, (c, f, cnt) in enumerate(zip(coords, g.grid.factors, per_axis)):
-                rows[:, 1 + depth - len(g.shape) + a] = c * f + np.floor(r.random(n) * cnt[c]).astype(np.int64)
-            drawn[split].append(rows)
+        if counts[i].any():
+            for split, weights in enumerate(candidates(i)):
+                if counts[i, split]:
+                    drawn[split].append(_draw_starts(g, i, weights, int(counts[i, split]), depth, rng(3, i, split)))
     train, val = (np.concatenate(d) if d else np.zeros((0, 1 + depth), np.int64) for d in drawn)
     train = train[rng(4, 0).permutation(len(train))]
     val = val[rng(4, 1).permutation(len(val))]
@@ -401,6 +335,103 @@ def draw_positions(geoms: Sequence[Geometry], coarse: Callable[[int], np.ndarray
         "n_train": int(counts[i, 0]), "n_val": int(counts[i, 1]),
         "foreground_fraction": round(fg_fraction[i], 6),
         "coarse_level": g.grid.level, "coarse_factors": list(g.grid.factors),
-        "tile_shape": [int(t * f) for t, f in zip(tiles[i], g.grid.factors)],
+        "zone_shape": [int(t * f) for t, f in zip(zones[i], g.grid.factors)],
     } for i, g in enumerate(geoms)]
-    return Draw(train, val, per_source, int(len(fg_tiles)), n_val_tiles)
+    return Draw(train, val, per_source, n_fg_zones, n_val_zones)
+
+
+class _ForegroundRule:
+    """``fg(i)``: the foreground cells of source ``i`` (recomputed: the coarse grid is not kept)."""
+
+    def __init__(self, coarse: Callable[[int], np.ndarray], geoms: Sequence[Geometry], threshold: float,
+                 percentile: float):
+        self.coarse, self.geoms, self.threshold, self.percentile = coarse, geoms, threshold, percentile
+
+    def __call__(self, i: int) -> np.ndarray:
+        return _foreground(self.coarse(i), self.geoms[i], self.threshold, self.percentile)
+
+
+def _zone_shapes(geoms: Sequence[Geometry], n_train: int, n_val: int) -> list[tuple[int, ...]]:
+    """Zones of k patch lengths (in cells): k = 4 when there are enough of them, else down to 2."""
+    k = 2
+    if n_val:
+        needed = max(20, math.ceil(2 * (n_train + n_val) / n_val))  # validation gets >= 2 zones
+        for k in (4, 3, 2):
+            if sum(math.prod(-(-m // t) for m, t in zip(g.grid.shape, _zone_cells(g, k))) for g in geoms) >= needed:
+                break
+    return [_zone_cells(g, k) for g in geoms]
+
+
+def _foreground_per_zone(geoms: Sequence[Geometry], zones: Sequence[tuple[int, ...]], fg: _ForegroundRule,
+                         names: Sequence[str]) -> tuple[list[np.ndarray], list[float]]:
+    """Per source and zone, the foreground starts whose patches stay inside the zone (those a
+    validation zone keeps whatever its neighbours are); and each source's foreground fraction."""
+    zone_fg, fg_fraction, any_fg = [], [], False
+    for i, g in enumerate(geoms):
+        w = _weights(g)
+        fgw = w * fg(i)
+        total = float(fgw.sum(dtype=np.float64))
+        any_fg = any_fg or total > 0
+        fg_fraction.append(total / max(float(w.sum(dtype=np.float64)), 1.0))
+        inside = []
+        for m, t, kmax in zip(g.grid.shape, zones[i], g.window()):
+            c = np.arange(m)
+            inside.append(np.minimum(c + kmax, m) <= np.minimum((c // t + 1) * t, m))
+        zone_fg.append(_zone_sums(fgw * functools.reduce(np.multiply.outer, inside), zones[i]))
+    if not any_fg:
+        raise InputError(
+            f"no foreground found in {', '.join(names)}: no patch position has a target maximum above "
+            f"foreground_threshold={fg.threshold} x the {fg.percentile} percentile; lower foreground_threshold "
+            "(0 samples uniformly) or check the target images"
+        )
+    return zone_fg, fg_fraction
+
+
+def _validation_zones(zone_fg: list[np.ndarray], offsets: np.ndarray, n_train: int, n_val: int,
+                      rng: np.random.Generator, geom0: Geometry, zone0: tuple[int, ...],
+                      names: Sequence[str]) -> tuple[np.ndarray, int, int]:
+    """A seeded choice of validation zones among the zones holding foreground (flat over sources)."""
+    fg_zones = np.concatenate([np.flatnonzero(t) + o for t, o in zip(zone_fg, offsets)])
+    is_val_zone = np.zeros(offsets[-1], bool)
+    n_val_zones = 0
+    if n_val:
+        if len(fg_zones) < 2:
+            raise InputError(
+                f"cannot draw disjoint validation patches: {', '.join(names)} hold(s) foreground in only "
+                f"{len(fg_zones)} zone of {tuple(int(t * f) for t, f in zip(zone0, geom0.grid.factors))} "
+                "voxels; use larger or more volumes, a smaller patch_shape or a lower foreground_threshold"
+            )
+        n_val_zones = min(len(fg_zones) - 1, max(1, round(len(fg_zones) * n_val / (n_train + n_val))))
+        is_val_zone[rng.choice(fg_zones, size=n_val_zones, replace=False)] = True
+    return is_val_zone, int(len(fg_zones)), n_val_zones
+
+
+def _allocate(candidates: Callable[[int], tuple[np.ndarray, np.ndarray]], n_sources: int, n_train: int, n_val: int,
+              rng: Callable[..., np.random.Generator], names: Sequence[str]) -> np.ndarray:
+    """Positions per source and split (multinomial in the eligible weight of each source)."""
+    totals = np.array([[c.sum(dtype=np.float64) for c in candidates(i)] for i in range(n_sources)]).reshape(-1, 2)
+    counts = np.zeros((n_sources, 2), np.int64)
+    for split, n in ((0, n_train), (1, n_val)):
+        if n == 0:
+            continue
+        if totals[:, split].sum() <= 0:
+            what = "training" if split == 0 else "validation"
+            raise InputError(
+                f"no {what} positions: the {what} zones of {', '.join(names)} hold no foreground far enough "
+                "from the other split's zones; use larger volumes, a smaller patch_shape or a lower "
+                "foreground_threshold"
+            )
+        counts[:, split] = rng(2, split).multinomial(n, totals[:, split] / totals[:, split].sum())
+    return counts
+
+
+def _draw_starts(g: Geometry, i: int, weights: np.ndarray, n: int, depth: int, r: np.random.Generator) -> np.ndarray:
+    """``n`` rows (source, start...): cells drawn by their eligible starts, then a start inside each."""
+    cdf = np.cumsum(weights.ravel(), dtype=np.float64)
+    cells = np.minimum(np.searchsorted(cdf, r.random(n) * cdf[-1], side="right"), cdf.size - 1)
+    coords = np.unravel_index(cells, g.grid.shape)
+    rows = np.full((n, 1 + depth), -1, np.int64)
+    rows[:, 0] = i
+    for a, (c, f, cnt) in enumerate(zip(coords, g.grid.factors, g.starts_per_cell())):
+        rows[:, 1 + depth - len(g.shape) + a] = c * f + np.floor(r.random(n) * cnt[c]).astype(np.int64)
+    return rows

@@ -1,4 +1,4 @@
-"""Lazy training patches from any number of OME-Zarr images (DESIGN decision 6).
+"""Lazy training patches from any number of OME-Zarr images, none of them ever loaded whole.
 
 :class:`PatchSampler` never loads an image. Building it reads only the coarse grid of each
 target (a pyramid level, see :mod:`bigcare.training.positions`) to draw seeded,
@@ -8,7 +8,7 @@ thread pool, with ``read_ahead`` batches in flight::
 
     sources ──► coarse target grids ──► positions (train | val) ──► batch tasks ──► (x, y)
      (pairs or     (pyramid level,        seeded, foreground,         read the patch   normalized,
-      channels)     never level 0)        disjoint tiles)             regions only     augmented
+      channels)     never level 0)        disjoint zones)             regions only     augmented
 
 Normalization follows CSBDeep's training data generation: every image gets percentile values
 (of its full-resolution level, computed lazily: exact when small, from a seeded subsample of
@@ -193,7 +193,7 @@ class PatchSampler:
 
         grids = [choose_coarse(r.target, r.axes, r.footprint, r.spatial, level=coarse_level, budget=COARSE_CELLS)
                  for r in self._sources]
-        geoms = [Geometry(tuple(r.target.shape[i] for i in r.axes), r.footprint, g, r.tile_unit)
+        geoms = [Geometry(tuple(r.target.shape[i] for i in r.axes), r.footprint, g, r.zone_unit)
                  for r, g in zip(self._sources, grids)]
         cache: dict[int, np.ndarray] = {}
 
@@ -278,20 +278,26 @@ class PatchSampler:
             self._tables = tables
         return self._tables
 
-    def _scaling(self, split: str, index: np.ndarray) -> np.ndarray:
-        """``(lo_x, hi_x, lo_y, hi_y)`` per position, interpolated in the tables."""
+    @property
+    def read_plan(self) -> ReadPlan:
+        """What every read task needs besides its positions (the sources' images, patch shape, dtypes)."""
+        return self._plan
+
+    def scaling(self, split: str, index: np.ndarray) -> np.ndarray:
+        """``(lo_x, hi_x, lo_y, hi_y)`` of the positions ``index`` of a split, interpolated in the tables."""
         grids = self.percentile_grid()
         if self._table_arrays is None:  # (sources, grid points) per role and end
             self._table_arrays = [np.array([t[role][end] for t in self.tables], np.float64)
                                   for role in ("input", "target") for end in ("low", "high")]
-        sources = self._positions(split)[index, 0]
+        sources = self.positions(split)[index, 0]
         p = self._percentiles[split][index]
         out = np.empty((len(index), 4), np.float64)
         for k, table in enumerate(self._table_arrays):
             out[:, k] = _interp(p[:, k % 2], grids[k % 2], table[sources])
         return out
 
-    def _positions(self, split: str) -> np.ndarray:
+    def positions(self, split: str) -> np.ndarray:
+        """The positions of ``split`` (``"train"`` or ``"val"``), read-only."""
         if split in ("train",):
             return self._draw.train
         if split in ("val", "validation"):
@@ -327,7 +333,7 @@ class PatchSampler:
         (x, y) : numpy.ndarray
             float32, each ``(batch_size, 1, *patch_shape)``.
         """
-        positions = self._positions(split)
+        positions = self.positions(split)
         if epochs is not None and not (isinstance(epochs, (int, np.integer)) and epochs >= 0):
             raise ConfigError(f"epochs: expected None or an integer >= 0, got {epochs!r}")
         _ = self.tables  # statistics before the first task
@@ -346,7 +352,7 @@ class PatchSampler:
                 if not group:
                     return
                 idx = np.concatenate([g[0] for g in group])
-                scaling = self._scaling(split, idx)
+                scaling = self.scaling(split, idx)
                 pending.append((scaling, [len(g[0]) for g in group]))
                 yield idx, scaling, np.concatenate([g[1] for g in group])
 
@@ -404,7 +410,7 @@ class PatchSampler:
             "n_patches": self.n_patches, "n_train": len(self._draw.train), "n_val": len(self._draw.val),
             "validation_fraction": self.validation_fraction, "seed": self.seed,
             "foreground": {"threshold": self.foreground_threshold, "percentile": self.foreground_percentile},
-            "split": {"tiles_with_foreground": self._draw.n_tiles, "validation_tiles": self._draw.n_val_tiles},
+            "split": {"zones_with_foreground": self._draw.n_zones, "validation_zones": self._draw.n_val_zones},
             "augment": {"flips": self.augment, "rotations": self.rotations},
             "normalization": {"pmin_range": list(self.pmin_range), "pmax_range": list(self.pmax_range),
                               "percentiles_low": lows.tolist(), "percentiles_high": highs.tolist(),
@@ -414,7 +420,7 @@ class PatchSampler:
 
     def write_patch_store(self, url, *, split: str = "train", storage_options: dict | None = None,
                           overwrite: bool = False):
-        """Read the patches of one split once and write them, normalized, to a zarr patch store.
+        """Read the patches of one split once and write them, raw (normalized when streamed), to a zarr patch store.
 
         See :class:`bigcare.training.patchstore.PatchStore`; training can then stream from it
         (``store.batches(...)``, same batches as :meth:`batches` apart from the augmentation

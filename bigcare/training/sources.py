@@ -7,7 +7,7 @@ the sampler needs:
 
 - the non-channel axes and the patch *footprint* along them: ``patch_shape`` sits on the last
   ``len(patch_shape)`` spatial axes; every other axis (Z for 2D patches, time) has extent 1;
-- the *tile unit* that sizes the train/validation tiles: one patch length along patch axes,
+- the *zone unit* that sizes the train/validation zones: one patch length along patch axes,
   the same physical length along other spatial axes, one time point;
 - whether the lateral (Y, X) voxels are square, which 90-degree rotations need.
 
@@ -144,7 +144,7 @@ class Resolved:
     names: str                     # their names
     footprint: tuple[int, ...]
     spatial: tuple[bool, ...]
-    tile_unit: tuple[int, ...]
+    zone_unit: tuple[int, ...]
     square_voxels: bool            # lateral voxel sizes equal (input and target)
 
 
@@ -213,11 +213,11 @@ def resolve(src: Source, index: int, patch_shape: tuple[int, ...]) -> Resolved:
         return volume.scale[[i for i in range(volume.ndim) if i != _channel_axis(volume)][k]]
 
     ref_size = patch_shape[-1] * scale(inp, patch_axes[-1])
-    tile_unit = tuple(
+    zone_unit = tuple(
         footprint[k] if k in patch_axes else
         (max(1, round(ref_size / scale(inp, k))) if spatial[k] and scale(inp, k) > 0 else 1)
         for k in range(len(axes_in))
     )
     square = len(lateral) == 2 and all(math.isclose(scale(v, lateral[0]), scale(v, lateral[1]), rel_tol=1e-3)
                                        for v in (inp, tgt))
-    return Resolved(src, inp, tgt, ic, tc, tuple(axes_in), names, tuple(footprint), spatial, tile_unit, square)
+    return Resolved(src, inp, tgt, ic, tc, tuple(axes_in), names, tuple(footprint), spatial, zone_unit, square)
