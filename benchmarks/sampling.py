@@ -195,7 +195,8 @@ def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
         x, y = read_patches(sampler.read_plan, *g)
         total += time.thread_time() - t
         t = time.thread_time()
-        normalize_batch(x, scaling[:, :2]), normalize_batch(y, scaling[:, 2:])
+        s = scaling[:len(x)]  # the last group may be short
+        normalize_batch(x, s[:, :2]), normalize_batch(y, s[:, 2:])
         norm += time.thread_time() - t
         del x, y
     fetch = decode = 0.0

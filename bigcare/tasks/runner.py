@@ -19,6 +19,7 @@ then released. Closing the generator cancels what is still in flight.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import os
@@ -122,21 +123,13 @@ class _Backend:
         done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
         return next(f for f in running if f in done)
 
-    def wait(self, fut) -> None:
-        if self.client is not None:
-            from distributed import wait
-
-            wait([fut])
-        else:
-            concurrent.futures.wait([fut])
-
-    def error(self, fut) -> BaseException | None:
+    @staticmethod
+    def outcome(fut) -> tuple[Any, BaseException | None]:
+        """Wait for ``fut``: (result, None) or (None, its error). One round trip to the cluster."""
         try:
-            if self.client is not None:
-                return None if fut.status == "finished" else fut.exception()
-            return fut.exception()
-        except BaseException as err:  # cancelled (e.g. the scheduler restarted)
-            return err
+            return fut.result(), None
+        except (Exception, asyncio.CancelledError) as err:  # a cancelled task (e.g. the scheduler restarted)
+            return None, err
 
     def cancel(self, futures: list) -> None:
         if self.client is not None:
@@ -249,15 +242,11 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
             fill()
             if not running:
                 break
-            if ordered:
-                fut = order[0]
-                backend.wait(fut)
-            else:
-                fut = backend.next_done(running)
+            fut = order[0] if ordered else backend.next_done(running)
+            result, err = backend.outcome(fut)
             item, attempt = running.pop(fut)
             if ordered:
                 order.popleft()
-            err = backend.error(fut)
             if err is not None and attempt <= retries:
                 retry = backend.submit(item, attempt + 1)
                 running[retry] = [item, attempt + 1]
@@ -266,7 +255,8 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
                 if client is not None:
                     fut.release()
                 continue
-            out = Outcome(item, None if err is not None else fut.result(), err, attempt)
+            out = Outcome(item, result, err, attempt)
+            del result
             bar.update(1)
             if count_rescheduled:
                 held.append((out, fut))
