@@ -24,11 +24,11 @@ import torch
 def make_volume(url, shape, chunks, seed=0):
     """A compressible uint16 volume (synthetic cells + noise), written slab by slab."""
     from bigcare.store.axes import Axis
-    from bigcare.store.write import create_image
+    from bigcare.store.write import create_volume
     from bigcare.synth import degrade, phantom
 
     axes = [Axis(a, "space", "micrometer") for a in "zyx"]
-    vol = create_image(url, shape=shape, dtype="uint16", chunks=chunks, axes=axes, scale=(1.0, 0.5, 0.5))
+    vol = create_volume(url, shape=shape, dtype="uint16", chunks=chunks, axes=axes, scale=(1.0, 0.5, 0.5))
     arr = vol.array(0, mode="r+")
     tile = tuple(min(n, c * 4) for n, c in zip(shape[1:], chunks[1:]))
     clean = phantom((chunks[0],) + tile, seed=seed)

@@ -54,14 +54,14 @@ from bigcare.store.axes import Axis
 from bigcare.store.chunks import chunk_buffers, region_reader
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.volume import open_volume
-from bigcare.store.write import create_image
+from bigcare.store.write import create_volume
 from bigcare.tasks.runner import run_tasks
 from bigcare.training import sampling as sampling_module
 from bigcare.training.reads import normalize_batch, read_patches
 from bigcare.training.sampling import TASK_PATCHES, PatchSampler
 
 PATCH = (16, 64, 64)
-#: "zstd" is what bigcare's writers use (bigcare.store.write.create_image); "lz4" decodes about 10x faster.
+#: "zstd" is what bigcare's writers use (bigcare.store.write.create_volume); "lz4" decodes about 10x faster.
 CODECS = {"zstd": BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
           "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")}
 AXES = tuple(Axis(a, "space", "micrometer") for a in "zyx")
@@ -109,7 +109,7 @@ def make_pair(root: str, shape, chunks, codec: str, client) -> tuple[str, str, f
         except Exception:
             pass
         t0 = time.perf_counter()
-        vol = create_image(url, shape=shape, dtype=np.uint16, chunks=chunks, axes=AXES, scale=(1.0, 0.5, 0.5),
+        vol = create_volume(url, shape=shape, dtype=np.uint16, chunks=chunks, axes=AXES, scale=(1.0, 0.5, 0.5),
                            overwrite=True, attrs={"complete": False, "codec": codec})
         if codec != "zstd":  # bigcare writes blosc-zstd-bitshuffle; swap the (still empty) arrays' codec
             group = zarr.open_group(url, mode="r+")
@@ -119,7 +119,7 @@ def make_pair(root: str, shape, chunks, codec: str, client) -> tuple[str, str, f
             vol = open_volume(url)
         slabs = [(url, z, min(z + chunks[0], shape[0]), role, 1 if role == "input" else 2)
                  for z in range(0, shape[0], chunks[0])]
-        for _ in run_tasks(_write_slab, slabs, client=client, window=4, ordered=False):
+        for _ in run_tasks(_write_slab, slabs, client=client, in_flight=4, ordered=False):
             pass
         write_pyramid(vol, client=client)
         from bigcare.store.write import update_attrs

@@ -31,14 +31,17 @@ Glossary (one word per concept, used everywhere in code, docs and messages):
 - **crop**: where the write region sits inside the prediction of the window.
 - **tile**: one network call; a block larger than the device allows is predicted in tiles.
 - **zoom**: output voxels per input voxel along an axis (isotropic restoration upsamples Z).
-- **in flight**: tasks submitted and not yet finished (the runner's ``window`` argument bounds
+- **in flight**: tasks submitted and not yet finished (the runner's ``in_flight`` argument bounds
   them).
 - **cell**: one voxel of the coarse grid the training sampler finds foreground on; a **zone**
   is a unit of its train/validation split (a few patch lengths; never called a tile).
 - **normalize**: percentile normalization ``(x - lo) / (hi - lo + eps)``; **normalizer**: its
   ``lo``/``hi`` per channel.
 - **predictor**: what maps one region to named outputs; **model**: a folder (config + weights).
-- **run**: restoring one volume into one output; a **batch** is several runs on one queue.
+- **volume**: an OME-Zarr image as bigcare opens it (:class:`~bigcare.store.volume.Volume`:
+  axes, levels, scale; never its voxels); ``create_volume`` writes one, metadata first.
+- **run**: restoring one volume into one output; a **batch** is several runs on one queue;
+  **resume** a run (or a training) that was cut short.
 """
 
 from __future__ import annotations

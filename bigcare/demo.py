@@ -26,7 +26,7 @@ from bigcare.training import ArrayPairSampler, fit
 
 __all__ = ["run_demo"]
 
-AXES_ZYX = (Axis("z", "space", "micrometer"), Axis("y", "space", "micrometer"), Axis("x", "space", "micrometer"))
+AXES_ZYX = tuple(Axis.named(a, "micrometer") for a in "zyx")
 NOISE = dict(photons=6.0, background=0.1, read_noise=0.05)
 
 

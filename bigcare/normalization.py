@@ -164,7 +164,7 @@ def percentile_table(ref: ImageRef, percentiles, *, client=None, seed: int = 0,
             start = [int(i) * c for i, c in zip(np.unravel_index(flat, grid), chunks)]
             regions.append((start, [min(c, n - a) for c, n, a in zip(chunks, shape, start)], seed + k))
         items = [(ref, regions[a:a + 8], max(1, sample_voxels // want)) for a in range(0, want, 8)]
-        values = np.concatenate(list(run_tasks(_sample_regions, items, client=client, window=8, ordered=False,
+        values = np.concatenate(list(run_tasks(_sample_regions, items, client=client, in_flight=8, ordered=False,
                                                desc="percentiles", unit="read")))
         method = "sampled"
     where = ref.url if ref.channel is None else f"channel {ref.channel} of {ref.url}"
@@ -179,8 +179,8 @@ def volume_normalizer(volume, pmin: float = 1.0, pmax: float = 99.8, *, client=N
     InputError
         If a channel holds no finite value (e.g. an all-NaN volume).
     """
-    c = volume.axis_names.find("c")
-    channels = [None] if c < 0 else list(range(volume.shape[c]))
+    c = volume.channel_axis
+    channels = [None] if c is None else list(range(volume.shape[c]))
     lo, hi, methods = [], [], set()
     for ch in channels:
         values, method = percentile_table(volume.ref(ch), [pmin, pmax], client=client)

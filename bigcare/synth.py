@@ -202,7 +202,7 @@ def write_pair(
     clean = phantom(shape, n_nuclei=n_nuclei, seed=seed)
     noisy = degrade(clean, photons=photons, background=background, read_noise=read_noise,
                     blur_sigma=blur_sigma, seed=seed + 1)
-    axes = [Axis(a, "space", "micrometer") for a in "zyx"[-len(shape):]]
+    axes = [Axis.named(a, "micrometer") for a in "zyx"[-len(shape):]]
     scale = tuple(voxel_size or (1.0,) * len(shape))
     chunks = tuple(chunks or [min(n, 64) for n in shape])
     kwargs = dict(chunks=chunks, scale=scale, axes=axes, ngff_version=ngff_version)

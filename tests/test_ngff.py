@@ -1,4 +1,4 @@
-"""OME-Zarr layer: create_image / write_pyramid / open_volume against ome-zarr-py and ome-zarr-models."""
+"""OME-Zarr layer: create_volume / write_pyramid / open_volume against ome-zarr-py and ome-zarr-models."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from bigcare.errors import BlockError, ConfigError, InputError, OutputError
 from bigcare.store.axes import Axis
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.volume import open_volume
-from bigcare.store.write import create_image, downsample_factors, update_attrs
+from bigcare.store.write import create_volume, downsample_factors, update_attrs
 
 UM = "micrometer"
 CZYX = (Axis("c", "channel"), Axis("z", "space", UM), Axis("y", "space", UM), Axis("x", "space", UM))
@@ -49,7 +49,7 @@ def data4d():
 @pytest.mark.parametrize("version", ["0.5", "0.4"])
 def test_round_trip_is_valid_ngff_and_pyramid_is_2x_mean(tmp_path, data4d, version):
     url = str(tmp_path / "img.zarr")
-    vol = create_image(url, shape=data4d.shape, dtype=data4d.dtype, chunks=(1, 4, 8, 8), axes=CZYX,
+    vol = create_volume(url, shape=data4d.shape, dtype=data4d.dtype, chunks=(1, 4, 8, 8), axes=CZYX,
                        scale=(1.0, 2.0, 0.5, 0.5), levels=3, ngff_version=version, name="cells",
                        attrs={"bigcare": {"run": 1}})
     vol.array(0, mode="r+")[:] = data4d
@@ -80,7 +80,7 @@ def test_round_trip_is_valid_ngff_and_pyramid_is_2x_mean(tmp_path, data4d, versi
 
 def test_float_pyramid_averages_isotropic_odd_shapes(tmp_path):
     data = np.random.default_rng(2).random((70, 67, 66), dtype=np.float32)
-    vol = create_image(tmp_path / "f.zarr", shape=data.shape, dtype="float32", chunks=(16, 16, 32),
+    vol = create_volume(tmp_path / "f.zarr", shape=data.shape, dtype="float32", chunks=(16, 16, 32),
                        axes="zyx", scale=(1.0, 1.0, 1.0), levels=3)
     vol.array(0, "r+")[:] = data
     write_pyramid(vol)
@@ -90,7 +90,7 @@ def test_float_pyramid_averages_isotropic_odd_shapes(tmp_path):
 
 
 def test_pyramid_tasks_read_only_their_own_region(tmp_path, monkeypatch):
-    vol = create_image(tmp_path / "m.zarr", shape=(8, 96, 80), dtype="uint8", chunks=(8, 16, 16),
+    vol = create_volume(tmp_path / "m.zarr", shape=(8, 96, 80), dtype="uint8", chunks=(8, 16, 16),
                        axes="zyx", scale=(1.0, 1.0, 1.0), levels=2)
     vol.array(0, "r+")[:] = 7
     seen, reduce = [], pyramid.mean_reduce
@@ -102,7 +102,7 @@ def test_pyramid_tasks_read_only_their_own_region(tmp_path, monkeypatch):
 
 
 def test_failed_pyramid_tasks_raise_block_error_naming_the_level(tmp_path, monkeypatch):
-    vol = create_image(tmp_path / "e.zarr", shape=(4, 40, 40), dtype="uint8", chunks=(4, 16, 16),
+    vol = create_volume(tmp_path / "e.zarr", shape=(4, 40, 40), dtype="uint8", chunks=(4, 16, 16),
                        axes="zyx", scale=(1.0, 1.0, 1.0), levels=2)
 
     def broken(*args):
@@ -116,7 +116,7 @@ def test_failed_pyramid_tasks_raise_block_error_naming_the_level(tmp_path, monke
 def test_recreated_image_is_not_written_through_a_stale_cached_array(tmp_path):
     data = np.random.default_rng(4).integers(0, 255, (4, 48, 48), dtype=np.uint8)
     for chunks in [(4, 32, 32), (4, 8, 8)]:  # same url, path and shape, new chunk grid
-        vol = create_image(tmp_path / "r.zarr", shape=data.shape, dtype="uint8", chunks=chunks, axes="zyx",
+        vol = create_volume(tmp_path / "r.zarr", shape=data.shape, dtype="uint8", chunks=chunks, axes="zyx",
                            scale=(4.0, 1.0, 1.0), levels=2, overwrite=True)
         vol.array(0, "r+")[:] = data
         write_pyramid(vol)
@@ -126,7 +126,7 @@ def test_recreated_image_is_not_written_through_a_stale_cached_array(tmp_path):
 def test_pyramid_with_distributed_client_matches_local(tmp_path):
     distributed = pytest.importorskip("distributed")
     data = np.random.default_rng(3).integers(0, 255, (3, 50, 45), dtype=np.uint8)
-    vol = create_image(tmp_path / "d.zarr", shape=data.shape, dtype="uint8", chunks=(3, 16, 16),
+    vol = create_volume(tmp_path / "d.zarr", shape=data.shape, dtype="uint8", chunks=(3, 16, 16),
                        axes="zyx", scale=(3.0, 1.0, 1.0), levels=2)
     vol.array(0, "r+")[:] = data
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
@@ -154,7 +154,7 @@ def test_downsample_factors_keep_voxels_near_isotropic():
 
 
 def test_level_coordinates_are_centres_of_averaged_voxels(tmp_path):
-    vol = create_image(tmp_path / "c.zarr", shape=(4, 20, 24), dtype="uint16", chunks=(4, 8, 8),
+    vol = create_volume(tmp_path / "c.zarr", shape=(4, 20, 24), dtype="uint16", chunks=(4, 8, 8),
                        axes=CZYX[1:], scale=(3.0, 0.5, 0.25), translation=(10.0, -1.0, 2.0), levels=3)
     lv0, lv2 = vol.to_xarray(0), vol.to_xarray(2)
     # x (0.25 um) is halved twice, y (0.5 um) once, z (3 um) never: level 2 averages 2 (y) x 4 (x)
@@ -167,7 +167,7 @@ def test_level_coordinates_are_centres_of_averaged_voxels(tmp_path):
 
 
 def test_to_dask_is_lazy_with_zarr_chunks(tmp_path):
-    vol = create_image(tmp_path / "l.zarr", shape=(2, 10, 30, 20), dtype="uint16", chunks=(1, 5, 16, 16),
+    vol = create_volume(tmp_path / "l.zarr", shape=(2, 10, 30, 20), dtype="uint16", chunks=(1, 5, 16, 16),
                        axes=CZYX, scale=(1, 1, 1, 1), levels=1)
     lazy = vol.to_dask()
     assert lazy.chunksize == (1, 5, 16, 16) and lazy.chunks[2] == (16, 14)
@@ -209,7 +209,7 @@ def test_sharded_levels_report_the_shard_as_write_unit(tmp_path):
 def test_fsspec_urls_round_trip(tmp_path):
     data = np.arange(6 * 40 * 36, dtype=np.uint16).reshape(6, 40, 36)
     url = (tmp_path / "u.zarr").as_uri()  # file:///...
-    vol = create_image(url, shape=data.shape, dtype="uint16", chunks=(6, 16, 16), axes="zyx",
+    vol = create_volume(url, shape=data.shape, dtype="uint16", chunks=(6, 16, 16), axes="zyx",
                        scale=(1.0, 1.0, 1.0), levels=2, storage_options={})
     assert vol.url == url
     vol.array(0, "r+")[:] = data
@@ -218,7 +218,7 @@ def test_fsspec_urls_round_trip(tmp_path):
     np.testing.assert_array_equal(by_path.array(1)[:], mean_pyramid_reference(data, (2, 2, 2)))
     np.testing.assert_array_equal(open_volume(url + "/").to_dask(0).compute(), data)
 
-    mem = create_image("memory://bigcare-test/m.zarr", shape=data.shape, dtype="uint16", chunks=(6, 16, 16),
+    mem = create_volume("memory://bigcare-test/m.zarr", shape=data.shape, dtype="uint16", chunks=(6, 16, 16),
                        axes="zyx", scale=(1.0, 1.0, 1.0), levels=2, overwrite=True)
     mem.array(0, "r+")[:] = data
     write_pyramid(mem)
@@ -226,7 +226,7 @@ def test_fsspec_urls_round_trip(tmp_path):
 
 
 def test_update_attrs_merges_at_the_root_next_to_ome(tmp_path):
-    vol = create_image(tmp_path / "a.zarr", shape=(8, 8), dtype="uint8", chunks=(8, 8), axes="yx",
+    vol = create_volume(tmp_path / "a.zarr", shape=(8, 8), dtype="uint8", chunks=(8, 8), axes="yx",
                        scale=(1.0, 1.0), attrs={"bigcare": {"state": "running"}, "keep": 1})
     update_attrs(vol.url, {"bigcare": {"state": "done"}})
     attrs = open_volume(vol.url).attrs
@@ -239,7 +239,7 @@ def test_update_attrs_merges_at_the_root_next_to_ome(tmp_path):
 @pytest.mark.parametrize("version", ["0.5", "0.4"])
 def test_done_marker_array_inside_image_keeps_it_valid(tmp_path, marker, version):
     url = str(tmp_path / "img.zarr")
-    create_image(url, shape=(4, 32, 32), dtype="uint8", chunks=(4, 16, 16), axes="zyx", scale=(1, 1, 1),
+    create_volume(url, shape=(4, 32, 32), dtype="uint8", chunks=(4, 16, 16), axes="zyx", scale=(1, 1, 1),
                  levels=2, ngff_version=version)
     zarr.open_group(url, mode="a").create_array(marker, shape=(1, 2, 2), chunks=(1, 2, 2), dtype="bool")
     group = zarr.open_group(url, mode="r")
@@ -267,7 +267,7 @@ def test_open_volume_errors_name_the_path(tmp_path):
 
 
 def test_open_volume_rejects_malformed_metadata(tmp_path):
-    vol = create_image(tmp_path / "bad.zarr", shape=(4, 8, 8), dtype="uint8", chunks=(4, 8, 8), axes="zyx",
+    vol = create_volume(tmp_path / "bad.zarr", shape=(4, 8, 8), dtype="uint8", chunks=(4, 8, 8), axes="zyx",
                        scale=(1.0, 1.0, 1.0), levels=1)
     ome = dict(vol.attrs["ome"])
     ome["multiscales"] = [dict(ome["multiscales"][0])]
@@ -281,23 +281,23 @@ def test_open_volume_rejects_malformed_metadata(tmp_path):
         open_volume(vol.url)
 
 
-def test_create_image_refuses_existing_paths(tmp_path):
+def test_create_volume_refuses_existing_paths(tmp_path):
     kwargs = dict(shape=(4, 8, 8), dtype="uint8", chunks=(4, 8, 8), axes="zyx", scale=(1.0, 1.0, 1.0))
     foreign = tmp_path / "results"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("precious")
     with pytest.raises(OutputError, match=r"results: already exists; pass overwrite=True"):
-        create_image(foreign, **kwargs)
+        create_volume(foreign, **kwargs)
     with pytest.raises(OutputError, match=r"results: exists and is not a zarr store.*refusing to delete"):
-        create_image(foreign, overwrite=True, **kwargs)
+        create_volume(foreign, overwrite=True, **kwargs)
     assert (foreign / "thesis.txt").read_text() == "precious"
 
-    create_image(tmp_path / "img.zarr", **kwargs)
+    create_volume(tmp_path / "img.zarr", **kwargs)
     with pytest.raises(OutputError, match=r"img\.zarr: already exists"):
-        create_image(tmp_path / "img.zarr", **kwargs)
-    vol = create_image(tmp_path / "img.zarr", overwrite=True, ngff_version="0.4", **kwargs)
+        create_volume(tmp_path / "img.zarr", **kwargs)
+    vol = create_volume(tmp_path / "img.zarr", overwrite=True, ngff_version="0.4", **kwargs)
     assert open_volume(vol.url).ngff_version == "0.4"
     with pytest.raises(ConfigError, match=r"chunks: expected 3 values \(one per axis 'zyx'\), got \(8, 8\)"):
-        create_image(tmp_path / "x.zarr", **{**kwargs, "chunks": (8, 8)})
+        create_volume(tmp_path / "x.zarr", **{**kwargs, "chunks": (8, 8)})
     with pytest.raises(ConfigError, match=r"ngff_version: expected '0.4' or '0.5', got '0.6'"):
-        create_image(tmp_path / "x.zarr", ngff_version="0.6", **kwargs)
+        create_volume(tmp_path / "x.zarr", ngff_version="0.6", **kwargs)

@@ -20,7 +20,7 @@ from scipy import ndimage
 from bigcare.errors import ConfigError, InputError, format_validation_error
 from bigcare.store.axes import Axis
 from bigcare.store.chunks import RegionReader, tune_malloc
-from bigcare.store.write import create_image
+from bigcare.store.write import create_volume
 from bigcare.tasks import slots as slots_module
 from bigcare.training import positions as positions_module
 from bigcare.training import reads
@@ -531,7 +531,7 @@ def test_sampler_limits_are_checked_before_any_read(keywords, message):
 
 
 def test_empty_target_is_an_input_error(tmp_path):
-    vol = create_image(tmp_path / "empty.zarr", shape=(16, 64, 64), dtype=np.uint16, chunks=(8, 32, 32),
+    vol = create_volume(tmp_path / "empty.zarr", shape=(16, 64, 64), dtype=np.uint16, chunks=(8, 32, 32),
                        axes=[Axis(a, "space") for a in "zyx"], scale=(1.0, 1.0, 1.0))
     with pytest.raises(InputError, match="no foreground found"):
         PatchSampler([(vol.url, vol.url)], PATCH, n_patches=10)

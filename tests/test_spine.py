@@ -45,8 +45,8 @@ class _Flaky:
 
 def test_runner_yields_in_item_order_or_as_completed_on_a_local_pool():
     items = [(i,) for i in range(12)]
-    assert list(run_tasks(_slow_square, items, window=4)) == [i * i for i in range(12)]
-    unordered = list(run_tasks(_slow_square, items, window=4, ordered=False))
+    assert list(run_tasks(_slow_square, items, in_flight=4)) == [i * i for i in range(12)]
+    unordered = list(run_tasks(_slow_square, items, in_flight=4, ordered=False))
     assert sorted(unordered) == [i * i for i in range(12)] and unordered != [i * i for i in range(12)]
 
 
@@ -63,7 +63,7 @@ def test_runner_keeps_at_most_window_tasks_in_flight_and_submits_after_the_consu
         return x
 
     submitted = []
-    gen = run_tasks(task, ((submitted.append(i) or i,) for i in range(20)), window=3)
+    gen = run_tasks(task, ((submitted.append(i) or i,) for i in range(20)), in_flight=3)
     assert next(gen) == 0
     assert len(submitted) == 3  # the next task is submitted only when the consumer asks again
     assert list(gen) == list(range(1, 20))
@@ -82,13 +82,13 @@ def test_runner_retries_a_failing_item_then_reports_or_raises_its_error():
 
 
 def test_runner_on_a_cluster_uses_keys_retries_and_counts(client):
-    outs = list(run_tasks(_square, [(i,) for i in range(40)], client=client, window=None, ordered=False,
+    outs = list(run_tasks(_square, [(i,) for i in range(40)], client=client, in_flight=None, ordered=False,
                           key=lambda item: f"spine-square-{item[0]}", outcomes=True, count_rescheduled=True))
     assert sorted(o.result for o in outs) == [i * i for i in range(40)]
     assert all(o.ok and o.attempts == 1 and o.rescheduled == 0 for o in outs)
-    ordered = list(run_tasks(_square, [(i,) for i in range(10)], client=client, window=3))
+    ordered = list(run_tasks(_square, [(i,) for i in range(10)], client=client, in_flight=3))
     assert ordered == [i * i for i in range(10)]
-    failed = list(run_tasks(_fail_on_three, [(i,) for i in range(5)], client=client, window=None, ordered=False,
+    failed = list(run_tasks(_fail_on_three, [(i,) for i in range(5)], client=client, in_flight=None, ordered=False,
                             retries=1, outcomes=True, key=lambda item: f"spine-fail-{item[0]}"))
     bad = [o for o in failed if not o.ok]
     assert [o.item for o in bad] == [(3,)] and bad[0].attempts == 2 and "three" in str(bad[0].error)
@@ -124,8 +124,11 @@ def test_the_axis_table_types_names_everywhere(tmp_path):
     assert Axis.named("c", "micrometer") == Axis("c", "channel", None)  # units only on space axes
     vol = write_volume(tmp_path / "v.zarr", np.zeros((2, 3, 8, 8), np.float32), axes="tcyx")
     assert [a.type for a in vol.axes] == ["time", "channel", "space", "space"]
-    layout = AxisLayout.build("tcyx", [a.type for a in vol.axes], "yx", 3, 3, vol.shape, vol.url)
+    assert vol.channel_axis == 1 and vol.spatial_axes == "yx"
+    layout = AxisLayout.build("tcyx", [a.kind for a in vol.axes], "yx", 3, 3, vol.shape, vol.url)
     assert layout.batch == "t" and layout.core == "tcyx"
+    # metadata without types (NGFF 0.3 names, or types left out): the table types them
+    assert [Axis(n).kind for n in "czyx"] == ["channel", "space", "space", "space"]
 
 
 # --- the public surface -----------------------------------------------------------------------

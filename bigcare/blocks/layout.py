@@ -33,8 +33,7 @@ class AxisLayout:
     def build(cls, in_axes: str, axis_types: list, spatial: str, n_in: int, n_out: int,
               shape: tuple, name: str) -> AxisLayout:
         """Check that a volume fits a predictor and return the layout; raises ModelMismatchError."""
-        vol_spatial = "".join(a for a, t in zip(in_axes, axis_types) if t == "space" or
-                              (t is None and a in "zyx"))
+        vol_spatial = "".join(a for a, t in zip(in_axes, axis_types) if t == "space")
         if sorted(vol_spatial) != sorted(spatial):
             raise ModelMismatchError(
                 f"the model is {len(spatial)}D with spatial axes {spatial.upper()!r}, but {name} has "

@@ -77,7 +77,7 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
         return {"GPU": 1} if str(item[1].device).startswith("cuda") else None
 
     desc = "restore" if len(runs) == 1 else f"restore {len(runs)} volumes"
-    for out in run_tasks(run_block, items, client=client, window=None, ordered=False, retries=MAX_RETRIES,
+    for out in run_tasks(run_block, items, client=client, in_flight=None, ordered=False, retries=MAX_RETRIES,
                          key=key, resources=resources, outcomes=True, count_rescheduled=True,
                          progress=progress, desc=desc, unit="block"):
         block, spec = out.item

@@ -36,7 +36,7 @@ from bigcare.store.axes import Axis
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.urls import normalize_url, store_kwargs
 from bigcare.store.volume import Volume, open_volume
-from bigcare.store.write import create_image, update_attrs
+from bigcare.store.write import create_volume, update_attrs
 from bigcare.tasks.block import MARKER, RunSpec
 from bigcare.types import NGFF_VERSIONS, PRECISIONS, NgffVersion, Precision, check_choice
 from bigcare.version import __version__
@@ -242,7 +242,7 @@ def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, tile_sh
     check_choice("precision", precision, PRECISIONS)
     output = normalize_url(output)
     predictor = model.predictor
-    layout = AxisLayout.build(volume.axis_names, [a.type for a in volume.axes], predictor.spatial_axes,
+    layout = AxisLayout.build(volume.axis_names, [a.kind for a in volume.axes], predictor.spatial_axes,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
     _check_anisotropy(volume, predictor)
     chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape, devices)
@@ -296,7 +296,7 @@ def _create_outputs(run: VolumeRun) -> None:
         zarr.open_group(mode="w", zarr_format=3 if run.ngff_version == "0.5" else 2, attributes=run.attrs,
                         **store_kwargs(run.output, options))
     for name, url in images.items():
-        create_image(
+        create_volume(
             url, shape=layout.out_shape(run.plan.shape), dtype=run.output_dtype, chunks=out_chunks, axes=out_axes,
             scale=scale, translation=translation, ngff_version=run.ngff_version, storage_options=options,
             name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,

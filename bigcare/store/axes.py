@@ -41,6 +41,11 @@ class Axis:
     type: str | None = None
     unit: str | None = None
 
+    @property
+    def kind(self) -> str | None:
+        """The axis type, or the table's type for its name when the metadata gave none."""
+        return self.type or default_axis_type(self.name)
+
     @classmethod
     def named(cls, name: str, unit: str | None = None) -> Axis:
         """An axis typed from its name by the table (``Axis.named("z", "micrometer")``)."""

@@ -25,16 +25,15 @@ import numpy as np
 import tifffile
 
 from bigcare.errors import InputError
-from bigcare.store.axes import Axis
+from bigcare.store.axes import Axis, default_axis_type
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.volume import Volume
-from bigcare.store.write import create_image
+from bigcare.store.write import create_volume
 
 __all__ = ["tiff_to_ome_zarr", "describe"]
 
 _AXIS_MAP = {"T": "t", "C": "c", "S": "c", "Z": "z", "Q": "z", "I": "z", "Y": "y", "X": "x"}
 _ORDER = "tczyx"
-_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 _UNITS = {"micron": "micrometer", "microns": "micrometer", "um": "micrometer", "µm": "micrometer",
           "μm": "micrometer", "\\u00b5m": "micrometer", "micrometer": "micrometer",
           "nm": "nanometer", "nanometer": "nanometer", "mm": "millimeter", "millimeter": "millimeter",
@@ -182,7 +181,7 @@ def tiff_to_ome_zarr(tiff_path, out_url, *, voxel_size: Sequence[float] | None =
             raise InputError(f"{path}: TIFF file holds no image series")
         series = tif.series[0]
         layout = _layout(path, series)
-        spatial = "".join(a for a in layout.out if _TYPES[a] == "space")
+        spatial = "".join(a for a in layout.out if default_axis_type(a) == "space")
 
         if voxel_size is not None:
             if len(voxel_size) != len(spatial) or any(float(v) <= 0 for v in voxel_size):
@@ -196,7 +195,7 @@ def tiff_to_ome_zarr(tiff_path, out_url, *, voxel_size: Sequence[float] | None =
                 warnings.warn(f"{path}: no voxel size for axes {''.join(missing)!r} in the TIFF metadata; "
                               f"using 1.0 {size_unit}. Pass voxel_size to set it.", UserWarning, stacklevel=2)
         scale = tuple(sizes.get(a, 1.0) if a in spatial else 1.0 for a in layout.out)
-        axes = [Axis(a, _TYPES[a], size_unit if a in spatial else None) for a in layout.out]
+        axes = [Axis(a, default_axis_type(a), size_unit if a in spatial else None) for a in layout.out]
 
         shape = layout.out_shape
         if chunks is None:
@@ -205,7 +204,7 @@ def tiff_to_ome_zarr(tiff_path, out_url, *, voxel_size: Sequence[float] | None =
         if len(chunks) != len(shape):
             raise InputError(f"chunks: expected {len(shape)} values for axes {layout.out!r}, got {tuple(chunks)}")
 
-        volume = create_image(out_url, shape=shape, dtype=series.dtype, chunks=chunks, axes=axes, scale=scale,
+        volume = create_volume(out_url, shape=shape, dtype=series.dtype, chunks=chunks, axes=axes, scale=scale,
                               ngff_version=ngff_version, storage_options=storage_options,
                               name=os.path.splitext(os.path.basename(path))[0], overwrite=overwrite)
         pages = series.pages

@@ -68,7 +68,7 @@ def _chunk_regions(shape: tuple[int, ...], chunks: tuple[int, ...]):
 
 def _run(fn, regions: list, client, desc: str, progress: bool) -> None:
     """Run one level's tasks; one BlockError naming the failed regions."""
-    failures = [(o.item[0], o.error) for o in run_tasks(fn, [(r,) for r in regions], client=client, window=None,
+    failures = [(o.item[0], o.error) for o in run_tasks(fn, [(r,) for r in regions], client=client, in_flight=None,
                                                          ordered=False, outcomes=True, progress=progress,
                                                          desc=desc, unit="chunk") if not o.ok]
     if failures:
@@ -87,7 +87,7 @@ def write_pyramid(volume: Volume, *, client=None, progress: bool = False) -> Non
     Parameters
     ----------
     volume : Volume
-        Image whose level 0 is written; levels 1..n exist (see :func:`create_image`).
+        Image whose level 0 is written; levels 1..n exist (see :func:`create_volume`).
     client : distributed.Client, optional
         Run tasks with ``client.map``; without, the same task function runs on a local thread
         pool.

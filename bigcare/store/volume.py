@@ -98,7 +98,13 @@ class Volume:
     @property
     def spatial_axes(self) -> str:
         """Names of the axes of type ``"space"``, in array order, e.g. ``"zyx"``."""
-        return "".join(a.name for a in self.axes if a.type == "space")
+        return "".join(a.name for a in self.axes if a.kind == "space")
+
+    @property
+    def channel_axis(self) -> int | None:
+        """Position of the channel axis (type ``"channel"``, or an untyped ``c``), None without one."""
+        found = [i for i, a in enumerate(self.axes) if a.kind == "channel"]
+        return found[0] if found else None
 
     @property
     def ndim(self) -> int:
@@ -129,9 +135,8 @@ class Volume:
         """The :class:`~bigcare.store.chunks.ImageRef` of one level (and channel) that read tasks carry."""
         from bigcare.store.chunks import ImageRef
 
-        c = self.axis_names.find("c")
         return ImageRef(self.url, self.storage_options, self.zarr_format, self._level(level),
-                        None if c < 0 else c, channel)
+                        self.channel_axis, channel)
 
     def _level(self, level: int) -> Level:
         if not -len(self.levels) <= level < len(self.levels):
@@ -201,7 +206,7 @@ class Volume:
         lv = self._level(level)
         coords = {}
         for i, ax in enumerate(self.axes):
-            if ax.type in ("space", "time"):
+            if ax.kind in ("space", "time"):
                 values = np.arange(lv.shape[i]) * lv.scale[i] + lv.translation[i]
                 coords[ax.name] = xr.Variable(ax.name, values, attrs={"units": ax.unit} if ax.unit else {})
         return xr.DataArray(

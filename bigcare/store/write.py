@@ -1,7 +1,7 @@
 """Write OME-NGFF images: metadata first, empty arrays, then a blockwise pyramid.
 
 The order matters (ome-zarr-py writes metadata only after the data are computed, so a crash
-leaves arrays nobody can interpret): :func:`create_image` writes the complete multiscales
+leaves arrays nobody can interpret): :func:`create_volume` writes the complete multiscales
 metadata and then creates every level as an empty array; writers fill level 0 chunk by chunk;
 :func:`write_pyramid` fills levels 1..n, one task per output chunk::
 
@@ -35,7 +35,7 @@ from bigcare.store.pyramid import write_pyramid
 from bigcare.store.urls import normalize_url, store_kwargs
 from bigcare.store.volume import Volume, open_volume
 
-__all__ = ["create_image", "downsample_factors", "update_attrs", "write_array"]
+__all__ = ["create_volume", "downsample_factors", "update_attrs", "write_array"]
 
 #: Spatial axes whose voxel size is within this factor of the reference (finest) are halved.
 ISOTROPY_TOLERANCE = 1.5
@@ -95,7 +95,7 @@ def downsample_factors(shape: Sequence[int], axes: Sequence[Axis | str], scale: 
         raise ConfigError(f"scale: expected positive voxel sizes, got {tuple(scale)}")
     size = [int(s) for s in shape]
     vox = [float(s) for s in scale]
-    spatial = [i for i, a in enumerate(axes) if a.type == "space"]
+    spatial = [i for i, a in enumerate(axes) if a.kind == "space"]
     out: list[tuple[int, ...]] = []
     while levels is None or len(out) < levels - 1:
         large = [i for i in spatial if size[i] > min_size]
@@ -140,7 +140,7 @@ def _check_target(url: str, storage_options: dict | None, overwrite: bool) -> No
         )
 
 
-def create_image(url, *, shape, dtype, chunks, axes: Sequence[Axis], scale, translation=None,
+def create_volume(url, *, shape, dtype, chunks, axes: Sequence[Axis], scale, translation=None,
                  levels: int | None = None, ngff_version: str = "0.5", storage_options=None,
                  name: str | None = None, attrs: dict | None = None, overwrite: bool = False,
                  fill_value=0) -> Volume:
@@ -266,9 +266,9 @@ def update_attrs(url, attrs: dict, *, storage_options=None) -> None:
 def write_array(url, data: np.ndarray, *, chunks, scale, axes, **kwargs) -> Volume:
     """Write an in-memory array as an OME-Zarr image with its pyramid (small data only).
 
-    ``chunks``, ``scale``, ``axes`` and ``kwargs`` are those of :func:`create_image`.
+    ``chunks``, ``scale``, ``axes`` and ``kwargs`` are those of :func:`create_volume`.
     """
-    volume = create_image(url, shape=data.shape, dtype=data.dtype, chunks=chunks, axes=axes, scale=scale, **kwargs)
+    volume = create_volume(url, shape=data.shape, dtype=data.dtype, chunks=chunks, axes=axes, scale=scale, **kwargs)
     volume.array(0, mode="r+")[...] = data
     write_pyramid(volume)
     return open_volume(url, storage_options=kwargs.get("storage_options"))

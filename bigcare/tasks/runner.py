@@ -3,7 +3,7 @@
 Restore blocks, pyramid chunks, percentile samples and training patch reads all run through
 :func:`run_tasks`::
 
-    items ──► submit (all at once, or a sliding window of ``window`` in flight)
+    items ──► submit (all at once, or at most ``in_flight`` tasks at a time)
                  │   client: client.map / client.submit(pure=False, key=..., resources=...)
                  │   no client: a thread pool (made here, or the caller's)
                  ▼
@@ -159,7 +159,7 @@ def _rescheduled(client, keys: list[str]) -> dict[str, int]:
 
 
 def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concurrent.futures.Executor | None = None,
-              window: int | None = 8, ordered: bool = True, retries: int = 0,
+              in_flight: int | None = 8, ordered: bool = True, retries: int = 0,
               key: Callable[[tuple], str] | None = None,
               resources: dict | Callable[[tuple], dict | None] | None = None,
               outcomes: bool = False, count_rescheduled: bool = False,
@@ -174,7 +174,7 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
         Positional arguments of each task (small: coordinates and specs, never voxels).
     client : distributed.Client, optional
         Run on this cluster; else on ``pool`` (a thread pool made for the call when not given).
-    window : int or None
+    in_flight : int or None
         Tasks in flight at most; None submits every item at once (one ``client.map``).
     ordered : bool
         Yield in item order; else as tasks finish.
@@ -202,7 +202,7 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
     count_rescheduled = count_rescheduled and client is not None
     total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress)
-    limit = window if window is not None else (None if client is not None else 4 * (os.cpu_count() or 1))
+    limit = in_flight if in_flight is not None else (None if client is not None else 4 * (os.cpu_count() or 1))
 
     def fill() -> None:
         if limit is None:

@@ -124,7 +124,7 @@ def write_store(sampler, url, *, split: str = "train", storage_options: dict | N
     plan = sampler.read_plan if sampler.client is None else sampler.client.scatter(sampler.read_plan, broadcast=True, hash=False)
     items = [(plan, url, storage_options, split, a, positions[a:a + _ROWS_PER_TASK, 0], positions[a:a + _ROWS_PER_TASK, 1:])
              for a in range(0, n, _ROWS_PER_TASK)]
-    written = sum(run_tasks(_write_rows, items, client=sampler.client, window=8, ordered=False))
+    written = sum(run_tasks(_write_rows, items, client=sampler.client, in_flight=8, ordered=False))
     if written != n:
         raise OutputError(f"{url}: wrote {written} of {n} {split} patches")
     meta["splits"][split]["complete"] = True
@@ -217,4 +217,4 @@ class PatchStore:
         items = ((tuple(refs), idx, codes, scaling[idx])
                  for idx, codes in batch_order(self.splits[name], batch_size=self.batch_size, seed=self._meta["seed"],
                                                epochs=epochs, n_codes=n_codes, shuffle=name == "train"))
-        yield from run_tasks(_read_rows, items, window=self.read_ahead + 1, ordered=True)
+        yield from run_tasks(_read_rows, items, in_flight=self.read_ahead + 1, ordered=True)

@@ -98,7 +98,7 @@ class Geometry:
             out.append(np.clip(last + 1 - np.arange(m) * f, 0, f).astype(np.float32))
         return out
 
-    def window(self) -> tuple[int, ...]:
+    def reach(self) -> tuple[int, ...]:
         """``Kmax``: cells a patch starting in one cell can touch."""
         return tuple((f + p - 2) // f + 1 for f, p in zip(self.grid.factors, self.footprint))
 
@@ -201,7 +201,7 @@ def read_coarse(ref: ImageRef, grid: CoarseGrid, full_shape: Sequence[int], *, c
             start = [i * s for i, s in zip(idx, step)]
             size = [min(s, n - a) for s, n, a in zip(step, level_shape, start)]
             items.append((ref, start, size, grid.extra, [-(-z // e) for z, e in zip(size, grid.extra)]))
-        for origin, block in run_tasks(_reduce_region, items, client=client, window=16, ordered=False):
+        for origin, block in run_tasks(_reduce_region, items, client=client, in_flight=16, ordered=False):
             coarse[tuple(slice(o, o + b) for o, b in zip(origin, block.shape))] = block
     pad = [(0, m - c) for m, c in zip(grid.shape, coarse.shape)]
     if any(p for _, p in pad):  # a pyramid that floors its shapes: cover the last partial cells
@@ -318,8 +318,8 @@ def draw_positions(geoms: Sequence[Geometry], coarse: Callable[[int], np.ndarray
         fgw = _weights(g) * fg(i)
         labels = is_val_zone[offsets[i]:offsets[i + 1]].reshape(zone_fg[i].shape)
         val = labels[np.ix_(*[np.arange(m) // t for m, t in zip(g.grid.shape, zones[i])])]
-        window = g.window()
-        return fgw * ~forward_max(val, window), fgw * ~forward_max(~val, window)
+        reach = g.reach()
+        return fgw * ~forward_max(val, reach), fgw * ~forward_max(~val, reach)
 
     counts = _allocate(candidates, len(geoms), n_train, n_val, rng, names)
     drawn: list[list[np.ndarray]] = [[], []]
@@ -374,7 +374,7 @@ def _foreground_per_zone(geoms: Sequence[Geometry], zones: Sequence[tuple[int, .
         any_fg = any_fg or total > 0
         fg_fraction.append(total / max(float(w.sum(dtype=np.float64)), 1.0))
         inside = []
-        for m, t, kmax in zip(g.grid.shape, zones[i], g.window()):
+        for m, t, kmax in zip(g.grid.shape, zones[i], g.reach()):
             c = np.arange(m)
             inside.append(np.minimum(c + kmax, m) <= np.minimum((c // t + 1) * t, m))
         zone_fg.append(_zone_sums(fgw * functools.reduce(np.multiply.outer, inside), zones[i]))

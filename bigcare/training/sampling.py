@@ -358,20 +358,20 @@ class PatchSampler:
 
         if local:
             threads = os.cpu_count() or 1
-            window = max(-(-self.read_ahead // per_task), threads) + SPARE_TASKS
+            in_flight = max(-(-self.read_ahead // per_task), threads) + SPARE_TASKS
             items = ((self._plan, positions[idx, 0], positions[idx, 1:], None, codes) for idx, _, codes in groups())
-            results = cast(Generator, run_tasks(read_patches, items, window=window, ordered=True))
+            results = cast(Generator, run_tasks(read_patches, items, in_flight=in_flight, ordered=True))
         else:
             if self._plan_future is None:
                 self._plan_future = self.client.scatter(self._plan, broadcast=True, hash=False)
             threads = sum(self.client.nthreads().values()) or 1  # keep every worker thread busy
-            window = max(-(-self.read_ahead // per_task), threads) + SPARE_TASKS
+            in_flight = max(-(-self.read_ahead // per_task), threads) + SPARE_TASKS
             nbytes = per_task * self.batch_size * math.prod(self.patch_shape) * sum(d.itemsize for d in self._plan.dtypes)
-            slots = ResultSlots.create(self.client, window, nbytes) if SHARED_MEMORY else None
+            slots = ResultSlots.create(self.client, in_flight, nbytes) if SHARED_MEMORY else None
             items = ((self._plan_future, positions[idx, 0], positions[idx, 1:], None, codes,
                       None if slots is None else slots.slot(k))
                      for k, (idx, _, codes) in enumerate(groups()))
-            results = cast(Generator, run_tasks(read_patches, items, client=self.client, window=window, ordered=True))
+            results = cast(Generator, run_tasks(read_patches, items, client=self.client, in_flight=in_flight, ordered=True))
         try:
             for result in results:
                 x, y = slots.arrays(result) if slots is not None and isinstance(result, InSlot) else result

@@ -106,13 +106,8 @@ class Source(Schema, frozen=True, metaclass=_PathsFirst):
         return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def _channel_axis(volume: Volume) -> int | None:
-    found = [i for i, a in enumerate(volume.axes) if a.type == "channel" or (a.type is None and a.name == "c")]
-    return found[0] if found else None
-
-
 def _pick_channel(volume: Volume, channel, what: str, index: int) -> int | None:
-    ca = _channel_axis(volume)
+    ca = volume.channel_axis
     if ca is None:
         if channel not in (None, 0):
             raise ConfigError(
@@ -163,7 +158,7 @@ def resolve(src: Source, index: int, patch_shape: tuple[int, ...]) -> Resolved:
     so = src.storage_options
     inp = open_volume(src.input, storage_options=so)
     if src.target is None:
-        ca = _channel_axis(inp)
+        ca = inp.channel_axis
         if ca is None or inp.shape[ca] < 2:
             raise ConfigError(
                 f"sources.{index}: {inp.url} alone must hold input and target as two channels, but its axes "
@@ -181,8 +176,8 @@ def resolve(src: Source, index: int, patch_shape: tuple[int, ...]) -> Resolved:
         tgt = open_volume(src.target, storage_options=so)
         ic = _pick_channel(inp, src.input_channel, "input_channel", index)
         tc = _pick_channel(tgt, src.target_channel, "target_channel", index)
-    axes_in = [i for i in range(inp.ndim) if i != _channel_axis(inp)]
-    axes_tg = [i for i in range(tgt.ndim) if i != _channel_axis(tgt)]
+    axes_in = [i for i in range(inp.ndim) if i != inp.channel_axis]
+    axes_tg = [i for i in range(tgt.ndim) if i != tgt.channel_axis]
     names = "".join(inp.axes[i].name for i in axes_in)
     shape = tuple(inp.shape[i] for i in axes_in)
     if names != "".join(tgt.axes[i].name for i in axes_tg) or shape != tuple(tgt.shape[i] for i in axes_tg):
@@ -191,7 +186,7 @@ def resolve(src: Source, index: int, patch_shape: tuple[int, ...]) -> Resolved:
             f"{''.join(tgt.axes[i].name for i in axes_tg)!r}, shape {tuple(tgt.shape[i] for i in axes_tg)}) "
             "do not match; expected aligned images of the same shape"
         )
-    spatial = tuple(inp.axes[i].type == "space" for i in axes_in)
+    spatial = tuple(inp.axes[i].kind == "space" for i in axes_in)
     space = [k for k, s in enumerate(spatial) if s]
     if len(space) < len(patch_shape):
         raise ConfigError(
@@ -210,7 +205,7 @@ def resolve(src: Source, index: int, patch_shape: tuple[int, ...]) -> Resolved:
     lateral = patch_axes[-2:] if len(patch_axes) >= 2 else patch_axes
 
     def scale(volume: Volume, k: int) -> float:  # voxel size along the k-th non-channel axis
-        return volume.scale[[i for i in range(volume.ndim) if i != _channel_axis(volume)][k]]
+        return volume.scale[[i for i in range(volume.ndim) if i != volume.channel_axis][k]]
 
     ref_size = patch_shape[-1] * scale(inp, patch_axes[-1])
     zone_unit = tuple(

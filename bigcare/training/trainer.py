@@ -127,7 +127,7 @@ def fit(
     first = config.architecture.heads[0].name
     result = TrainResult(model_dir=Path(model_dir) if model_dir else None)
     if resume and result.model_dir is not None and (result.model_dir / "last" / STATE_JSON).exists():
-        _restore(result, model, optimizer, scheduler, device)
+        _resume(result, model, optimizer, scheduler, device)
     writer = _tensorboard(result.model_dir) if tensorboard else None
     best = min(result.val_loss) if result.val_loss else float("inf")
     best_state = None
@@ -218,7 +218,7 @@ def _save(result: TrainResult, model: UNet, config: ModelConfig, which: str, *,
         log.write(json.dumps(record) + "\n")
 
 
-def _restore(result: TrainResult, model: UNet, optimizer, scheduler, device) -> None:
+def _resume(result: TrainResult, model: UNet, optimizer, scheduler, device) -> None:
     """Load weights, optimizer, scheduler and history from ``model_dir/last``."""
     assert result.model_dir is not None  # resuming needs a model folder
     folder = result.model_dir / "last"
