@@ -205,5 +205,6 @@ def write_pair(
     axes = [Axis.named(a, "micrometer") for a in "zyx"[-len(shape):]]
     scale = tuple(voxel_size or (1.0,) * len(shape))
     chunks = tuple(chunks or [min(n, 64) for n in shape])
-    kwargs = dict(chunks=chunks, scale=scale, axes=axes, ngff_version=ngff_version)
-    return write_array(input_url, noisy, **kwargs), write_array(target_url, clean, **kwargs)
+    written = [write_array(url, data, chunks=chunks, scale=scale, axes=axes, ngff_version=ngff_version)
+               for url, data in ((input_url, noisy), (target_url, clean))]
+    return written[0], written[1]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 from bigcare.errors import ConfigError
 
-__all__ = ["Precision", "NgffVersion", "DeviceKind", "ClusterKind", "PRECISIONS", "NGFF_VERSIONS",
-           "CLUSTER_KINDS", "check_choice", "check_device"]
+__all__ = ["Precision", "NgffVersion", "DeviceKind", "ClusterKind", "PathLike", "Shape", "PRECISIONS",
+           "NGFF_VERSIONS", "CLUSTER_KINDS", "check_choice", "check_device"]
 
 #: Inference precision: full float32, or autocast to bfloat16 / float16.
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -17,6 +19,10 @@ NgffVersion = Literal["0.5", "0.4"]
 DeviceKind = Literal["cpu", "cuda"]
 #: Clusters bigcare can start.
 ClusterKind = Literal["local", "local-cuda", "slurm", "kubernetes"]
+#: A local path or an fsspec URL (``s3://bucket/a.ome.zarr``).
+PathLike = str | os.PathLike[str]
+#: A shape or a voxel count per axis.
+Shape = Sequence[int]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 NGFF_VERSIONS: tuple[str, ...] = get_args(NgffVersion)

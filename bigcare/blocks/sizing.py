@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bigcare.blocks.layout import AxisLayout
-from bigcare.blocks.plan import plan_blocks
+from bigcare.blocks.plan import BlockPlan, plan_blocks
 from bigcare.blocks.zoom import volume_zoom, zoom_length
 from bigcare.errors import ConfigError
 
 if TYPE_CHECKING:
+    from bigcare.predictors.base import Predictor
     from bigcare.store.volume import Volume
 
 __all__ = ["CALL_VOXELS", "OVERHEAD_GOAL", "min_block_voxels", "window_overhead", "default_block_shape",
@@ -112,7 +113,7 @@ def default_block_shape(
     return tuple(block)
 
 
-def _spatial_block(volume: Volume, layout: AxisLayout, block: tuple[int, ...] | None) -> tuple[int, ...] | None:
+def _spatial_block(volume: Volume, layout: AxisLayout, block: Sequence[int] | None) -> tuple[int, ...] | None:
     """Expand a spatial block shape (Z, Y, X) to every axis of the volume."""
     if block is None:
         return None
@@ -125,8 +126,9 @@ def _spatial_block(volume: Volume, layout: AxisLayout, block: tuple[int, ...] | 
     return tuple(n if a == "c" else by_axis.get(a, 1) for a, n in zip(volume.axis_names, volume.shape))
 
 
-def plan_restoration(volume: Volume, predictor, layout: AxisLayout, block_shape=None, device="cpu",
-                     tile_shape=None, devices: int = 1):
+def plan_restoration(volume: Volume, predictor: Predictor, layout: AxisLayout, block_shape: Sequence[int] | None = None,
+                     device: str = "cpu", tile_shape: Sequence[int] | None = None,
+                     devices: int = 1) -> tuple[tuple[int, ...], BlockPlan]:
     """Choose output chunks and the block plan for a volume and a predictor.
 
     Output chunks follow the input's chunks on spatial axes (the same grid; on an upsampled

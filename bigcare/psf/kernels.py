@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from bigcare.psf.common import LATERAL_AXES, as_psf, crop_pad, number, resample,
 _FISTA_ITER = 200  # at most; split_psf stops earlier once the kernel no longer changes
 
 
-def rotate_psf(psf, voxel_size, axis="y") -> tuple[np.ndarray, float]:
+def rotate_psf(psf: np.ndarray, voxel_size: float | Sequence[float], axis: str = "y") -> tuple[np.ndarray, float]:
     """Rotate a 3D PSF by 90 degrees so its optical (Z) axis lies along lateral ``axis``.
 
     The normalized PSF is resampled linearly about its central voxel onto an isotropic grid at
@@ -82,7 +83,7 @@ def lateral_kernel(psf, axis=0) -> np.ndarray:
     return unit_sum(arr.sum(axis=axis))
 
 
-def isotropic_kernels(psf, voxel_size, split=True, eps=1e-3) -> dict:
+def isotropic_kernels(psf: np.ndarray, voxel_size: float | Sequence[float], split: bool = True, eps: float = 1e-3) -> dict:
     """The 2D kernels isotropic-restoration training needs, all at the lateral voxel size.
 
     Parameters
@@ -115,7 +116,7 @@ def isotropic_kernels(psf, voxel_size, split=True, eps=1e-3) -> dict:
             "split": split_psf(full, lateral, eps=eps) if split else None, "voxel": voxel}
 
 
-def split_psf(full, iso, eps=1e-3) -> np.ndarray:
+def split_psf(full: np.ndarray, iso: np.ndarray, eps: float = 1e-3) -> np.ndarray:
     """The non-negative kernel ``h`` with ``full ~ iso * h`` (convolution).
 
     Both kernels are zero padded to a common odd size (twice the larger, plus one). The

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ from bigcare.errors import ConfigError, InputError
 from bigcare.psf.common import crop_pad, odd_shape, resample, shell, unit_sum, vector
 
 
-def load_psf(path, voxel_size, target_voxel_size=None, background="auto", shape=None) -> np.ndarray:
+def load_psf(path: str | os.PathLike, voxel_size: float | Sequence[float], target_voxel_size: float | Sequence[float] | None = None,
+             background: str | float = "auto", shape: Sequence[int] | None = None) -> np.ndarray:
     """Read a measured (bead) PSF, remove its background, centre, resample and normalize it.
 
     Reads a TIFF or a ``.npy`` file (no pickles); subtracts the background and clips negatives;

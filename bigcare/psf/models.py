@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import sparse, special
@@ -21,7 +22,7 @@ def _gauss1d(n: int, d: float, sigma: float) -> np.ndarray:
     return 0.5 * (special.erf((c + d / 2) / s) - special.erf((c - d / 2) / s))
 
 
-def gaussian_psf(sigma, voxel_size, shape=None) -> np.ndarray:
+def gaussian_psf(sigma: float | Sequence[float], voxel_size: float | Sequence[float], shape: Sequence[int] | None = None) -> np.ndarray:
     """Gaussian PSF integrated over each voxel.
 
     Parameters
@@ -79,7 +80,8 @@ def _widefield(na: float, wavelength: float, n: float, voxel, shape) -> np.ndarr
     return np.moveaxis((avg @ intensity).reshape(ny, nx, shape[0]), -1, 0)
 
 
-def widefield_psf(na, wavelength, refractive_index, voxel_size, shape) -> np.ndarray:
+def widefield_psf(na: float, wavelength: float, refractive_index: float, voxel_size: float | Sequence[float],
+                  shape: Sequence[int]) -> np.ndarray:
     """Scalar paraxial widefield PSF (Born & Wolf).
 
     ``h(r, z) = |int_0^1 J0(k NA r rho) exp(-i k z NA^2 rho^2 / (2 n)) rho drho|^2``,
@@ -109,8 +111,8 @@ def widefield_psf(na, wavelength, refractive_index, voxel_size, shape) -> np.nda
     return unit_sum(_widefield(na, wavelength, n, voxel, shape))
 
 
-def confocal_psf(na, excitation_wavelength, emission_wavelength, refractive_index, voxel_size,
-                 shape) -> np.ndarray:
+def confocal_psf(na: float, excitation_wavelength: float, emission_wavelength: float, refractive_index: float,
+                 voxel_size: float | Sequence[float], shape: Sequence[int]) -> np.ndarray:
     """Confocal PSF, infinitely small pinhole: excitation times emission widefield PSF.
 
     Parameters
@@ -135,8 +137,8 @@ def confocal_psf(na, excitation_wavelength, emission_wavelength, refractive_inde
     return unit_sum(_widefield(na, ex, n, voxel, shape) * _widefield(na, em, n, voxel, shape))
 
 
-def lightsheet_psf(na, wavelength, refractive_index, voxel_size, shape, sheet_na=None,
-                   sheet_sigma=None) -> np.ndarray:
+def lightsheet_psf(na: float, wavelength: float, refractive_index: float, voxel_size: float | Sequence[float],
+                   shape: Sequence[int], sheet_na: float | None = None, sheet_sigma: float | None = None) -> np.ndarray:
     """Light-sheet PSF: detection widefield PSF times the sheet's Gaussian profile along Z.
 
     The sheet's intensity is ``exp(-z^2 / (2 s^2))`` (averaged over each voxel), with

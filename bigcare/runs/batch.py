@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
@@ -34,7 +35,16 @@ from bigcare.runs.volume import (
     start_volume_run,
 )
 from bigcare.store.urls import is_url, normalize_url
-from bigcare.types import check_device
+from bigcare.types import ClusterKind, PathLike, check_device
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from distributed import Client, Security
+
+    from bigcare.predictors.base import Predictor
+    from bigcare.predictors.shipping import ModelPayload
+    from bigcare.runs.results import RunResult
 
 __all__ = ["expand_inputs", "output_paths", "restore_many"]
 
@@ -101,9 +111,12 @@ def output_paths(inputs: list[str], output_dir) -> list[str]:
     return [f"{output_dir.rstrip('/')}/{n}" for n in names]
 
 
-def restore_many(inputs, output_dir, model, *, client=None, scheduler=None, cluster="local", cluster_config=None,
-                 workers=None, device=None, progress=True, pyramid=True, ship_model=True, security=None,
-                 storage_options=None, output_storage_options=None, **options) -> list:
+def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, model: PathLike | ModelPayload | Predictor, *,
+                 client: Client | None = None, scheduler: str | None = None, cluster: ClusterKind = "local",
+                 cluster_config: PathLike | None = None, workers: int | None = None, device: str | None = None,
+                 progress: bool = True, pyramid: bool = True, ship_model: bool = True, security: Security | None = None,
+                 storage_options: dict | None = None, output_storage_options: dict | None = None,
+                 **options: Any) -> list[RunResult]:
     """Restore several volumes with one model as one queue of block tasks.
 
     Parameters

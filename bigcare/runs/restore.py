@@ -19,6 +19,7 @@ Everything that can reject the input runs before anything is written. The stages
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,7 +38,16 @@ from bigcare.runs.volume import (
     start_volume_run,
 )
 from bigcare.store.axes import default_axis_type
-from bigcare.types import PRECISIONS, ClusterKind, NgffVersion, Precision, check_choice, check_device
+from bigcare.types import PRECISIONS, ClusterKind, NgffVersion, PathLike, Precision, Shape, check_choice, check_device
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from distributed import Client, Security
+
+    from bigcare.predictors.base import Predictor
+    from bigcare.predictors.shipping import ModelPayload
+    from bigcare.store.volume import Volume
 
 __all__ = ["restore", "predict", "client_for", "default_device"]
 
@@ -50,7 +60,8 @@ def default_device() -> str:
 
 
 @contextlib.contextmanager
-def client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security):
+def client_for(client: Client | None, scheduler: str | None, cluster: ClusterKind, cluster_config: PathLike | None,
+               workers: int | None, device: str, progress: bool, security: Security | None) -> Iterator[Client]:
     """The given client, or one to ``scheduler``, or to a cluster started (and closed) here."""
     if client is not None:
         yield client
@@ -63,16 +74,16 @@ def client_for(client, scheduler, cluster, cluster_config, workers, device, prog
 
 
 def restore(
-    input,
-    output,
-    model,
+    input: PathLike | Volume,
+    output: PathLike,
+    model: PathLike | ModelPayload | Predictor,
     *,
-    client=None,
+    client: Client | None = None,
     scheduler: str | None = None,
     cluster: ClusterKind = "local",
-    cluster_config=None,
-    block_shape=None,
-    tile_shape=None,
+    cluster_config: PathLike | None = None,
+    block_shape: Shape | None = None,
+    tile_shape: Shape | None = None,
     device: str | None = None,
     precision: Precision = "fp32",
     workers: int | None = None,
@@ -85,7 +96,7 @@ def restore(
     output_storage_options: dict | None = None,
     torch_threads: int | None = None,
     ship_model: bool = True,
-    security=None,
+    security: Security | None = None,
 ) -> RunResult:
     """Restore an OME-Zarr volume block by block with a model, on a dask cluster.
 
@@ -178,7 +189,7 @@ def restore(
     return result
 
 
-def predict(data: np.ndarray, model, *, axes: str, device: str = "cpu", precision: Precision = "fp32",
+def predict(data: np.ndarray, model: PathLike, *, axes: str, device: str = "cpu", precision: Precision = "fp32",
             normalizer: Normalizer | None = None) -> dict[str, np.ndarray]:
     """Restore an in-memory array in one piece (the whole-volume reference for small data).
 

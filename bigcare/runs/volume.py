@@ -38,7 +38,7 @@ from bigcare.store.urls import normalize_url, store_kwargs
 from bigcare.store.volume import Volume, open_volume
 from bigcare.store.write import create_volume, update_attrs
 from bigcare.tasks.block import MARKER, RunSpec
-from bigcare.types import NGFF_VERSIONS, PRECISIONS, NgffVersion, Precision, check_choice
+from bigcare.types import NGFF_VERSIONS, PRECISIONS, NgffVersion, PathLike, Precision, Shape, check_choice
 from bigcare.version import __version__
 
 if TYPE_CHECKING:
@@ -209,10 +209,11 @@ def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool)
     return "replace"
 
 
-def plan_volume_run(input, output, model: ModelRef, *, block_shape=None, tile_shape=None, devices=1,
-                    device="cpu", precision="fp32",
-                    overwrite=False, ngff_version="0.5", output_dtype="float32", storage_options=None,
-                    output_storage_options=None, torch_threads=None) -> VolumeRun:
+def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef, *, block_shape: Shape | None = None,
+                    tile_shape: Shape | None = None, devices: int = 1, device: str = "cpu", precision: Precision = "fp32",
+                    overwrite: bool = False, ngff_version: NgffVersion = "0.5", output_dtype: str = "float32",
+                    storage_options: dict | None = None, output_storage_options: dict | None = None,
+                    torch_threads: int | None = None) -> VolumeRun:
     """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
 
     Parameters

@@ -20,6 +20,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -29,6 +30,10 @@ from bigcare.store.axes import Axis, default_axis_type
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.volume import Volume
 from bigcare.store.write import create_volume
+from bigcare.types import NgffVersion, PathLike, Shape
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 __all__ = ["tiff_to_ome_zarr", "describe"]
 
@@ -130,8 +135,9 @@ def _metadata_voxel_size(tif: tifffile.TiffFile, spatial: str) -> tuple[dict[str
     return {}, None
 
 
-def tiff_to_ome_zarr(tiff_path, out_url, *, voxel_size: Sequence[float] | None = None, unit: str = "micrometer",
-                     chunks=None, ngff_version="0.5", storage_options=None, overwrite=False, client=None) -> Volume:
+def tiff_to_ome_zarr(tiff_path: PathLike, out_url: PathLike, *, voxel_size: Sequence[float] | None = None,
+                     unit: str = "micrometer", chunks: Shape | None = None, ngff_version: NgffVersion = "0.5",
+                     storage_options: dict | None = None, overwrite: bool = False, client: Client | None = None) -> Volume:
     """Convert a TIFF stack to an OME-Zarr image with a pyramid, streaming slab by slab.
 
     Parameters

@@ -27,6 +27,7 @@ import fsspec
 import numcodecs
 import numpy as np
 import zarr
+from numpy.typing import DTypeLike
 from zarr.codecs import BloscCodec
 
 from bigcare.errors import ConfigError, OutputError
@@ -34,6 +35,7 @@ from bigcare.store.axes import Axis, as_axes
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.urls import normalize_url, store_kwargs
 from bigcare.store.volume import Volume, open_volume
+from bigcare.types import NgffVersion, PathLike, Shape
 
 __all__ = ["create_volume", "downsample_factors", "update_attrs", "write_array"]
 
@@ -140,10 +142,10 @@ def _check_target(url: str, storage_options: dict | None, overwrite: bool) -> No
         )
 
 
-def create_volume(url, *, shape, dtype, chunks, axes: Sequence[Axis], scale, translation=None,
-                 levels: int | None = None, ngff_version: str = "0.5", storage_options=None,
-                 name: str | None = None, attrs: dict | None = None, overwrite: bool = False,
-                 fill_value=0) -> Volume:
+def create_volume(url: PathLike, *, shape: Shape, dtype: DTypeLike, chunks: Shape, axes: Sequence[Axis | str],
+                  scale: Sequence[float], translation: Sequence[float] | None = None, levels: int | None = None,
+                  ngff_version: NgffVersion = "0.5", storage_options: dict | None = None, name: str | None = None,
+                  attrs: dict | None = None, overwrite: bool = False, fill_value: float = 0) -> Volume:
     """Create an empty OME-Zarr image: metadata first, then every pyramid level.
 
     Parameters
@@ -263,7 +265,8 @@ def update_attrs(url, attrs: dict, *, storage_options=None) -> None:
     group.update_attributes(dict(attrs))
 
 
-def write_array(url, data: np.ndarray, *, chunks, scale, axes, **kwargs) -> Volume:
+def write_array(url: PathLike, data: np.ndarray, *, chunks: Shape, scale: Sequence[float], axes: Sequence[Axis | str],
+                **kwargs: Any) -> Volume:
     """Write an in-memory array as an OME-Zarr image with its pyramid (small data only).
 
     ``chunks``, ``scale``, ``axes`` and ``kwargs`` are those of :func:`create_volume`.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import platform
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,12 +16,16 @@ from bigcare.training.config import TrainConfig, load_train_config
 from bigcare.training.isotropic import LateralDegradation, degrade_batches, psf_kernels
 from bigcare.training.sources import Source
 from bigcare.training.trainer import TrainResult, fit
+from bigcare.types import PathLike
 from bigcare.version import __version__
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 __all__ = ["train"]
 
 
-def train(config, *, client=None, progress: bool = True) -> TrainResult:
+def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None, progress: bool = True) -> TrainResult:
     """Train a CARE network as a config describes (see :mod:`bigcare.training.config`).
 
     With an ``isotropic`` section, a 2D isotropic-restoration network is trained on the lateral
