@@ -40,6 +40,8 @@ Glossary (one word per concept, used everywhere in code, docs and messages):
 - **predictor**: what maps one region to named outputs; **model**: a folder (config + weights).
 - **volume**: an OME-Zarr image as bigcare opens it (:class:`~bigcare.store.volume.Volume`:
   axes, levels, scale; never its voxels); ``create_volume`` writes one, metadata first.
+- **engine**: the restore machinery as a whole (``runs/`` driving ``tasks/`` over ``blocks/`` and
+  ``store/``), what a predictor is handed to.
 - **run**: restoring one volume into one output; a **batch** is several runs on one queue;
   **resume** a run (or a training) that was cut short.
 """

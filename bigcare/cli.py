@@ -100,7 +100,7 @@ def _cmd_train(args) -> int:
     if args.scheduler or args.cluster != "local" or args.cluster_config or args.workers:
         # a cluster named on the command line replaces the config's cluster: section
         with cluster_client(named["scheduler"], cluster=named["cluster"], config=named["cluster_config"],
-                            n_workers=named["workers"], security=named["security"]) as client:
+                            workers=named["workers"], security=named["security"]) as client:
             result = train(args.config, client=client)
     else:
         result = train(args.config)

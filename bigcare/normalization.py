@@ -48,11 +48,11 @@ def normalize(x: np.ndarray, lo, hi, *, eps: float = EPS, dtype=np.float32) -> n
     ``lo`` and ``hi`` are scalars or arrays that broadcast against ``x`` (per channel, per
     sample). This is the only normalization routine of bigcare.
     """
-    lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    out = np.subtract(x, lo64.astype(dtype), dtype=dtype)
-    # one reciprocal per (channel, sample), then a multiply: 8% faster than dividing every voxel
-    # (0.41 vs 0.44 ms per batch of 16 16x64x64 patches); within 1 ulp of the division
-    out *= (1.0 / (hi64 - lo64 + eps)).astype(dtype)
+    lo = np.asarray(lo, dtype=dtype)
+    out = np.subtract(x, lo, dtype=dtype)
+    # a division, not a multiply by the reciprocal: restoration's numbers stay bit for bit what
+    # they were (the multiply is 0.04 ms faster per batch of 16 16x64x64 patches, <1% of a read)
+    out /= np.asarray(hi, dtype=dtype) - lo + dtype(eps)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Every fast path of bigcare.restore.fastpath against the plain fp32 model, on CPU, tiny nets."""
+"""Every fast path of bigcare.predictors.fastpath against the plain fp32 model, on CPU, tiny nets."""
 
 from __future__ import annotations
 

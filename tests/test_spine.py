@@ -13,18 +13,13 @@ import zarr
 
 import bigcare
 from bigcare.errors import BigcareError, ConfigError
-from bigcare.tasks.runner import Outcome, run_tasks
+from bigcare.tasks.runner import run_tasks
 from conftest import make_model, write_volume
 
 # --- the task runner ----------------------------------------------------------------------------
 
 
 def _square(x):
-    return x * x
-
-
-def _slow_square(x):
-    time.sleep(0.02 * (5 - x % 5))  # later items finish first
     return x * x
 
 
@@ -44,13 +39,26 @@ class _Flaky:
 
 
 def test_runner_yields_in_item_order_or_as_completed_on_a_local_pool():
+    import concurrent.futures
+
+    release = threading.Event()
+
+    def first_waits(x):
+        if x == 0:
+            assert release.wait(10)
+        return x * x
+
     items = [(i,) for i in range(12)]
-    assert list(run_tasks(_slow_square, items, in_flight=4)) == [i * i for i in range(12)]
-    unordered = list(run_tasks(_slow_square, items, in_flight=4, ordered=False))
-    assert sorted(unordered) == [i * i for i in range(12)] and unordered != [i * i for i in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        unordered = run_tasks(first_waits, items, pool=pool, in_flight=4, ordered=False)
+        early = next(unordered)  # item 0 is still running: another one comes first
+        release.set()
+        rest = list(unordered)
+        assert early != 0 and sorted([early, *rest]) == [i * i for i in range(12)]
+        assert list(run_tasks(first_waits, items, pool=pool, in_flight=4)) == [i * i for i in range(12)]
 
 
-def test_runner_keeps_at_most_window_tasks_in_flight_and_submits_after_the_consumer_asks():
+def test_runner_keeps_at_most_in_flight_tasks_and_submits_after_the_consumer_asks():
     running, peak, lock = [0], [0], threading.Lock()
 
     def task(x):
@@ -76,7 +84,9 @@ def test_runner_retries_a_failing_item_then_reports_or_raises_its_error():
     assert [o.result for o in outs] == list(range(5)) and all(o.ok and o.attempts == 2 for o in outs)
     always = _Flaky(fails=10)
     outs = list(run_tasks(always, [(7,)], retries=2, outcomes=True))
-    assert outs == [Outcome((7,), None, outs[0].error, 3)] and "attempt 3" in str(outs[0].error)
+    (out,) = outs
+    assert (out.item, out.result, out.attempts, out.ok) == ((7,), None, 3, False) and "attempt 3" in str(out.error)
+    assert out.finished > 0
     with pytest.raises(RuntimeError, match="item 0 attempt 1"):
         list(run_tasks(_Flaky(fails=1), [(0,), (1,)]))
 
@@ -98,6 +108,23 @@ def _fail_on_three(x):
     if x == 3:
         raise ValueError("three is refused")
     return x
+
+
+def _fail_once(x, marker_dir):
+    """Fails the first attempt of every item (state in files: attempts run in other processes)."""
+    import os
+
+    marker = os.path.join(marker_dir, f"seen-{x}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"first attempt of {x}")
+    return x
+
+
+def test_runner_retries_in_item_order_on_a_cluster(client, tmp_path):
+    items = [(i, str(tmp_path)) for i in range(6)]
+    assert list(run_tasks(_fail_once, items, client=client, in_flight=2, retries=1)) == list(range(6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"seen-{i}" for i in range(6)]
 
 
 # --- one cache, one axis table -----------------------------------------------------------------

@@ -205,7 +205,7 @@ def plan_blocks(
     chunks : sequence of int, optional
         The output's chunk (or shard) shape; checked against ``block_shape``.
     zoom : sequence of float, optional
-        Output voxels per input voxel per axis (see :mod:`bigcare.resample`); the output grid
+        Output voxels per input voxel per axis (see :mod:`bigcare.blocks.zoom`); the output grid
         is then the zoomed one, and ``block_shape``, ``halo``, ``align`` and ``chunks`` are in
         output voxels.
     tile_shape : sequence of int, optional

@@ -50,7 +50,7 @@ class Predictor(Protocol):
         Identity of a predictor object sent with the run (part of the run key); model folders
         use their hash instead.
     pmin, pmax : float
-        Normalisation percentiles the model was trained with.
+        Normalization percentiles the model was trained with.
     """
 
     # read-only members (properties), so that a class attribute or an instance attribute fits

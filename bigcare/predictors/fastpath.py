@@ -26,7 +26,7 @@ Paths (each can be forced on or off; ``None`` takes the measured default):
   whole 3D net. Autocast does not cover that op, so it is never used with bf16/fp16 (there
   autocast's convs already run in oneDNN).
 - precision ``"bf16"``/``"fp16"``: ``torch.autocast`` around the call, as
-  :class:`bigcare.restore.care.CAREPredictor` does. fp16 on a CPU without AVX-512 FP16 is
+  :class:`bigcare.predictors.care.CAREPredictor` does. fp16 on a CPU without AVX-512 FP16 is
   emulated and far slower than fp32 (a warning says so).
 
 The callable returns float32 tensors in the default (contiguous) memory format whatever path

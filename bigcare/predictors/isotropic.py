@@ -1,7 +1,7 @@
 """Isotropic restoration of one region: a 2D network over its XZ and YZ slices (IsoNet).
 
 The engine hands the predictor a region of the *Z-upsampled* volume (see
-:mod:`bigcare.resample`; the plan's zoom is ``(factor, 1, 1)``). The 2D network, trained on
+:mod:`bigcare.blocks.zoom`; the plan's zoom is ``(factor, 1, 1)``). The 2D network, trained on
 lateral slices degraded like axial ones (:mod:`bigcare.training.isotropic`), restores every XZ
 slice (Z down the rows, X along the columns) and every YZ slice (Z down, Y along); the two
 results are combined voxel by voxel::

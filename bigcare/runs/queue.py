@@ -84,8 +84,8 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
         i = index[id(spec)]
         result = results[i]
         result.retries += out.attempts - 1
-        result.rescheduled += out.rescheduled
         if out.ok:
+            result.rescheduled += out.rescheduled  # counted for blocks that finished
             status = out.result
             result.blocks_computed += 1
             result.voxels += status["voxels"]
@@ -95,8 +95,8 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
         else:
             result.failed.append((block.index, block.write, f"{type(out.error).__name__}: {out.error}"))
         left[i] -= 1
-        if left[i] == 0:
-            result.seconds = time.perf_counter() - t0
+        if left[i] == 0:  # when its last block finished, not when the runner released it
+            result.seconds = out.finished - t0
     return results
 
 

@@ -68,7 +68,7 @@ def client_for(client: Client | None, scheduler: str | None, cluster: ClusterKin
         return
     from bigcare.tasks.cluster import cluster_client
 
-    with cluster_client(scheduler, cluster=cluster, config=cluster_config, n_workers=workers, device=device,
+    with cluster_client(scheduler, cluster=cluster, config=cluster_config, workers=workers, device=device,
                         quiet=not progress, security=security) as c:
         yield c
 

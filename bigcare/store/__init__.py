@@ -7,4 +7,7 @@
 - ``chunks.py``: region reads chunk by chunk (training patches, percentile samples);
 - ``write.py``: images written metadata first; ``pyramid.py``: levels 1..n, blockwise;
 - ``convert.py``: TIFF / OME-TIFF to OME-Zarr, streamed slab by slab.
+
+The pyramid and the percentile reads run their tasks through :mod:`bigcare.tasks.runner`, which
+imports nothing else of bigcare (so store/ stays below tasks/ in everything but that call).
 """

@@ -33,7 +33,7 @@ __all__ = ["CLUSTER_KINDS", "cluster_client", "make_cluster", "local_cluster_sha
 _ADDRESS_PREFIXES = ("tcp://", "tls://", "inproc://", "ucx://")
 
 
-def local_cluster_shape(n_workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
+def local_cluster_shape(workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
     """Workers and threads per worker for a local CPU cluster.
 
     One worker process with all cores by default: the U-Net call holds a per-process lock and
@@ -42,12 +42,12 @@ def local_cluster_shape(n_workers: int | None = None, cores: int | None = None) 
 
     Returns
     -------
-    (n_workers, threads_per_worker)
+    (workers, threads_per_worker)
     """
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n_workers = max(1, int(n_workers or 1))
-    return n_workers, max(1, cores // n_workers)
+    workers = max(1, int(workers or 1))
+    return workers, max(1, cores // workers)
 
 
 def _gpu_ids() -> list[int]:
@@ -225,7 +225,7 @@ def kubernetes_cluster(docs: list):
     return KubeCluster(custom_cluster_spec=spec, shutdown_on_close=True)
 
 
-def make_cluster(kind: str = "local", *, config=None, n_workers: int | None = None,
+def make_cluster(kind: str = "local", *, config=None, workers: int | None = None,
                  threads_per_worker: int | None = None, device: str = "cpu", dashboard: bool = True,
                  devices: list[int] | None = None):
     """Start a cluster of the named kind (not scaled yet for slurm / kubernetes).
@@ -235,7 +235,7 @@ def make_cluster(kind: str = "local", *, config=None, n_workers: int | None = No
     kind : {"local", "local-cuda", "slurm", "kubernetes"}
     config : str or os.PathLike, optional
         Config file for slurm / kubernetes; default ``cluster/<kind>.yaml`` of a checkout.
-    n_workers, threads_per_worker : int, optional
+    workers, threads_per_worker : int, optional
         Local cluster shape (see :func:`local_cluster_shape`).
     device : str
         ``"cpu"`` or ``"cuda[:N]"``; a local cluster for CUDA gives its workers ``GPU=1``.
@@ -263,9 +263,9 @@ def make_cluster(kind: str = "local", *, config=None, n_workers: int | None = No
         return kubernetes_cluster(load_cluster_config(config, "kubernetes"))
     from distributed import LocalCluster
 
-    workers, threads = local_cluster_shape(n_workers)
+    n, threads = local_cluster_shape(workers)
     return LocalCluster(
-        n_workers=workers, threads_per_worker=threads_per_worker or threads, processes=True,
+        n_workers=n, threads_per_worker=threads_per_worker or threads, processes=True,
         dashboard_address=":8787" if dashboard else None,
         resources={"GPU": 1} if str(device).startswith("cuda") else None, silence_logs=40,
     )
@@ -297,7 +297,7 @@ def cluster_client(
     *,
     cluster: str = "local",
     config=None,
-    n_workers: int | None = None,
+    workers: int | None = None,
     threads_per_worker: int | None = None,
     device: str = "cpu",
     dashboard: bool = True,
@@ -314,7 +314,7 @@ def cluster_client(
         Kind of cluster to start otherwise (see :func:`make_cluster`); closed afterwards.
     config : str or os.PathLike, optional
         Config file of a slurm / kubernetes cluster.
-    n_workers, threads_per_worker, device, dashboard
+    workers, threads_per_worker, device, dashboard
         See :func:`make_cluster`.
     quiet : bool
         Do not print the cluster and its dashboard address.
@@ -337,7 +337,7 @@ def cluster_client(
             client.close()
         return
 
-    started = make_cluster(cluster, config=config, n_workers=n_workers, threads_per_worker=threads_per_worker,
+    started = make_cluster(cluster, config=config, workers=workers, threads_per_worker=threads_per_worker,
                            device=device, dashboard=dashboard)
     try:
         _scale(started, cluster, config)

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import concurrent.futures
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,8 @@ class Outcome:
         Submissions of this item (1 + retries used).
     rescheduled : int
         Times the scheduler re-ran it because its worker died (``count_rescheduled`` only).
+    finished : float
+        ``time.perf_counter()`` when the runner saw it finish (results may be released later).
     """
 
     item: tuple
@@ -56,6 +59,7 @@ class Outcome:
     error: BaseException | None = None
     attempts: int = 1
     rescheduled: int = 0
+    finished: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -177,7 +181,9 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
     in_flight : int or None
         Tasks in flight at most; None submits every item at once (one ``client.map``).
     ordered : bool
-        Yield in item order; else as tasks finish.
+        Yield in item order; else as tasks finish. Only ordered runs guarantee that task ``k +
+        in_flight`` is submitted after the consumer asked for result ``k + 1`` (what
+        :class:`~bigcare.tasks.slots.ResultSlots` relies on).
     retries : int
         Resubmissions of an item whose task raised, before its error counts.
     key : callable, optional
@@ -255,7 +261,7 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
                 if client is not None:
                     fut.release()
                 continue
-            out = Outcome(item, result, err, attempt)
+            out = Outcome(item, result, err, attempt, finished=time.perf_counter())
             del result
             bar.update(1)
             if count_rescheduled:

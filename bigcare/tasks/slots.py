@@ -77,7 +77,7 @@ class ResultSlots:
     reads the patches straight into it and returns an :class:`InSlot`; the client maps the
     same file and normalizes from it. A slot is reused once the client has consumed its task:
     :func:`bigcare.tasks.runner.run_tasks` submits task ``k`` only after the consumer asked for the result after
-    task ``k - in_flight``'s, so the ring needs one slot per task in flight. Space is reserved
+    task ``k - in_flight``'s (an *ordered* run), so the ring needs one slot per task in flight. Space is reserved
     when the files are made (``posix_fallocate``: a full tmpfs fails here, not with SIGBUS in
     a worker).
 

@@ -69,7 +69,7 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
     if client is None:
         from bigcare.tasks.cluster import cluster_client
 
-        context = cluster_client(cfg.cluster.scheduler, n_workers=cfg.cluster.workers, quiet=not progress)
+        context = cluster_client(cfg.cluster.scheduler, workers=cfg.cluster.workers, quiet=not progress)
     else:
         context = contextlib.nullcontext(client)
     with context as c:

@@ -400,7 +400,7 @@ class PatchSampler:
         """
         lows, highs = self.percentile_grid()
         return {
-            "sampler": "bigcare.PatchSampler",
+            "sampler": "bigcare.training.PatchSampler",
             "sources": [{
                 "input": r.input.url, "target": None if r.source.target is None else r.target.url,
                 "input_channel": r.input_channel, "target_channel": r.target_channel,
