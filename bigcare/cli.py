@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthetic data -> train a small CARE net -> restore blockwise on a local cluster")
-    p.add_argument("--out", default="bigcare-demo", help="output folder (replaced) [bigcare-demo]")
+    p.add_argument("--out", default="bigcare-demo",
+                   help="output folder: new, empty or an earlier demo's (replaced); others are refused [bigcare-demo]")
     p.add_argument("--epochs", type=int, default=12, help="training epochs [12]")
     p.add_argument("--steps-per-epoch", type=int, default=20, help="steps per epoch [20]")
     p.add_argument("--steps", dest="steps_per_epoch", type=int, action=_Deprecated, new="--steps-per-epoch",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bigcare.errors import OutputError
 from bigcare.metrics import nrmse, ssim
 from bigcare.models import UNet, UNetConfig
 from bigcare.models.folder import ModelConfig
@@ -28,6 +29,25 @@ __all__ = ["run_demo"]
 
 AXES_ZYX = tuple(Axis.named(a, "micrometer") for a in "zyx")
 NOISE = dict(photons=6.0, background=0.1, read_noise=0.05)
+
+
+#: The file that says a folder is a demo's own (only such a folder is ever replaced).
+MARKER = ".bigcare-demo"
+
+
+def _clear_own_folder(out: Path) -> None:
+    """Remove an earlier demo's folder; refuse (OutputError) any other folder that is not empty."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"demo output {out} exists and is not a folder; choose another --out")
+    if (out / MARKER).is_file():
+        shutil.rmtree(out)
+    elif any(out.iterdir()):
+        raise OutputError(
+            f"demo output {out} is a folder bigcare's demo did not make (no {MARKER} in it) and it is not "
+            "empty; nothing was touched: choose another --out, or an empty or new folder"
+        )
 
 
 def run_demo(
@@ -47,7 +67,8 @@ def run_demo(
     Parameters
     ----------
     out_dir : path
-        Folder for the volumes and the model (replaced if it exists).
+        Folder for the volumes and the model: new, empty, or an earlier demo's (replaced);
+        any other folder is refused.
     shape, block : tuple of int
         Test volume shape and block shape (Z, Y, X).
     epochs, steps_per_epoch : int
@@ -70,9 +91,9 @@ def run_demo(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    _clear_own_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by bigcare demo; the next demo run into this folder replaces it\n")
     timings = {}
 
     t = time.perf_counter()

@@ -27,6 +27,8 @@ from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.restore import client_for, default_device
 from bigcare.runs.results import write_batch_summary
 from bigcare.runs.volume import (
+    check_apart,
+    check_device_on_workers,
     cluster_devices,
     finish_volume_run,
     fit_to_cluster,
@@ -150,6 +152,9 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     outputs = output_paths(urls, output_dir)
     ref = resolve_model(model, ship_model)
     options.setdefault("ngff_version", "0.5")
+    for o in outputs:  # also another input of the batch
+        for u in urls:
+            check_apart(u, o)
     runs = [plan_volume_run(u, o, ref, device=device, storage_options=storage_options,
                             output_storage_options=output_storage_options, **options)
             for u, o in zip(urls, outputs)]
@@ -157,6 +162,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     fs.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
+        check_device_on_workers(c, device, ref)
         devices = cluster_devices(c, device)
         for run in runs:
             fit_to_cluster(run, devices)

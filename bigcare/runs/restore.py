@@ -30,6 +30,7 @@ from bigcare.predictors.base import load_predictor, predict_region
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.results import RunResult
 from bigcare.runs.volume import (
+    check_device_on_workers,
     cluster_devices,
     finish_volume_run,
     fit_to_cluster,
@@ -179,6 +180,7 @@ def restore(
                           storage_options=storage_options, output_storage_options=output_storage_options,
                           torch_threads=torch_threads)
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
+        check_device_on_workers(c, device, ref)
         fit_to_cluster(run, cluster_devices(c, device))
         start_volume_run(run, c)
         with shipping(c, [ref.payload] if run.todo else []):

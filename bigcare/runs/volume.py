@@ -34,7 +34,7 @@ from bigcare.normalization import Normalizer, volume_normalizer
 from bigcare.predictors.base import Predictor, check_predictor, load_predictor
 from bigcare.store.axes import Axis
 from bigcare.store.pyramid import write_pyramid
-from bigcare.store.urls import normalize_url, store_kwargs
+from bigcare.store.urls import normalize_url, overlap, store_kwargs
 from bigcare.store.volume import Volume, open_volume
 from bigcare.store.write import create_volume, update_attrs
 from bigcare.tasks.block import MARKER, RunSpec
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from bigcare.predictors.shipping import ModelPayload
 
 __all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
-           "finish_volume_run", "cluster_devices", "fit_to_cluster"]
+           "finish_volume_run", "cluster_devices", "fit_to_cluster", "check_apart", "check_device_on_workers"]
 
 @dataclass
 class ModelRef:
@@ -242,6 +242,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     check_choice("ngff_version", ngff_version, NGFF_VERSIONS)
     check_choice("precision", precision, PRECISIONS)
     output = normalize_url(output)
+    check_apart(volume.url, output)
     predictor = model.predictor
     layout = AxisLayout.build(volume.axis_names, [a.kind for a in volume.axes], predictor.spatial_axes,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
@@ -252,6 +253,49 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
                      ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
                      default_blocks=block_shape is None and tile_shape is None)
+
+
+def check_apart(input: str, output: str) -> None:
+    """OutputError when an output is, lies inside or contains an input (whatever overwrite says).
+
+    Paths are compared with symlinks resolved, ``file://`` URLs as the paths they name.
+    """
+    how = overlap(output, input)
+    if how is not None:
+        raise OutputError(
+            f"output {output} {how} the input {input}; an output may never be (inside) an input of the "
+            "same run, whatever --overwrite says: choose another output path"
+        )
+
+
+def _probe_device(device: str) -> str | None:
+    """On a worker: None when torch can use ``device`` here, else why not."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        index, count = torch.device(device).index or 0, torch.cuda.device_count()
+        return None if index < count else f"it has {count} GPU(s)"
+    except Exception as exc:  # noqa: BLE001 - any failure means the device is unusable there
+        return f"{type(exc).__name__}: {exc}"
+
+
+def check_device_on_workers(client, device: str, model: ModelRef) -> None:
+    """ConfigError, before anything is written, when no worker can run a network on ``device``.
+
+    Checked on the workers, not the client: a login node without a GPU may drive GPU workers.
+    Predictor objects sent with the run (e.g. the identity) bring their own device handling.
+    """
+    if not str(device).startswith("cuda") or model.obj is not None:
+        return
+    answers = client.run(_probe_device, device)
+    if answers and all(a is not None for a in answers.values()):
+        worker, why = next(iter(answers.items()))
+        raise ConfigError(
+            f"device {device!r} is not usable on any of the {len(answers)} worker(s) ({worker}: {why}); "
+            "use --device cpu, or workers with GPUs; nothing was written"
+        )
 
 
 def cluster_devices(client, device: str) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 from bigcare.errors import InputError
 
-__all__ = ["is_url", "normalize_url", "store_kwargs", "url_exists", "freeze"]
+__all__ = ["is_url", "normalize_url", "store_kwargs", "url_exists", "freeze", "resolved", "overlap"]
 
 
 def is_url(url: str) -> bool:
@@ -24,6 +24,29 @@ def normalize_url(url: str | os.PathLike) -> str:
     if is_url(url):
         return url.rstrip("/") if not url.endswith("://") else url
     return os.path.abspath(os.path.expanduser(url))
+
+
+def resolved(url: str | os.PathLike) -> str:
+    """A canonical form for comparing locations: local paths (also ``file://``) with symlinks resolved."""
+    url = normalize_url(url)
+    for prefix in ("file://", "local://"):
+        if url.startswith(prefix):
+            url = url[len(prefix):]
+    if is_url(url):
+        return url.rstrip("/")
+    return os.path.realpath(url)
+
+
+def overlap(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
+    """How location ``a`` relates to ``b``: ``"is"``, ``"is inside"``, ``"contains"``, or None."""
+    ra, rb = resolved(a), resolved(b)
+    if ra == rb:
+        return "is"
+    if ra.startswith(rb.rstrip("/") + "/"):
+        return "is inside"
+    if rb.startswith(ra.rstrip("/") + "/"):
+        return "contains"
+    return None
 
 
 def url_exists(url: str, storage_options: dict | None) -> bool:

@@ -52,6 +52,7 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         For an invalid config (every bad key named), before any data is read.
     """
     cfg: TrainConfig = load_train_config(config)
+    _check_model_dir_apart(cfg)
     from bigcare.training.sampling import PatchSampler  # imported late: heavy and only needed here
 
     device = cfg.training.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +108,19 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
                    steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
                    precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
                    tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
+
+
+def _check_model_dir_apart(cfg: TrainConfig) -> None:
+    """OutputError when model_dir is, lies inside or contains a source image (before reading anything)."""
+    from bigcare.errors import OutputError
+    from bigcare.store.urls import overlap
+
+    for src in cfg.data.sources:
+        for image in (src.input, src.target):
+            how = image and overlap(cfg.model_dir, image)
+            if how:
+                raise OutputError(f"model_dir {cfg.model_dir} {how} the training image {image}; choose a "
+                                  "model_dir outside every source")
 
 
 def _isotropic_setup(cfg: TrainConfig, sources: list[Source]):
