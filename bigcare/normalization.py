@@ -211,4 +211,8 @@ def _percentiles(values: np.ndarray, percentiles, name: str) -> np.ndarray:
     if not np.all(np.isfinite(table)):
         raise InputError(f"{name} holds no finite values ({values.size} voxels read are all NaN/inf); "
                          "cannot normalize it")
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:  # one NaN poisons every prediction whose receptive field holds it
+        raise InputError(f"{name} holds NaN/inf voxels ({bad} of the {values.size} read for its percentiles); "
+                         "bigcare refuses them instead of spreading them: replace them with a number first")
     return table

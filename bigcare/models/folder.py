@@ -40,6 +40,7 @@ __all__ = [
     "load_config",
     "load_model",
     "model_hash",
+    "check_finite_weights",
 ]
 
 CONFIG_NAME = "config.json"
@@ -228,6 +229,16 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         raise ModelError(f"{cfile} is not a valid model config: {format_validation_error(e)}") from None
 
 
+def check_finite_weights(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """ModelError naming the first tensor with a NaN or infinite weight (it would spread to every voxel)."""
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelError(f"{where}: tensor {name!r} holds {bad} NaN/inf weight(s); refusing the model")
+
+
 def _read_weights(wfile: pathlib.Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -273,6 +284,7 @@ def load_model(
     config = load_config(path)
     wfile = pathlib.Path(path) / WEIGHTS_NAME
     tensors = _read_weights(wfile)
+    check_finite_weights(tensors, str(wfile))
     model = UNet(config.architecture)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))

@@ -155,7 +155,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     for o in outputs:  # also another input of the batch
         for u in urls:
             check_apart(u, o)
-    runs = [plan_volume_run(u, o, ref, device=device, storage_options=storage_options,
+    runs = [plan_volume_run(u, o, ref, device=device, storage_options=storage_options, pyramid=pyramid,
                             output_storage_options=output_storage_options, **options)
             for u, o in zip(urls, outputs)]
     fs, root = fsspec.core.url_to_fs(normalize_url(output_dir), **(output_storage_options or {}))
@@ -170,7 +170,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         with shipping(c, [ref.payload] if any(r.todo for r in runs) else []):
             results = execute(c, runs, progress=progress)
         for run, result in zip(runs, results):
-            finish_volume_run(run, result, c, pyramid, progress)
+            finish_volume_run(run, result, c, progress)
     write_batch_summary(normalize_url(output_dir), output_storage_options, runs, results, time.perf_counter() - t0)
     if any(r.failed for r in results):
         raise block_error(runs, results)

@@ -178,14 +178,14 @@ def restore(
                           precision=precision,
                           overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
                           storage_options=storage_options, output_storage_options=output_storage_options,
-                          torch_threads=torch_threads)
+                          torch_threads=torch_threads, pyramid=pyramid)
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
         check_device_on_workers(c, device, ref)
         fit_to_cluster(run, cluster_devices(c, device))
         start_volume_run(run, c)
         with shipping(c, [ref.payload] if run.todo else []):
             (result,) = execute(c, [run], progress=progress)
-        finish_volume_run(run, result, c, pyramid, progress)
+        finish_volume_run(run, result, c, progress)
     if result.failed:
         raise block_error([run], [result])
     return result

@@ -156,6 +156,7 @@ class VolumeRun:
     todo: list = field(default_factory=list)
     overwrite: bool = False
     default_blocks: bool = True  # no block or tile shape was given: the cluster's size may change them
+    pyramid: bool = True  # levels 1..n are declared and written; without, only level 0 exists
 
     @property
     def images(self) -> dict[str, str]:
@@ -166,12 +167,15 @@ class VolumeRun:
         return {n: f"{self.output.rstrip('/')}/{n}" for n in names}
 
 
-def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str) -> str:
-    ident = {
+def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str,
+             pyramid: bool = True) -> str:
+    ident: dict[str, object] = {
         "input": volume.url, "shape": list(volume.shape), "dtype": str(volume.dtype),
         "model": mhash, "plan": plan.as_dict(), "outputs": list(outputs), "dtype_out": dtype,
         "precision": precision,
     }
+    if not pyramid:  # only then: keys of runs with a pyramid stay what they were
+        ident["pyramid"] = False
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -213,7 +217,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
                     tile_shape: Shape | None = None, devices: int = 1, device: str = "cpu", precision: Precision = "fp32",
                     overwrite: bool = False, ngff_version: NgffVersion = "0.5", output_dtype: str = "float32",
                     storage_options: dict | None = None, output_storage_options: dict | None = None,
-                    torch_threads: int | None = None) -> VolumeRun:
+                    torch_threads: int | None = None, pyramid: bool = True) -> VolumeRun:
     """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
 
     Parameters
@@ -248,11 +252,11 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
     _check_anisotropy(volume, predictor)
     chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape, devices)
-    run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision)
+    run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision, pyramid)
     state = _output_state(output, output_storage_options, run_key, overwrite)
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
                      ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
-                     default_blocks=block_shape is None and tile_shape is None)
+                     default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid)
 
 
 def check_apart(input: str, output: str) -> None:
@@ -318,7 +322,7 @@ def fit_to_cluster(run: VolumeRun, devices: int) -> VolumeRun:
         return run
     run.chunks, run.plan = chunks, plan
     run.run_key = _run_key(run.volume, run.model.hash, plan, run.model.predictor.outputs, run.output_dtype,
-                           run.precision)
+                           run.precision, run.pyramid)
     run.state = _output_state(run.output, run.output_options, run.run_key, run.overwrite)
     return run
 
@@ -345,6 +349,7 @@ def _create_outputs(run: VolumeRun) -> None:
             url, shape=layout.out_shape(run.plan.shape), dtype=run.output_dtype, chunks=out_chunks, axes=out_axes,
             scale=scale, translation=translation, ngff_version=run.ngff_version, storage_options=options,
             name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,
+            levels=None if run.pyramid else 1,  # declare only the levels that will be written
         )
     root = zarr.open_group(mode="r+", **store_kwargs(run.output, options))
     grid = run.plan.grid
@@ -411,7 +416,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     return run
 
 
-def finish_volume_run(run: VolumeRun, result, client=None, pyramid: bool = True, progress: bool = False) -> None:
+def finish_volume_run(run: VolumeRun, result, client=None, progress: bool = False) -> None:
     """Pyramid and completion flag of a run whose blocks all succeeded; summary JSON always.
 
     With failed blocks the summary is written and the output stays marked incomplete; the
@@ -422,7 +427,7 @@ def finish_volume_run(run: VolumeRun, result, client=None, pyramid: bool = True,
     result.normalization = run.normalizer.as_dict() if run.normalizer else {}
     result.failed.sort()
     if not result.failed:
-        if pyramid:
+        if run.pyramid:
             for url in run.images.values():
                 write_pyramid(open_volume(url, storage_options=run.output_options), client=client, progress=progress)
         bigcare_attrs = {**run.attrs["bigcare"], "complete": True, "last_run": result.as_dict()}

@@ -19,6 +19,7 @@ import numpy as np
 from bigcare.blocks.layout import AxisLayout
 from bigcare.blocks.plan import Block, BlockPlan
 from bigcare.blocks.zoom import zoom_region
+from bigcare.errors import InputError
 from bigcare.normalization import Normalizer
 from bigcare.predictors.base import Predictor, predict_region
 from bigcare.store.arrays import open_array
@@ -110,7 +111,12 @@ def run_block(block: Block, spec: RunSpec) -> dict:
         results = {name: np.empty(shape, dtype) for name, _, _ in spec.outputs}
     t_read = t0
     for tile in tiles:
-        region = zoom_region(np.asarray(source[tile.read_slices]), zoom, tile.read, tile.window)
+        raw = np.asarray(source[tile.read_slices])
+        if raw.dtype.kind in "fc" and not np.isfinite(raw).all():  # blocks the percentile sample missed
+            bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+            raise InputError(f"{spec.input_url}: the read region {tile.read} holds {bad} NaN/inf voxel(s); bigcare "
+                             "refuses them instead of spreading them: replace them with a number first")
+        region = zoom_region(raw, zoom, tile.read, tile.window)
         t_predict = time.perf_counter()
         predictions = predict_region(predictor, layout, region, spec.normalizer)
         read_s += t_predict - t_read

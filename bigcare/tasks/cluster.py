@@ -31,6 +31,10 @@ __all__ = ["CLUSTER_KINDS", "cluster_client", "make_cluster", "local_cluster_sha
            "tls_security", "add_cluster_arguments", "cluster_kwargs"]
 
 _ADDRESS_PREFIXES = ("tcp://", "tls://", "inproc://", "ucx://")
+#: Local clusters listen on loopback only: the dask dashboard has no authentication, and a
+#: scheduler or worker reachable from other hosts would run whatever they send it.
+LOOPBACK = "127.0.0.1"
+DASHBOARD = f"{LOOPBACK}:8787"
 
 
 def local_cluster_shape(workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
@@ -76,7 +80,7 @@ def local_cuda_worker_spec(devices: list[int], threads_per_worker: int = 1) -> d
     for k, d in enumerate(devices):
         rotated = devices[k:] + devices[:k]
         spec[f"gpu-{d}"] = {"cls": Nanny, "options": {
-            "nthreads": threads_per_worker, "resources": {"GPU": 1}, "name": f"gpu-{d}",
+            "nthreads": threads_per_worker, "resources": {"GPU": 1}, "name": f"gpu-{d}", "host": LOOPBACK,
             "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, rotated))},
         }}
     return spec
@@ -90,7 +94,7 @@ def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | Non
             "CUDA_VISIBLE_DEVICES is unset); use --cluster local on a CPU machine"
         )
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(devices))
-    dashboard_address = ":8787" if dashboard else None
+    dashboard_address = DASHBOARD if dashboard else None
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -98,11 +102,11 @@ def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | Non
 
         return SpecCluster(
             workers=local_cuda_worker_spec(devices, threads),
-            scheduler={"cls": Scheduler, "options": {"dashboard_address": dashboard_address}},
+            scheduler={"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": LOOPBACK}},
             name="bigcare-local-cuda", silence_logs=40,
         )
     return LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, threads_per_worker=threads, resources={"GPU": 1},
-                            dashboard_address=dashboard_address, silence_logs=40)
+                            dashboard_address=dashboard_address, host=LOOPBACK, silence_logs=40)
 
 
 def load_cluster_config(path: str | os.PathLike, kind: str) -> Any:
@@ -266,7 +270,7 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
     n, threads = local_cluster_shape(workers)
     return LocalCluster(
         n_workers=n, threads_per_worker=threads_per_worker or threads, processes=True,
-        dashboard_address=":8787" if dashboard else None,
+        dashboard_address=DASHBOARD if dashboard else None, host=LOOPBACK,
         resources={"GPU": 1} if str(device).startswith("cuda") else None, silence_logs=40,
     )
 

@@ -1,0 +1,98 @@
+"""No wrong result passes silently, no declared level is left empty, no socket listens beyond loopback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+import bigcare
+from bigcare.errors import BlockError, InputError, ModelError
+from conftest import make_model, smooth_volume, write_volume
+
+
+def test_nan_voxels_in_the_input_are_refused_not_spread(tmp_path, client, model3d):
+    data = smooth_volume((8, 32, 32))
+    data[3, 5, 7] = np.nan
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(8, 16, 16))
+    with pytest.raises(InputError, match=r"holds NaN/inf voxels \(1 of the 8192 read"):
+        bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", model3d, client=client, device="cpu",
+                        progress=False)
+    assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_nan_voxels_the_percentile_sample_misses_fail_their_blocks_by_name(tmp_path, client, model3d, monkeypatch):
+    import bigcare.normalization as normalization
+
+    data = smooth_volume((8, 64, 64))
+    data[1, 40, 40] = np.inf
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(8, 32, 32))
+    monkeypatch.setattr(normalization, "EXACT_LIMIT", 1000)  # sample 1 chunk of 4: the NaN's is another
+    real = normalization.percentile_table
+    monkeypatch.setattr(normalization, "percentile_table", lambda ref, q, **kw: real(ref, q, n_chunks=1, **kw))
+    try:
+        bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", model3d, client=client, device="cpu",
+                        block_shape=(8, 32, 32), progress=False)
+    except InputError:
+        pytest.skip("the sampled chunk held the infinity (caught by the percentile pass instead)")
+    except BlockError as err:
+        # every block whose read region (write region + halo) holds the voxel fails, naming it
+        summary = json.loads((tmp_path / "out.ome.zarr" / "bigcare_summary.json").read_text())
+        failed = summary["failed_blocks"]
+        assert summary["complete"] is False and failed and "block(s) failed" in str(err)
+        assert all("holds 1 NaN/inf voxel(s)" in f["error"] for f in failed)
+        assert all(lo <= idx < hi for f in failed for (lo, hi), idx in zip(_read_region(f), (1, 40, 40)))
+    else:
+        pytest.fail("a block with an infinity was restored")
+
+
+def _read_region(failure: dict) -> list[tuple[int, int]]:
+    """The read region a failed block names in its error."""
+    import ast
+    import re
+
+    return list(ast.literal_eval(re.search(r"read region (\(\(.*?\)\))", failure["error"]).group(1)))
+
+
+def test_a_model_with_a_nan_weight_is_refused_on_load(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from bigcare.models import load_model
+
+    folder = make_model(tmp_path / "m", ndim=2)
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name][(0,) * tensors[name].ndim] = np.nan
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ModelError, match=f"tensor {name!r} holds 1 NaN/inf weight"):
+        load_model(folder)
+
+
+def test_no_pyramid_declares_only_level_zero(tmp_path, client, model3d):
+    write_volume(tmp_path / "in.ome.zarr", smooth_volume((8, 128, 128)), chunks=(8, 64, 64))
+    bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "flat.ome.zarr", model3d, client=client, device="cpu",
+                    pyramid=False, progress=False)
+    flat = bigcare.open_volume(tmp_path / "flat.ome.zarr")
+    assert [lv.path for lv in flat.levels] == ["0"]
+    assert sorted(k for k in zarr.open_group(str(tmp_path / "flat.ome.zarr"), mode="r").array_keys()) == \
+        ["0", "bigcare_done"]
+    bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "full.ome.zarr", model3d, client=client, device="cpu",
+                    progress=False)
+    assert len(bigcare.open_volume(tmp_path / "full.ome.zarr").levels) > 1
+
+
+def test_local_clusters_listen_on_loopback_only():
+    import psutil
+
+    from bigcare.tasks.cluster import make_cluster
+
+    cluster = make_cluster("local", workers=1, dashboard=True)
+    try:
+        procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        listening = {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+    finally:
+        cluster.close()
+    assert listening and all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
