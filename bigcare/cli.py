@@ -223,6 +223,10 @@ def main(argv=None) -> int:
     except BigcareError as exc:
         print(f"bigcare {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"bigcare {args.command}: interrupted; finished blocks are kept, run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -96,3 +96,73 @@ def test_local_clusters_listen_on_loopback_only():
     finally:
         cluster.close()
     assert listening and all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5])
+def test_nonsense_worker_counts_are_refused_and_too_many_reduced(workers, capsys):
+    from bigcare.errors import ConfigError
+    from bigcare.tasks.cluster import local_cluster_shape
+
+    with pytest.raises(ConfigError, match=f"workers must be a whole number >= 1, got {workers!r}"):
+        local_cluster_shape(workers, cores=2)
+    assert local_cluster_shape(64, cores=2) == (2, 1)
+    assert "64 local workers requested, reduced to 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["foo", "object", "U8"])
+def test_an_output_dtype_that_is_no_number_is_one_line_exit_2(tmp_path, dtype, capsys):
+    from bigcare.cli import main
+
+    model = make_model(tmp_path / "m", ndim=2)
+    write_volume(tmp_path / "in.zarr", smooth_volume((16, 16)), axes="yx")
+    assert main(["restore", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--model", str(model),
+                 "--output-dtype", dtype, "--device", "cpu"]) == 2
+    assert f"output_dtype must be a numeric type such as float32, uint16 or int8, got {dtype!r}" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_voxel_sizes_must_be_finite_and_positive(tmp_path, capsys):
+    import tifffile
+
+    from bigcare.cli import main
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((4, 8, 8), np.uint16))
+    for bad in ("nan", "inf", "-1"):
+        assert main(["convert", str(tmp_path / "s.tif"), str(tmp_path / "s.zarr"), "--voxel-size", bad, "1", "1"]) == 2
+        assert "positive values" in capsys.readouterr().err and not (tmp_path / "s.zarr").exists()
+    vol = write_volume(tmp_path / "v.zarr", np.zeros((4, 8, 8), np.float32))
+    attrs = dict(zarr.open_group(vol.url, mode="r").attrs)
+    attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [-1.0, 0.5, 0.5]
+    zarr.open_group(vol.url, mode="r+").attrs.update(attrs)
+    with pytest.raises(InputError, match=r"scale must be finite positive voxel sizes, got \[-1.0, 0.5, 0.5\]"):
+        bigcare.open_volume(vol.url)
+
+
+@pytest.mark.slow  # waits out the connect timeout
+def test_an_unreachable_scheduler_is_one_line_not_a_traceback(tmp_path, capsys):
+    import socket
+
+    from bigcare.cli import main
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = make_model(tmp_path / "m", ndim=2)
+    write_volume(tmp_path / "in.zarr", smooth_volume((16, 16)), axes="yx")
+    assert main(["restore", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--model", str(model),
+                 "--device", "cpu", "--scheduler", f"tcp://127.0.0.1:{port}"]) == 2
+    assert f"could not connect to the scheduler at tcp://127.0.0.1:{port}" in capsys.readouterr().err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_ctrl_c_is_one_line_saying_the_run_resumes(monkeypatch, capsys):
+    import bigcare.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    assert cli.main(["info", "x"]) == 130
+    assert capsys.readouterr().err.strip() == ("bigcare info: interrupted; finished blocks are kept, run the same "
+                                               "command again to resume")

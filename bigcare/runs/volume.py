@@ -245,6 +245,12 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     volume = input if isinstance(input, Volume) else open_volume(input, storage_options=storage_options)
     check_choice("ngff_version", ngff_version, NGFF_VERSIONS)
     check_choice("precision", precision, PRECISIONS)
+    try:
+        kind: str = np.dtype(output_dtype).kind
+    except TypeError:
+        kind = "?"
+    if kind not in "uif":
+        raise ConfigError(f"output_dtype must be a numeric type such as float32, uint16 or int8, got {output_dtype!r}")
     output = normalize_url(output)
     check_apart(volume.url, output)
     predictor = model.predictor

@@ -190,7 +190,7 @@ def tiff_to_ome_zarr(tiff_path: PathLike, out_url: PathLike, *, voxel_size: Sequ
         spatial = "".join(a for a in layout.out if default_axis_type(a) == "space")
 
         if voxel_size is not None:
-            if len(voxel_size) != len(spatial) or any(float(v) <= 0 for v in voxel_size):
+            if len(voxel_size) != len(spatial) or not all(math.isfinite(float(v)) and float(v) > 0 for v in voxel_size):
                 raise InputError(f"voxel_size: expected {len(spatial)} positive values for axes {spatial!r}, got {tuple(voxel_size)}")
             sizes, size_unit = dict(zip(spatial, map(float, voxel_size))), unit
         else:

@@ -12,6 +12,7 @@ Both OME-NGFF 0.4 (zarr v2, ``attrs["multiscales"]``) and 0.5 (zarr v3,
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -318,6 +319,8 @@ def _transform(url: str, where: str, transforms: Any, ndim: int) -> tuple[tuple[
             raise InputError(f"{url}: {where}: {kind} must be {ndim} numbers (one per axis), got {values!r:.200}")
         if kind == "scale":
             scale = tuple(float(v) for v in values)
+            if not all(math.isfinite(v) and v > 0 for v in scale):
+                raise InputError(f"{url}: {where}: scale must be finite positive voxel sizes, got {list(scale)}")
         else:
             translation = tuple(float(v) for v in values)
     return scale, translation

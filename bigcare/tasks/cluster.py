@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ _ADDRESS_PREFIXES = ("tcp://", "tls://", "inproc://", "ucx://")
 #: scheduler or worker reachable from other hosts would run whatever they send it.
 LOOPBACK = "127.0.0.1"
 DASHBOARD = f"{LOOPBACK}:8787"
+#: Seconds to wait for an existing scheduler before saying it cannot be reached.
+CONNECT_TIMEOUT_S = 10
 
 
 def local_cluster_shape(workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
@@ -47,9 +50,21 @@ def local_cluster_shape(workers: int | None = None, cores: int | None = None) ->
     Returns
     -------
     (workers, threads_per_worker)
+
+    Raises
+    ------
+    ConfigError
+        For fewer than one worker. More workers than cores are reduced to the cores, with a line
+        on stderr saying so.
     """
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
+        raise ConfigError(f"workers must be a whole number >= 1, got {workers!r}")
+    if workers is not None and workers > cores:
+        print(f"bigcare: {workers} local workers requested, reduced to {cores} (the cores this process may use)",
+              file=sys.stderr, flush=True)
+        workers = cores
     workers = max(1, int(workers or 1))
     return workers, max(1, cores // workers)
 
@@ -332,7 +347,11 @@ def cluster_client(
             raise ConfigError(f"scheduler must be an address like tcp://host:8786, got {scheduler!r}")
         if str(scheduler).startswith("tls://") and security is None:
             raise ConfigError(f"scheduler {scheduler} uses TLS: give --tls-ca-file, --tls-cert and --tls-key")
-        client = Client(scheduler, security=security)
+        try:
+            client = Client(scheduler, security=security, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"could not connect to the scheduler at {scheduler} within {CONNECT_TIMEOUT_S} s "
+                              f"({type(exc).__name__}: {exc}); is it running and reachable?") from None
         try:
             if not quiet:
                 print(f"bigcare: connected to {scheduler}; dashboard: {client.dashboard_link}", flush=True)
