@@ -96,3 +96,12 @@ def test_a_device_no_worker_has_is_refused_before_the_old_result_is_touched(tmp_
         bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "r.ome.zarr", other, client=client,
                         device="nonsense", overwrite=True, progress=False)
     np.testing.assert_array_equal(read(tmp_path / "r.ome.zarr"), before)
+
+
+def test_a_batch_with_an_unusable_second_volume_writes_nothing(tmp_path, client, model3d, capsys):
+    write_volume(tmp_path / "a.ome.zarr", smooth_volume((8, 32, 32)))
+    write_volume(tmp_path / "b.ome.zarr", np.full((8, 32, 32), np.nan, np.float32))
+    code = main(["restore", str(tmp_path / "a.ome.zarr"), str(tmp_path / "b.ome.zarr"), "--output-dir",
+                 str(tmp_path / "out"), "--model", str(model3d), "--device", "cpu", "--workers", "1"])
+    assert code == 2 and "holds no finite values" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

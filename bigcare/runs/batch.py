@@ -32,6 +32,7 @@ from bigcare.runs.volume import (
     cluster_devices,
     finish_volume_run,
     fit_to_cluster,
+    measure_volume_run,
     plan_volume_run,
     resolve_model,
     start_volume_run,
@@ -158,14 +159,16 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     runs = [plan_volume_run(u, o, ref, device=device, storage_options=storage_options, pyramid=pyramid,
                             output_storage_options=output_storage_options, **options)
             for u, o in zip(urls, outputs)]
-    fs, root = fsspec.core.url_to_fs(normalize_url(output_dir), **(output_storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
         check_device_on_workers(c, device, ref)
         devices = cluster_devices(c, device)
-        for run in runs:
+        for run in runs:  # every check that reads data, before any output is written
             fit_to_cluster(run, devices)
+            measure_volume_run(run, c)
+        fs, root = fsspec.core.url_to_fs(normalize_url(output_dir), **(output_storage_options or {}))
+        fs.makedirs(root, exist_ok=True)
+        for run in runs:
             start_volume_run(run, c)
         with shipping(c, [ref.payload] if any(r.todo for r in runs) else []):
             results = execute(c, runs, progress=progress)

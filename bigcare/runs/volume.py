@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from bigcare.predictors.shipping import ModelPayload
 
 __all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
-           "finish_volume_run", "cluster_devices", "fit_to_cluster", "check_apart", "check_device_on_workers"]
+           "finish_volume_run", "cluster_devices", "fit_to_cluster", "check_apart", "check_device_on_workers", "measure_volume_run"]
 
 @dataclass
 class ModelRef:
@@ -362,6 +362,29 @@ def _create_outputs(run: VolumeRun) -> None:
     root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)
 
 
+def measure_volume_run(run: VolumeRun, client=None) -> VolumeRun:
+    """The percentile pass of a fresh (or replacing) run; writes nothing.
+
+    A batch measures every volume before it starts any, so an unusable volume (all NaN,
+    unreadable chunks) stops the batch before an output exists.
+
+    Raises
+    ------
+    InputError
+        If the input cannot be read for its percentiles, or holds NaN/inf.
+    """
+    if run.state in ("fresh", "replace") and run.normalizer is None:
+        volume, predictor = run.volume, run.model.predictor
+        try:
+            run.normalizer = volume_normalizer(volume, predictor.pmin, predictor.pmax, client=client)
+        except InputError:
+            raise
+        except Exception as exc:  # unreadable chunks etc.: nothing is written yet
+            raise InputError(f"could not read {volume.url} to compute its percentiles: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    return run
+
+
 def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     """Percentiles and outputs (fresh runs), the RunSpec, and the blocks still to do.
 
@@ -384,13 +407,8 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     """
     volume, options, predictor = run.volume, run.output_options, run.model.predictor
     if run.state in ("fresh", "replace"):
-        try:
-            normalizer = volume_normalizer(volume, predictor.pmin, predictor.pmax, client=client)
-        except InputError:
-            raise
-        except Exception as exc:  # unreadable chunks etc.: nothing is written yet
-            raise InputError(f"could not read {volume.url} to compute its percentiles: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        normalizer = measure_volume_run(run, client).normalizer
+        assert normalizer is not None
         if run.state == "replace":  # only now that the new run can start
             fs, path = fsspec.core.url_to_fs(run.output, **(options or {}))
             fs.rm(path, recursive=True)
