@@ -87,7 +87,12 @@ def test_worker_killed_mid_run_completes_bit_identical(tmp_path, procs):
         thread = threading.Thread(target=run)
         thread.start()
         done = wait_for_markers(out, 2)
-        victim = sorted(pids.values())[0]
+        # kill on an observed event, not a timer: the victim holds a block the scheduler gave it
+        address, victim = sorted(pids.items())[0]
+        deadline = time.time() + 60
+        while not any(str(k).startswith("bigcare-block") for k in c.processing(workers=[address]).get(address, ())):
+            assert time.time() < deadline, "the victim was never given a block"
+            time.sleep(0.002)
         os.kill(victim, signal.SIGKILL)  # a worker process this test's cluster started
         thread.join(timeout=240)
         assert not thread.is_alive() and "error" not in box, box.get("error")
