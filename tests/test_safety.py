@@ -166,3 +166,18 @@ def test_ctrl_c_is_one_line_saying_the_run_resumes(monkeypatch, capsys):
     assert cli.main(["info", "x"]) == 130
     assert capsys.readouterr().err.strip() == ("bigcare info: interrupted; finished blocks are kept, run the same "
                                                "command again to resume")
+
+
+def test_garbled_metadata_and_escaping_dataset_paths_are_one_line_exit_2(tmp_path, capsys):
+    from bigcare.cli import main
+
+    vol = write_volume(tmp_path / "g.zarr", np.zeros((4, 8, 8), np.uint16))
+    (tmp_path / "g.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
+    assert main(["info", vol.url]) == 2
+    assert "cannot be opened as a zarr group (JSONDecodeError" in capsys.readouterr().err
+    vol = write_volume(tmp_path / "p.zarr", np.zeros((4, 8, 8), np.uint16))
+    attrs = dict(zarr.open_group(vol.url, mode="r").attrs)
+    attrs["ome"]["multiscales"][0]["datasets"][0]["path"] = "../g.zarr/0"
+    zarr.open_group(vol.url, mode="r+").attrs.update(attrs)
+    with pytest.raises(InputError, match=r"dataset path '\.\./g\.zarr/0' leaves the image group"):
+        bigcare.open_volume(vol.url)

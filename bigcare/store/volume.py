@@ -248,6 +248,8 @@ def open_volume(url: str | os.PathLike, *, storage_options: dict | None = None) 
         if is_url(url) and not url_exists(url, storage_options):
             raise InputError(f"{url}: no such file or directory; expected an OME-Zarr image group") from None
         raise InputError(f"{url}: not a zarr group (no zarr.json or .zgroup found); expected an OME-Zarr image group") from None
+    except Exception as exc:  # garbled metadata, no credentials, unreachable host: one line, not a traceback
+        raise InputError(f"{url}: cannot be opened as a zarr group ({type(exc).__name__}: {exc})") from None
     attrs = dict(group.attrs)
     version, ms = _find_multiscales(url, attrs)
     axes = _parse_axes(url, ms)
@@ -337,10 +339,14 @@ def _parse_levels(url: str, group: zarr.Group, ms: dict, axes: tuple[Axis, ...])
         if not isinstance(path, str):
             raise InputError(f"{url}: dataset {i} has no 'path', got {ds!r:.200}")
         scale, shift = _transform(url, f"dataset {path!r}", ds.get("coordinateTransformations"), ndim)
+        if path.startswith("/") or ".." in path.split("/") or "\\" in path:
+            raise InputError(f"{url}: dataset path {path!r} leaves the image group; expected a path inside it")
         try:
             arr = group[path]
         except KeyError:
             raise InputError(f"{url}: dataset {path!r} listed in multiscales does not exist") from None
+        except Exception as exc:  # its metadata is garbled
+            raise InputError(f"{url}: dataset {path!r} cannot be opened ({type(exc).__name__}: {exc})") from None
         if not isinstance(arr, zarr.Array):
             raise InputError(f"{url}: dataset {path!r} is a group; expected an array")
         if arr.ndim != ndim:
