@@ -181,3 +181,22 @@ def test_garbled_metadata_and_escaping_dataset_paths_are_one_line_exit_2(tmp_pat
     zarr.open_group(vol.url, mode="r+").attrs.update(attrs)
     with pytest.raises(InputError, match=r"dataset path '\.\./g\.zarr/0' leaves the image group"):
         bigcare.open_volume(vol.url)
+
+
+def test_slot_files_of_dead_samplers_are_removed_by_the_next_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from bigcare.tasks.slots import remove_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    orphan = tmp_path / f"bigcare-patches-{dead_pid}-abc-0"
+    mine = tmp_path / f"bigcare-patches-{os.getpid()}-abc-0"
+    other = tmp_path / "somebody-elses-file"
+    for f in (orphan, mine, other):
+        f.write_bytes(b"x")
+    assert remove_orphans(str(tmp_path)) == [str(orphan)]
+    assert not orphan.exists() and mine.exists() and other.exists()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SHM_DIR", "Slot", "InSlot", "ResultSlots", "map_slot"]
+__all__ = ["SHM_DIR", "Slot", "InSlot", "ResultSlots", "map_slot", "remove_orphans"]
 
 #: Where same-host result slots live (a tmpfs).
 SHM_DIR = "/dev/shm"
@@ -67,6 +67,39 @@ def _unlink(paths) -> None:
             pass
 
 
+def remove_orphans(directory: str | None = None) -> list[str]:
+    """Remove slot files left by processes that no longer run (a sampler killed outright).
+
+    Slot files are named ``bigcare-patches-<pid>-...``; a file whose pid is not alive is removed.
+    Returns the removed paths.
+    """
+    directory = directory or SHM_DIR
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if not name.startswith("bigcare-patches-") or len(parts) < 3 or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to signal): keep
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 class ResultSlots:
     """A ring of shared-memory files through which same-host workers hand task results over.
 
@@ -96,6 +129,7 @@ class ResultSlots:
         """``n`` slots of ``nbytes`` when every worker of ``client`` can map them; else None."""
         if not os.path.isdir(SHM_DIR) or n < 1 or nbytes < 1:
             return None
+        remove_orphans()
         token = uuid.uuid4().hex
         paths = [os.path.join(SHM_DIR, f"bigcare-patches-{os.getpid()}-{token}-{k}") for k in range(n)]
         made, maps = [], []
