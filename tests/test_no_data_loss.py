@@ -105,3 +105,28 @@ def test_a_batch_with_an_unusable_second_volume_writes_nothing(tmp_path, client,
                  str(tmp_path / "out"), "--model", str(model3d), "--device", "cpu", "--workers", "1"])
     assert code == 2 and "holds no finite values" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_onto_an_input_replaced_in_place_is_refused(tmp_path, client, model3d):
+    """The run key covers path, shape and dtype; the fingerprint covers the voxels."""
+    import zarr
+
+    from bigcare.tasks.block import MARKER
+
+    data = smooth_volume((8, 64, 64))
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(8, 32, 32))
+    out = tmp_path / "out.ome.zarr"
+    bigcare.restore(tmp_path / "in.ome.zarr", out, model3d, client=client, device="cpu", block_shape=(8, 32, 32),
+                    progress=False)
+    marker = zarr.open_array(str(out), path=MARKER, mode="r+")
+    marker[0, 1, 1] = 0  # as if the run had been cut short
+    first = read(out)
+    zarr.open_array(str(tmp_path / "in.ome.zarr"), path="0", mode="r+")[...] = smooth_volume((8, 64, 64), seed=5)
+    with pytest.raises(bigcare.InputError, match="changed since .* was started .*resuming would mix two inputs"):
+        bigcare.restore(tmp_path / "in.ome.zarr", out, model3d, client=client, device="cpu",
+                        block_shape=(8, 32, 32), progress=False)
+    np.testing.assert_array_equal(read(out), first)
+    bigcare.restore(tmp_path / "in.ome.zarr", out, model3d, client=client, device="cpu", block_shape=(8, 32, 32),
+                    overwrite=True, progress=False)  # starts over on the new input
+    whole = bigcare.predict(smooth_volume((8, 64, 64), seed=5), model3d, axes="zyx")["restored"]
+    np.testing.assert_allclose(read(out), whole, atol=1e-5)

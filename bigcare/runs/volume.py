@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -362,6 +362,45 @@ def _create_outputs(run: VolumeRun) -> None:
     root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)
 
 
+#: Regions hashed for an input's fingerprint, and their largest extent per axis.
+FINGERPRINT_REGIONS = 8
+FINGERPRINT_EXTENT = 64
+
+
+def input_fingerprint(volume: Volume) -> dict:
+    """Hashes of the input's layout and of a few seeded small regions of its voxels.
+
+    Stored with a run's outputs so that a resume refuses an input replaced in place by another
+    of the same shape and type. It reads at most ``FINGERPRINT_REGIONS`` regions of at most
+    ``FINGERPRINT_EXTENT`` voxels per axis, one inside each of as many seeded chunks. A region
+    that cannot be read now (a corrupt chunk: its blocks will fail by name) is None and is not
+    compared.
+    """
+    lv = volume.levels[0]
+    grid = [-(-n // c) for n, c in zip(lv.shape, lv.chunks)]
+    rng = np.random.default_rng(0)
+    picks = sorted({tuple(int(rng.integers(0, g)) for g in grid) for _ in range(FINGERPRINT_REGIONS)})
+    arr = volume.array(0)
+    regions: list[str | None] = []
+    for index in picks:
+        region = tuple(slice(i * c, min(i * c + min(c, FINGERPRINT_EXTENT), n))
+                       for i, c, n in zip(index, lv.chunks, lv.shape))
+        try:
+            regions.append(hashlib.sha256(np.ascontiguousarray(arr[region]).tobytes()).hexdigest())
+        except Exception:  # noqa: BLE001 - unreadable now; the blocks that need it report it
+            regions.append(None)
+    layout = hashlib.sha256(json.dumps([list(lv.shape), lv.dtype.str, list(lv.chunks)]).encode()).hexdigest()
+    return {"layout": layout, "regions": regions}
+
+
+def same_input(stored: dict | None, now: dict) -> bool:
+    """Whether two fingerprints can be of the same input (unreadable regions are not compared)."""
+    if not isinstance(stored, dict):  # outputs of older versions carry none
+        return True
+    pairs = zip(stored.get("regions", []), now["regions"])
+    return stored.get("layout") == now["layout"] and all(a == b for a, b in pairs if a is not None and b is not None)
+
+
 def measure_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     """The percentile pass of a fresh (or replacing) run; writes nothing.
 
@@ -406,6 +445,17 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         If the input cannot be read for its percentiles (nothing is written then).
     """
     volume, options, predictor = run.volume, run.output_options, run.model.predictor
+    fingerprint = input_fingerprint(volume)
+    if run.state == "resume":
+        attrs: dict[str, Any] = dict(zarr.open_group(mode="r", **store_kwargs(run.output, options)).attrs)
+        if not same_input(attrs["bigcare"].get("input_fingerprint"), fingerprint):
+            if not run.overwrite:
+                raise InputError(
+                    f"{volume.url} changed since {run.output} was started (same shape and type, other voxels): "
+                    "resuming would mix two inputs; pass overwrite=True (--overwrite) to start over, or restore "
+                    "into another output path"
+                )
+            run.state = "replace"
     if run.state in ("fresh", "replace"):
         normalizer = measure_volume_run(run, client).normalizer
         assert normalizer is not None
@@ -417,6 +467,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
             "version": __version__, "run_key": run.run_key, "input": volume.url,
             "model": run.model.label, "model_hash": run.model.hash, "outputs": list(predictor.outputs),
             "plan": run.plan.as_dict(), "normalization": normalizer.as_dict(), "complete": False,
+            "input_fingerprint": fingerprint,
         }}
         _create_outputs(run)
     else:
