@@ -37,7 +37,7 @@ from bigcare.runs.volume import (
     resolve_model,
     start_volume_run,
 )
-from bigcare.store.urls import is_url, normalize_url
+from bigcare.store.urls import is_url, normalize_url, relation, resolved
 from bigcare.types import ClusterKind, PathLike, check_device
 
 if TYPE_CHECKING:
@@ -153,9 +153,13 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     outputs = output_paths(urls, output_dir)
     ref = resolve_model(model, ship_model)
     options.setdefault("ngff_version", "0.5")
-    for o in outputs:  # also another input of the batch
-        for u in urls:
-            check_apart(u, o)
+    # no output may be (inside) any input of the batch: locations resolved once, then compared
+    resolved_in = [resolved(u) for u in urls]
+    for o in outputs:
+        ro = resolved(o)
+        for u, ru in zip(urls, resolved_in):
+            if relation(ro, ru) is not None:
+                check_apart(u, o)  # raises, naming both
     runs = [plan_volume_run(u, o, ref, device=device, storage_options=storage_options, pyramid=pyramid,
                             output_storage_options=output_storage_options, **options)
             for u, o in zip(urls, outputs)]

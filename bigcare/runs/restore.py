@@ -39,7 +39,17 @@ from bigcare.runs.volume import (
     start_volume_run,
 )
 from bigcare.store.axes import default_axis_type
-from bigcare.types import PRECISIONS, ClusterKind, NgffVersion, PathLike, Precision, Shape, check_choice, check_device
+from bigcare.types import (
+    PRECISIONS,
+    ClusterKind,
+    DeviceKind,
+    NgffVersion,
+    PathLike,
+    Precision,
+    Shape,
+    check_choice,
+    check_device,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -53,7 +63,7 @@ if TYPE_CHECKING:
 __all__ = ["restore", "predict", "client_for", "default_device"]
 
 
-def default_device() -> str:
+def default_device() -> DeviceKind:
     """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
     import torch
 

@@ -446,9 +446,10 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     """
     volume, options, predictor = run.volume, run.output_options, run.model.predictor
     fingerprint = input_fingerprint(volume)
+    stored: dict[str, Any] = {}
     if run.state == "resume":
-        attrs: dict[str, Any] = dict(zarr.open_group(mode="r", **store_kwargs(run.output, options)).attrs)
-        if not same_input(attrs["bigcare"].get("input_fingerprint"), fingerprint):
+        stored = dict(zarr.open_group(mode="r", **store_kwargs(run.output, options)).attrs)
+        if not same_input(stored["bigcare"].get("input_fingerprint"), fingerprint):
             if not run.overwrite:
                 raise InputError(
                     f"{volume.url} changed since {run.output} was started (same shape and type, other voxels): "
@@ -471,7 +472,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         }}
         _create_outputs(run)
     else:
-        run.attrs = dict(zarr.open_group(mode="r", **store_kwargs(run.output, options)).attrs)
+        run.attrs = stored
         normalizer = Normalizer.from_dict(run.attrs["bigcare"]["normalization"])
     run.normalizer = normalizer
     shipped = run.model.payload is not None or run.model.obj is not None

@@ -15,7 +15,7 @@ import zarr
 
 from bigcare.store.urls import freeze, store_kwargs
 
-__all__ = ["open_array", "level_token", "clear_cache"]
+__all__ = ["open_array", "level_token"]
 
 _MAX = 64
 _ARRAYS: dict[tuple, zarr.Array] = {}
@@ -55,8 +55,3 @@ def open_array(url: str, path: str, mode: str = "r", storage_options: dict | Non
             _ARRAYS[key] = arr
     return arr
 
-
-def clear_cache() -> None:
-    """Forget every opened array (tests; a process that re-creates stores in place)."""
-    with _LOCK:
-        _ARRAYS.clear()

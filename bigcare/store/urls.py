@@ -8,7 +8,7 @@ from typing import Any
 
 from bigcare.errors import InputError
 
-__all__ = ["is_url", "normalize_url", "store_kwargs", "url_exists", "freeze", "resolved", "overlap"]
+__all__ = ["is_url", "normalize_url", "store_kwargs", "url_exists", "freeze", "resolved", "overlap", "relation"]
 
 
 def is_url(url: str) -> bool:
@@ -39,7 +39,11 @@ def resolved(url: str | os.PathLike) -> str:
 
 def overlap(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
     """How location ``a`` relates to ``b``: ``"is"``, ``"is inside"``, ``"contains"``, or None."""
-    ra, rb = resolved(a), resolved(b)
+    return relation(resolved(a), resolved(b))
+
+
+def relation(ra: str, rb: str) -> str | None:
+    """:func:`overlap` of two locations already :func:`resolved` (no file system calls)."""
     if ra == rb:
         return "is"
     if ra.startswith(rb.rstrip("/") + "/"):
