@@ -123,3 +123,21 @@ def test_tiles_partition_a_block_and_each_has_its_own_aligned_halo():
 def test_tile_shape_covering_the_block_means_one_call():
     plan = plan_blocks((20, 20), (10, 10), (2, 2), (1, 1), tile_shape=(16, 16))
     assert plan.tile_shape is None and all(len(plan.tiles(b)) == 1 for b in plan)
+
+
+def test_plan_overhead_equals_the_sum_over_every_block_and_tile():
+    """The per-axis overhead formula is the brute-force sum over blocks and tiles."""
+    import random
+
+    rng = random.Random(1)
+    for _ in range(200):
+        nd = rng.choice([2, 3])
+        shape = [rng.randint(1, 90) for _ in range(nd)]
+        chunks = [rng.randint(1, 12) for _ in range(nd)]
+        block = [c * rng.randint(1, 4) for c in chunks]
+        tile = [rng.randint(1, 30) for _ in range(nd)] if rng.random() < 0.5 else None
+        zoom = [rng.choice([2.0, 3.5])] + [1.0] * (nd - 1) if rng.random() < 0.3 else None
+        plan = plan_blocks(shape, block, [rng.randint(0, 10) for _ in range(nd)],
+                           [rng.choice([1, 2, 4, 8]) for _ in range(nd)], chunks, zoom=zoom, tile_shape=tile)
+        brute = sum(t.predicted_voxels for b in plan for t in plan.tiles(b)) / math.prod(plan.shape)
+        assert plan.overhead == pytest.approx(brute, rel=1e-12)

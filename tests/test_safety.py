@@ -200,3 +200,53 @@ def test_slot_files_of_dead_samplers_are_removed_by_the_next_one(tmp_path):
         f.write_bytes(b"x")
     assert remove_orphans(str(tmp_path)) == [str(orphan)]
     assert not orphan.exists() and mine.exists() and other.exists()
+
+
+def test_a_huge_mostly_missing_volume_starts_without_touching_every_block(tmp_path, monkeypatch):
+    """4096 x 32768 x 32768 declared, one chunk written: percentiles, outputs and the queue of a
+    million blocks cost the chunks sampled and the blocks taken, not the block count."""
+    from bigcare.blocks.plan import BlockPlan
+    from bigcare.predictors.identity import IdentityPredictor
+    from bigcare.runs.volume import plan_volume_run, resolve_model, start_volume_run
+    from bigcare.store.axes import Axis
+    from bigcare.store.write import create_volume
+
+    volume = create_volume(tmp_path / "huge.ome.zarr", shape=(4096, 32768, 32768), dtype="uint16",
+                           chunks=(64, 256, 256), axes=[Axis.named(a) for a in "zyx"], scale=(1.0, 1.0, 1.0))
+    volume.array(0, mode="r+")[:64, :256, :256] = np.arange(64 * 256 * 256).reshape(64, 256, 256) % 1000
+    made = []
+    block = BlockPlan.block
+    monkeypatch.setattr(BlockPlan, "block", lambda self, index: made.append(index) or block(self, index))
+    run = plan_volume_run(tmp_path / "huge.ome.zarr", tmp_path / "out.ome.zarr", resolve_model(IdentityPredictor()),
+                          block_shape=(64, 256, 256), device="cpu")
+    run = start_volume_run(run)
+    assert len(run.plan) == 64 * 128 * 128 and run.n_todo == len(run.plan)
+    assert run.normalizer.method == "sampled"
+    pending = run.pending()
+    first = [next(pending) for _ in range(3)]
+    assert [b.index for b in first] == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]
+    assert len(made) <= 3  # blocks are made as the queue takes them
+    assert run.plan.overhead == 1.0  # no halo; computed per axis, not per block
+
+
+def test_resume_lists_the_done_markers_it_skips(tmp_path):
+    """The done markers are found by listing the store (v2 and v3), and exactly those blocks
+    are skipped."""
+    from bigcare.predictors.identity import IdentityPredictor
+    from bigcare.runs.volume import plan_volume_run, resolve_model, start_volume_run
+    from bigcare.store.arrays import written_chunks
+
+    for version in ("0.4", "0.5"):
+        src = write_volume(tmp_path / f"in{version}.ome.zarr", smooth_volume((32, 64, 64)), chunks=(16, 32, 32))
+        out = tmp_path / f"out{version}.ome.zarr"
+        ref = resolve_model(IdentityPredictor())
+        run = start_volume_run(plan_volume_run(src, out, ref, block_shape=(16, 32, 32), device="cpu",
+                                               ngff_version=version))
+        marker = zarr.open_array(store=str(out), path="bigcare_done", mode="r+")
+        marker[1, 0, 1] = 1
+        marker[0, 1, 0] = 1
+        assert np.argwhere(written_chunks(marker)).tolist() == [[0, 1, 0], [1, 0, 1]]
+        again = start_volume_run(plan_volume_run(src, out, ref, block_shape=(16, 32, 32), device="cpu",
+                                                 ngff_version=version))
+        assert again.state == "resume" and again.n_todo == len(run.plan) - 2
+        assert {b.index for b in again.pending()} == {b.index for b in run.plan} - {(1, 0, 1), (0, 1, 0)}

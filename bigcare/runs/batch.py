@@ -174,7 +174,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         fs.makedirs(root, exist_ok=True)
         for run in runs:
             start_volume_run(run, c)
-        with shipping(c, [ref.payload] if any(r.todo for r in runs) else []):
+        with shipping(c, [ref.payload] if any(r.n_todo for r in runs) else []):
             results = execute(c, runs, progress=progress)
         for run, result in zip(runs, results):
             finish_volume_run(run, result, c, progress)

@@ -21,10 +21,12 @@ from bigcare.runs.results import RunResult, cluster_info
 from bigcare.tasks.block import run_block
 from bigcare.tasks.runner import run_tasks
 
-__all__ = ["execute", "shipping", "block_error", "MAX_RETRIES"]
+__all__ = ["execute", "shipping", "block_error", "MAX_RETRIES", "QUEUE_WINDOW"]
 
 #: a block that raised is resubmitted this many times before it counts as failed
 MAX_RETRIES = 1
+#: block tasks submitted ahead of the results taken (a run with fewer blocks submits all at once)
+QUEUE_WINDOW = 20_000
 
 
 @contextlib.contextmanager
@@ -50,7 +52,7 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
     ----------
     client : distributed.Client
     runs : list of bigcare.runs.volume.VolumeRun
-        Started runs (``spec`` and ``todo`` set).
+        Started runs (``spec`` and ``done`` set).
     progress : bool
         Show a progress bar over all runs' blocks (blocks done / total, rate, ETA).
 
@@ -63,11 +65,12 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
     results, index = [], {}  # id of a run's spec -> its position (items come back as submitted)
     for i, run in enumerate(runs):
         results.append(RunResult(outputs=run.images, blocks_total=len(run.plan),
-                                 blocks_skipped=len(run.plan) - len(run.todo), blocks_computed=0,
+                                 blocks_skipped=len(run.plan) - run.n_todo, blocks_computed=0,
                                  halo_overhead=run.plan.overhead, input=run.volume.url, cluster=info))
         index[id(run.spec)] = i
-    items = [(block, run.spec) for run in runs for block in run.todo]
-    left = [len(r.todo) for r in runs]
+    items = ((block, run.spec) for run in runs for block in run.pending())  # made as the window moves
+    left = [r.n_todo for r in runs]
+    total = sum(left)
 
     def key(item) -> str:
         block, spec = item
@@ -77,9 +80,11 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
         return {"GPU": 1} if str(item[1].device).startswith("cuda") else None
 
     desc = "restore" if len(runs) == 1 else f"restore {len(runs)} volumes"
-    for out in run_tasks(run_block, items, client=client, in_flight=None, ordered=False, retries=MAX_RETRIES,
-                         key=key, resources=resources, outcomes=True, count_rescheduled=True,
-                         progress=progress, desc=desc, unit="block"):
+    # up to QUEUE_WINDOW block tasks are on the scheduler at once (all of them, for most
+    # runs); a million-block volume is not a million tasks in the scheduler's memory
+    for out in run_tasks(run_block, items, client=client, in_flight=QUEUE_WINDOW, ordered=False,
+                         retries=MAX_RETRIES, key=key, resources=resources, outcomes=True, count_rescheduled=True,
+                         progress=progress, desc=desc, unit="block", total=total):
         block, spec = out.item
         i = index[id(spec)]
         result = results[i]

@@ -193,7 +193,7 @@ def restore(
         check_device_on_workers(c, device, ref)
         fit_to_cluster(run, cluster_devices(c, device))
         start_volume_run(run, c)
-        with shipping(c, [ref.payload] if run.todo else []):
+        with shipping(c, [ref.payload] if run.n_todo else []):
             (result,) = execute(c, [run], progress=progress)
         finish_volume_run(run, result, c, progress)
     if result.failed:

@@ -27,11 +27,12 @@ import numpy as np
 import zarr
 
 from bigcare.blocks.layout import AxisLayout
-from bigcare.blocks.plan import BlockPlan
+from bigcare.blocks.plan import Block, BlockPlan
 from bigcare.blocks.sizing import plan_restoration
 from bigcare.errors import ConfigError, InputError, ModelMismatchError, OutputError
 from bigcare.normalization import Normalizer, volume_normalizer
 from bigcare.predictors.base import Predictor, check_predictor, load_predictor
+from bigcare.store.arrays import written_chunks
 from bigcare.store.axes import Axis
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.urls import normalize_url, overlap, store_kwargs
@@ -42,6 +43,8 @@ from bigcare.types import NGFF_VERSIONS, PRECISIONS, NgffVersion, PathLike, Prec
 from bigcare.version import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from bigcare.predictors.shipping import ModelPayload
 
 __all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
@@ -153,10 +156,23 @@ class VolumeRun:
     attrs: dict = field(default_factory=dict)
     normalizer: Normalizer | None = None
     spec: RunSpec | None = None
-    todo: list = field(default_factory=list)
+    done: np.ndarray | None = None  # per block of the grid: written by an earlier attempt
     overwrite: bool = False
     default_blocks: bool = True  # no block or tile shape was given: the cluster's size may change them
     pyramid: bool = True  # levels 1..n are declared and written; without, only level 0 exists
+
+    @property
+    def n_todo(self) -> int:
+        """Blocks still to do (all, until :func:`start_volume_run` has read the done markers)."""
+        return len(self.plan) - (0 if self.done is None else int(np.count_nonzero(self.done)))
+
+    def pending(self) -> Iterator[Block]:
+        """The blocks still to do, made one by one: a million-block plan is never a list."""
+        if self.done is None or not self.done.any():
+            yield from self.plan
+            return
+        for index in zip(*np.nonzero(~self.done)):
+            yield self.plan.block(tuple(int(i) for i in index))
 
     @property
     def images(self) -> dict[str, str]:
@@ -430,7 +446,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     Parameters
     ----------
     run : VolumeRun
-        A planned run; ``normalizer``, ``attrs``, ``spec`` and ``todo`` are filled in.
+        A planned run; ``normalizer``, ``attrs``, ``spec`` and ``done`` are filled in.
     client : distributed.Client, optional
         Where the percentile reads run.
 
@@ -484,9 +500,11 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
         torch_threads=run.torch_threads, plan=run.plan,
     )
-    done = np.asarray(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options))[...]).astype(bool)
-    run.todo = [b for b in run.plan if not done[b.index]]
-    if run.todo and run.state == "resume" and run.attrs["bigcare"].get("complete"):
+    if run.state == "resume":  # a fresh output has no done markers: no need to list them
+        run.done = written_chunks(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options)))
+    else:
+        run.done = np.zeros(run.plan.grid, bool)
+    if run.n_todo and run.state == "resume" and run.attrs["bigcare"].get("complete"):
         run.attrs["bigcare"]["complete"] = False  # blocks are missing after all: not complete
         update_attrs(run.output, {"bigcare": run.attrs["bigcare"]}, storage_options=options)
     return run

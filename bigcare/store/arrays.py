@@ -11,11 +11,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Hashable
 
+import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from bigcare.store.urls import freeze, store_kwargs
 
-__all__ = ["open_array", "level_token"]
+__all__ = ["open_array", "level_token", "written_chunks"]
 
 _MAX = 64
 _ARRAYS: dict[tuple, zarr.Array] = {}
@@ -55,3 +57,44 @@ def open_array(url: str, path: str, mode: str = "r", storage_options: dict | Non
             _ARRAYS[key] = arr
     return arr
 
+
+
+def written_chunks(array: zarr.Array) -> np.ndarray:
+    """Boolean grid (one entry per chunk) of the chunks that exist in the store.
+
+    It lists the array's keys, so it costs in proportion to the chunks written, not to the
+    chunk count (reading a million-chunk grid of done markers opens a million keys).
+    A store that cannot list (plain HTTP) is read instead; unwritten chunks hold the fill
+    value, which is never counted.
+    """
+    grid = tuple(-(-n // c) for n, c in zip(array.shape, array.chunks))
+    out = np.zeros(grid, bool)
+    prefix = array.store_path.path
+    md = array.metadata
+    if getattr(md, "zarr_format", 3) == 3:
+        sep = getattr(getattr(md, "chunk_key_encoding", None), "separator", "/")
+        head = "c" + sep if type(getattr(md, "chunk_key_encoding", None)).__name__.startswith("Default") else ""
+    else:
+        sep, head = getattr(md, "dimension_separator", ".") or ".", ""
+
+    async def listing() -> list[str]:
+        return [k async for k in array.store_path.store.list_prefix(prefix)]
+
+    try:
+        keys = sync(listing())
+    except Exception:  # noqa: BLE001 - no listing: read the values (cost: every chunk)
+        return np.asarray(array[...]) != array.fill_value
+    start = len(prefix) + 1 if prefix else 0
+    rows = []
+    for key in keys:
+        rel = key[start:]
+        if not rel.startswith(head):
+            continue
+        parts = rel[len(head):].split(sep)
+        if len(parts) == len(grid) and all(p.isdigit() for p in parts):
+            rows.append([int(p) for p in parts])
+    if rows:
+        index = np.asarray(rows, dtype=np.int64)
+        inside = np.all(index < np.asarray(grid), axis=1)
+        out[tuple(index[inside].T)] = True
+    return out

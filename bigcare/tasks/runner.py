@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -167,7 +168,7 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
               key: Callable[[tuple], str] | None = None,
               resources: dict | Callable[[tuple], dict | None] | None = None,
               outcomes: bool = False, count_rescheduled: bool = False,
-              progress: bool = False, desc: str = "tasks", unit: str = "task") -> Iterator:
+              progress: bool = False, desc: str = "tasks", unit: str = "task", total: int | None = None) -> Iterator:
     """Run ``fn(*item)`` for every item; yield results (or :class:`Outcome` objects).
 
     Parameters
@@ -197,6 +198,8 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
         Fill :attr:`Outcome.rescheduled` from the scheduler (client only).
     progress, desc, unit : bool, str, str
         A tqdm progress bar over the items.
+    total : int, optional
+        Number of items, for the progress bar when ``items`` is an iterator (default: its length).
     """
     from tqdm.auto import tqdm
 
@@ -206,7 +209,8 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
     order: collections.deque = collections.deque()  # futures in item order (ordered mode)
     held: list[tuple[Outcome, Any]] = []  # finished, waiting for their rescheduled counts
     count_rescheduled = count_rescheduled and client is not None
-    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    if total is None:
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress)
     limit = in_flight if in_flight is not None else (None if client is not None else 4 * (os.cpu_count() or 1))
 
@@ -218,13 +222,12 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
                 if ordered:
                     order.append(fut)
             return
-        for item in todo:
-            fut = backend.submit(item, 1)
+        # the free places of the window in one go (one client.map, not one submit each)
+        batch = list(itertools.islice(todo, max(0, limit - len(running))))
+        for item, fut in zip(batch, backend.submit_all(batch)):
             running[fut] = [item, 1]
             if ordered:
                 order.append(fut)
-            if len(running) >= limit:
-                break
 
     def release(entries: list[tuple[Outcome, Any]]) -> Iterator:
         if count_rescheduled and entries:
