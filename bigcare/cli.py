@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from bigcare.errors import BigcareError
 
@@ -97,10 +99,11 @@ def _cmd_train(args) -> int:
     from bigcare.training import train
 
     named = cluster_kwargs(args)
-    if args.scheduler or args.cluster != "local" or args.cluster_config or args.workers:
+    if args.scheduler or args.cluster != "local" or args.cluster_config or args.workers or args.dashboard is not True:
         # a cluster named on the command line replaces the config's cluster: section
         with cluster_client(named["scheduler"], cluster=named["cluster"], config=named["cluster_config"],
-                            workers=named["workers"], security=named["security"]) as client:
+                            workers=named["workers"], security=named["security"],
+                            dashboard=named["dashboard"]) as client:
             result = train(args.config, client=client)
     else:
         result = train(args.config)
@@ -218,15 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the ``bigcare`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # a batch system's kill: the same clean stop as Ctrl-C
     try:
         return args.func(args)
     except BigcareError as exc:
         print(f"bigcare {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"bigcare {args.command}: interrupted; finished blocks are kept, run the same command again to "
               "resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be (clusters close on the way out)."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -168,6 +168,25 @@ def test_ctrl_c_is_one_line_saying_the_run_resumes(monkeypatch, capsys):
                                                "command again to resume")
 
 
+def test_sigterm_stops_like_ctrl_c_with_status_143(monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    import bigcare.cli as cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_info", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["info", "x"]) == 143
+    assert "interrupted; finished blocks are kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # restored for the caller
+
+
 def test_garbled_metadata_and_escaping_dataset_paths_are_one_line_exit_2(tmp_path, capsys):
     from bigcare.cli import main
 
@@ -250,3 +269,61 @@ def test_resume_lists_the_done_markers_it_skips(tmp_path):
                                                  ngff_version=version))
         assert again.state == "resume" and again.n_todo == len(run.plan) - 2
         assert {b.index for b in again.pending()} == {b.index for b in run.plan} - {(1, 0, 1), (0, 1, 0)}
+
+
+def test_the_dashboard_is_exposed_only_when_asked_and_then_with_a_warning(capsys):
+    from bigcare.tasks.cluster import DASHBOARD, dashboard_address
+
+    assert dashboard_address(True) == DASHBOARD and dashboard_address(False) is None
+    assert dashboard_address("127.0.0.1:8790") == "127.0.0.1:8790"
+    assert capsys.readouterr().err == ""
+    assert dashboard_address("0.0.0.0:8787") == "0.0.0.0:8787"
+    err = capsys.readouterr().err
+    assert "warning" in err and "0.0.0.0:8787" in err and "without authentication" in err
+    dashboard_address(":8787")  # dask reads a bare port as every interface
+    assert "warning" in capsys.readouterr().err
+
+
+def test_local_workers_are_capped_by_memory_and_say_so(capsys):
+    from bigcare.tasks.cluster import MIN_WORKER_MEMORY, local_cluster_shape
+
+    assert local_cluster_shape(8, cores=16, memory=2 * MIN_WORKER_MEMORY) == (2, 8)
+    assert "reduced to 2" in capsys.readouterr().err
+    assert local_cluster_shape(2, cores=16, memory=64 * MIN_WORKER_MEMORY) == (2, 8)
+    assert capsys.readouterr().err == ""
+
+
+def test_semaphores_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    """A ``sem.mp-*`` file no process maps (its run was killed with its resource tracker) is
+    removed; one this process holds, or a fresh one, is kept."""
+    import multiprocessing
+    import os
+    import time
+
+    from bigcare.tasks.cluster import remove_orphan_semaphores
+
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        pytest.skip("no /dev/shm")
+    live = multiprocessing.get_context("spawn").Lock()  # a named semaphore, mapped here
+    live_path = shm + "/sem." + live._semlock.name.lstrip("/")
+    orphan, fresh = f"{shm}/sem.mp-bigcaretest{os.getpid()}", f"{shm}/sem.mp-bigcarefresh{os.getpid()}"
+    for path in (orphan, fresh):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 32)
+    old = time.time() - 3600
+    os.utime(orphan, (old, old))
+    if os.path.exists(live_path):  # spawn semaphores stay named while held: make it look old too
+        os.utime(live_path, (old, old))
+    try:
+        removed = remove_orphan_semaphores(shm, min_age_s=60)
+        assert orphan in removed and not os.path.exists(orphan)
+        assert os.path.exists(fresh) and fresh not in removed
+        assert live_path not in removed
+        live.acquire()  # still a working semaphore
+        live.release()
+    finally:
+        for path in (orphan, fresh):
+            if os.path.exists(path):
+                os.unlink(path)
+        del live

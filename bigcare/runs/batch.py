@@ -119,7 +119,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
                  cluster_config: PathLike | None = None, workers: int | None = None, device: str | None = None,
                  progress: bool = True, pyramid: bool = True, ship_model: bool = True, security: Security | None = None,
                  storage_options: dict | None = None, output_storage_options: dict | None = None,
-                 **options: Any) -> list[RunResult]:
+                 dashboard: bool | str = True, **options: Any) -> list[RunResult]:
     """Restore several volumes with one model as one queue of block tasks.
 
     Parameters
@@ -130,7 +130,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         Folder receiving one output per input, named after the input's folder, and
         ``bigcare_batch_summary.json``.
     model, client, scheduler, cluster, cluster_config, workers, device, progress, pyramid,
-    ship_model, security, storage_options, output_storage_options
+    ship_model, security, storage_options, output_storage_options, dashboard
         As in :func:`bigcare.restore` (storage options apply to every input / output).
     **options
         ``block_shape``, ``precision``, ``overwrite``, ``ngff_version``, ``output_dtype``,
@@ -164,7 +164,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
                             output_storage_options=output_storage_options, **options)
             for u, o in zip(urls, outputs)]
     t0 = time.perf_counter()
-    with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
+    with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
         devices = cluster_devices(c, device)
         for run in runs:  # every check that reads data, before any output is written

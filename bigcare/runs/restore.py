@@ -72,7 +72,8 @@ def default_device() -> DeviceKind:
 
 @contextlib.contextmanager
 def client_for(client: Client | None, scheduler: str | None, cluster: ClusterKind, cluster_config: PathLike | None,
-               workers: int | None, device: str, progress: bool, security: Security | None) -> Iterator[Client]:
+               workers: int | None, device: str, progress: bool, security: Security | None,
+               dashboard: bool | str = True) -> Iterator[Client]:
     """The given client, or one to ``scheduler``, or to a cluster started (and closed) here."""
     if client is not None:
         yield client
@@ -80,7 +81,7 @@ def client_for(client: Client | None, scheduler: str | None, cluster: ClusterKin
     from bigcare.tasks.cluster import cluster_client
 
     with cluster_client(scheduler, cluster=cluster, config=cluster_config, workers=workers, device=device,
-                        quiet=not progress, security=security) as c:
+                        quiet=not progress, security=security, dashboard=dashboard) as c:
         yield c
 
 
@@ -108,6 +109,7 @@ def restore(
     torch_threads: int | None = None,
     ship_model: bool = True,
     security: Security | None = None,
+    dashboard: bool | str = True,
 ) -> RunResult:
     """Restore an OME-Zarr volume block by block with a model, on a dask cluster.
 
@@ -169,6 +171,9 @@ def restore(
         workers load the model from ``model``'s path, which must be on shared storage.
     security : distributed.Security, optional
         TLS settings for a ``tls://`` scheduler.
+    dashboard : bool or str
+        Dashboard of a cluster started here: on 127.0.0.1 (True), none (False), or at this
+        ``host:port`` (warned unless loopback: the dask dashboard has no authentication).
 
     Returns
     -------
@@ -189,7 +194,7 @@ def restore(
                           overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
                           storage_options=storage_options, output_storage_options=output_storage_options,
                           torch_threads=torch_threads, pyramid=pyramid)
-    with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security) as c:
+    with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
         fit_to_cluster(run, cluster_devices(c, device))
         start_volume_run(run, c)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,84 @@ LOOPBACK = "127.0.0.1"
 DASHBOARD = f"{LOOPBACK}:8787"
 #: Seconds to wait for an existing scheduler before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 10
+#: A local worker gets at least this much memory: more workers than memory / this are reduced.
+MIN_WORKER_MEMORY = 2 * 2**30
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def local_cluster_shape(workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
+def dashboard_address(dashboard: bool | str) -> str | None:
+    """Where a cluster started here serves its dashboard: loopback (True), nowhere (False), or
+    the given ``host:port``, which is warned about unless its host is loopback: the dask
+    dashboard has no authentication."""
+    if dashboard is True:
+        return DASHBOARD
+    if not dashboard:
+        return None
+    address = str(dashboard)
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    if host not in _LOOPBACK_HOSTS:
+        print(f"bigcare: warning: the dask dashboard will listen on {address!r}, reachable from other hosts and "
+              "without authentication (anyone who reaches it sees the cluster and its task names)",
+              file=sys.stderr, flush=True)
+    return address
+
+
+def remove_orphan_semaphores(directory: str = "/dev/shm", min_age_s: float = 10.0) -> list[str]:
+    """Remove the POSIX semaphores of Python multiprocessing (``sem.mp-*``) that no process holds.
+
+    A local cluster's worker processes are started with semaphores that the multiprocessing
+    resource tracker removes when the run ends; a run killed outright (kill -9 of its process
+    group) takes the tracker with it and leaves them (7 per worker). A semaphore is held by a
+    process exactly while it is mapped in that process, so files of this user that no process of
+    this user maps (compared by inode), and that are older than ``min_age_s``, belong to no one
+    and are removed.
+    Returns the removed paths.
+    """
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith("sem.mp-")]
+    except OSError:
+        return []
+    uid, now = os.getuid(), time.time()
+    candidates = {}
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_uid == uid and now - st.st_mtime >= min_age_s:
+            candidates[path] = st
+    if not candidates:
+        return []
+    # by inode: the process that created a semaphore maps glibc's temporary file, since
+    # renamed to sem.mp-*, which its maps show as "sem.XXXXXX (deleted)"
+    mapped = set()
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped.update(int(line.split()[4]) for line in f if "/sem." in line)
+        except (OSError, ValueError, IndexError):  # gone, or another user's (it cannot open our 0600 files)
+            continue
+    removed = []
+    for path, st in candidates.items():
+        if st.st_ino not in mapped:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def _memory_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - unknown: no cap by memory
+        return None
+
+
+def local_cluster_shape(workers: int | None = None, cores: int | None = None,
+                        memory: int | None = None) -> tuple[int, int]:
     """Workers and threads per worker for a local CPU cluster.
 
     One worker process with all cores by default: the U-Net call holds a per-process lock and
@@ -54,9 +130,12 @@ def local_cluster_shape(workers: int | None = None, cores: int | None = None) ->
     Raises
     ------
     ConfigError
-        For fewer than one worker. More workers than cores are reduced to the cores, with a line
-        on stderr saying so.
+        For fewer than one worker. More workers than cores, or than ``memory`` (bytes; default
+        this machine's) holds at ``MIN_WORKER_MEMORY`` each, are reduced, with a line on stderr
+        saying so.
     """
+    if memory is None:
+        memory = _memory_bytes()
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
@@ -65,6 +144,11 @@ def local_cluster_shape(workers: int | None = None, cores: int | None = None) ->
         print(f"bigcare: {workers} local workers requested, reduced to {cores} (the cores this process may use)",
               file=sys.stderr, flush=True)
         workers = cores
+    if workers is not None and memory is not None and workers > max(1, memory // MIN_WORKER_MEMORY):
+        fit = max(1, memory // MIN_WORKER_MEMORY)
+        print(f"bigcare: {workers} local workers requested, reduced to {fit} ({memory / 2**30:.1f} GiB of memory "
+              f"at {MIN_WORKER_MEMORY / 2**30:.0f} GiB per worker at least)", file=sys.stderr, flush=True)
+        workers = fit
     workers = max(1, int(workers or 1))
     return workers, max(1, cores // workers)
 
@@ -101,7 +185,7 @@ def local_cuda_worker_spec(devices: list[int], threads_per_worker: int = 1) -> d
     return spec
 
 
-def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | None, dashboard: bool):
+def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | None, dashboard: bool | str):
     devices = list(devices) if devices is not None else _gpu_ids()
     if not devices:
         raise ConfigError(
@@ -109,7 +193,7 @@ def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | Non
             "CUDA_VISIBLE_DEVICES is unset); use --cluster local on a CPU machine"
         )
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(devices))
-    dashboard_address = DASHBOARD if dashboard else None
+    address = dashboard_address(dashboard)
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -117,11 +201,11 @@ def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | Non
 
         return SpecCluster(
             workers=local_cuda_worker_spec(devices, threads),
-            scheduler={"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": LOOPBACK}},
+            scheduler={"cls": Scheduler, "options": {"dashboard_address": address, "host": LOOPBACK}},
             name="bigcare-local-cuda", silence_logs=40,
         )
     return LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, threads_per_worker=threads, resources={"GPU": 1},
-                            dashboard_address=dashboard_address, host=LOOPBACK, silence_logs=40)
+                            dashboard_address=address, host=LOOPBACK, silence_logs=40)
 
 
 def load_cluster_config(path: str | os.PathLike, kind: str) -> Any:
@@ -245,7 +329,7 @@ def kubernetes_cluster(docs: list):
 
 
 def make_cluster(kind: str = "local", *, config=None, workers: int | None = None,
-                 threads_per_worker: int | None = None, device: str = "cpu", dashboard: bool = True,
+                 threads_per_worker: int | None = None, device: str = "cpu", dashboard: bool | str = True,
                  devices: list[int] | None = None):
     """Start a cluster of the named kind (not scaled yet for slurm / kubernetes).
 
@@ -258,8 +342,10 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
         Local cluster shape (see :func:`local_cluster_shape`).
     device : str
         ``"cpu"`` or ``"cuda[:N]"``; a local cluster for CUDA gives its workers ``GPU=1``.
-    dashboard : bool
-        Serve the dask dashboard (port 8787, or a free one).
+    dashboard : bool or str
+        Serve the dask dashboard on loopback (127.0.0.1:8787, or a free port), not at all
+        (False), or at this ``host:port`` (another host than loopback is warned about: the
+        dashboard has no authentication).
     devices : list of int, optional
         GPUs for local-cuda; default all visible ones.
 
@@ -282,10 +368,11 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
         return kubernetes_cluster(load_cluster_config(config, "kubernetes"))
     from distributed import LocalCluster
 
+    remove_orphan_semaphores()  # left by runs killed outright
     n, threads = local_cluster_shape(workers)
     return LocalCluster(
         n_workers=n, threads_per_worker=threads_per_worker or threads, processes=True,
-        dashboard_address=DASHBOARD if dashboard else None, host=LOOPBACK,
+        dashboard_address=dashboard_address(dashboard), host=LOOPBACK,
         resources={"GPU": 1} if str(device).startswith("cuda") else None, silence_logs=40,
     )
 
@@ -319,7 +406,7 @@ def cluster_client(
     workers: int | None = None,
     threads_per_worker: int | None = None,
     device: str = "cpu",
-    dashboard: bool = True,
+    dashboard: bool | str = True,
     quiet: bool = False,
     security=None,
 ) -> Iterator:
@@ -388,6 +475,9 @@ def add_cluster_arguments(parser) -> None:
                    help="config of a slurm / kubernetes cluster [cluster/<kind>.yaml]")
     g.add_argument("--scheduler", default=None, help="address of an existing dask scheduler, e.g. tcp://host:8786")
     g.add_argument("--workers", type=int, default=None, help="local worker processes when no scheduler is given")
+    g.add_argument("--dashboard", default=True, metavar="HOST:PORT",
+                   help="serve the dask dashboard of a cluster started here at this address instead of "
+                        "127.0.0.1:8787 (e.g. 0.0.0.0:8787; it has no authentication: warned)")
     g.add_argument("--tls-ca-file", default=None, help="CA certificate for a tls:// scheduler")
     g.add_argument("--tls-cert", default=None, help="client certificate for a tls:// scheduler")
     g.add_argument("--tls-key", default=None, help="client key for a tls:// scheduler")
@@ -402,4 +492,4 @@ def cluster_kwargs(args) -> dict:
                               "certificate file holds the key)")
         security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     return {"scheduler": args.scheduler, "cluster": args.cluster, "cluster_config": args.cluster_config,
-            "workers": args.workers, "security": security}
+            "workers": args.workers, "security": security, "dashboard": args.dashboard}
