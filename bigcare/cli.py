@@ -58,6 +58,7 @@ def _cmd_restore(args) -> int:
     options = dict(block_shape=args.block_shape, tile_shape=args.tile_shape, device=args.device,
                    precision=args.precision, overwrite=args.overwrite, ngff_version=args.ngff_version,
                    output_dtype=args.output_dtype, pyramid=args.pyramid, ship_model=args.ship_model,
+                   nan_fill=args.nan_fill,
                    **cluster_kwargs(args))
     if args.output_dir is None and len(args.paths) != 2:
         raise ConfigError(f"restore takes INPUT OUTPUT, or several inputs with --output-dir DIR; got "
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngff-version", default="0.5", choices=NGFF_VERSIONS)
     p.add_argument("--overwrite", action="store_true", help="replace an output of another bigcare run")
     p.add_argument("--no-pyramid", dest="pyramid", action="store_false", help="skip the multiscale pyramid")
+    p.add_argument("--nan-fill", type=float, default=None, metavar="VALUE",
+                   help="read NaN/inf input voxels as VALUE (recorded in the output) instead of refusing the input")
     # the flags of the previous release, kept for one more
     p.add_argument("--block", dest="block_shape", type=_ints, action=_Deprecated, new="--block-shape",
                    help=argparse.SUPPRESS)

@@ -116,7 +116,8 @@ def _sample_regions(ref: ImageRef, regions, n: int) -> np.ndarray:
 
 
 def percentile_table(ref: ImageRef, percentiles, *, client=None, seed: int = 0,
-                     n_chunks: int = 256, sample_voxels: int = 2**22) -> tuple[np.ndarray, str]:
+                     n_chunks: int = 256, sample_voxels: int = 2**22,
+                     nan_fill: float | None = None) -> tuple[np.ndarray, str]:
     """Percentiles of one channel of an image level, without a dask graph of the whole level.
 
     Exact when the channel holds at most ``EXACT_LIMIT`` voxels (read in one go); otherwise
@@ -136,6 +137,8 @@ def percentile_table(ref: ImageRef, percentiles, *, client=None, seed: int = 0,
         Seed of the chunk choice and the subsets.
     n_chunks, sample_voxels : int
         Sampling sizes for large images.
+    nan_fill : float, optional
+        NaN/inf voxels count as this value; by default they are refused.
 
     Returns
     -------
@@ -145,7 +148,7 @@ def percentile_table(ref: ImageRef, percentiles, *, client=None, seed: int = 0,
     Raises
     ------
     InputError
-        If the sampled voxels hold no finite value.
+        If the sampled voxels hold no finite value, or any NaN/inf without ``nan_fill``.
     """
     shape = [n for i, n in enumerate(ref.level.shape) if i != ref.channel_axis]
     chunks = [c for i, c in enumerate(ref.level.chunks) if i != ref.channel_axis]
@@ -168,11 +171,16 @@ def percentile_table(ref: ImageRef, percentiles, *, client=None, seed: int = 0,
                                                desc="percentiles", unit="read")))
         method = "sampled"
     where = ref.url if ref.channel is None else f"channel {ref.channel} of {ref.url}"
+    if nan_fill is not None:
+        values = np.where(np.isfinite(values), values, np.float32(nan_fill))
     return _percentiles(values, percentiles, where), method
 
 
-def volume_normalizer(volume, pmin: float = 1.0, pmax: float = 99.8, *, client=None) -> Normalizer:
+def volume_normalizer(volume, pmin: float = 1.0, pmax: float = 99.8, *, client=None,
+                      nan_fill: float | None = None) -> Normalizer:
     """The :class:`Normalizer` of an opened volume: :func:`percentile_table` per channel.
+
+    With ``nan_fill``, NaN/inf voxels count as that value (as the blocks will read them).
 
     Raises
     ------
@@ -183,7 +191,7 @@ def volume_normalizer(volume, pmin: float = 1.0, pmax: float = 99.8, *, client=N
     channels = [None] if c is None else list(range(volume.shape[c]))
     lo, hi, methods = [], [], set()
     for ch in channels:
-        values, method = percentile_table(volume.ref(ch), [pmin, pmax], client=client)
+        values, method = percentile_table(volume.ref(ch), [pmin, pmax], client=client, nan_fill=nan_fill)
         lo.append(float(values[0]))
         hi.append(float(values[1]))
         methods.add(method)
@@ -214,5 +222,6 @@ def _percentiles(values: np.ndarray, percentiles, name: str) -> np.ndarray:
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:  # one NaN poisons every prediction whose receptive field holds it
         raise InputError(f"{name} holds NaN/inf voxels ({bad} of the {values.size} read for its percentiles); "
-                         "bigcare refuses them instead of spreading them: replace them with a number first")
+                         "bigcare refuses them instead of spreading them: replace them with a number first, "
+                         "or pass --nan-fill VALUE (nan_fill=)")
     return table

@@ -23,6 +23,27 @@ def test_nan_voxels_in_the_input_are_refused_not_spread(tmp_path, client, model3
     assert not (tmp_path / "out.ome.zarr").exists()
 
 
+def test_nan_fill_restores_as_if_the_voxels_held_the_value_and_records_it(tmp_path, client, model3d):
+    from bigcare.errors import ConfigError
+
+    data = smooth_volume((8, 32, 32))
+    filled = data.copy()
+    data[3, 5, 7], data[6, 20, 1] = np.nan, -np.inf
+    filled[3, 5, 7] = filled[6, 20, 1] = 0.5
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(8, 16, 16))
+    write_volume(tmp_path / "filled.ome.zarr", filled, chunks=(8, 16, 16))
+    kw = dict(client=client, device="cpu", progress=False, block_shape=(8, 16, 16))
+    with pytest.raises(ConfigError, match="nan_fill"):
+        bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "bad.ome.zarr", model3d, nan_fill=float("inf"), **kw)
+    assert not (tmp_path / "bad.ome.zarr").exists()
+    bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "a.ome.zarr", model3d, nan_fill=0.5, **kw)
+    bigcare.restore(tmp_path / "filled.ome.zarr", tmp_path / "b.ome.zarr", model3d, **kw)
+    a, b = (zarr.open_group(str(tmp_path / f"{n}.ome.zarr"), mode="r") for n in "ab")
+    assert np.isfinite(a["0"][...]).all()
+    np.testing.assert_array_equal(a["0"][...], b["0"][...])
+    assert a.attrs["bigcare"]["nan_fill"] == 0.5 and "nan_fill" not in b.attrs["bigcare"]
+
+
 def test_nan_voxels_the_percentile_sample_misses_fail_their_blocks_by_name(tmp_path, client, model3d, monkeypatch):
     import bigcare.normalization as normalization
 

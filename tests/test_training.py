@@ -237,3 +237,23 @@ def test_the_config_schema_loads_neither_torch_nor_dask():
             "print(sorted(m for m in ('torch', 'dask', 'zarr') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_nan_voxels_in_a_training_target_are_refused_naming_the_image(pairs, tmp_path, monkeypatch):
+    """NaN in a target would train to a NaN loss; the patch reader refuses it, naming the image
+    and the patch (here the percentile pass is made to miss them)."""
+    import numpy as np
+
+    import bigcare.normalization as normalization
+    from bigcare.errors import InputError
+    from bigcare.store.volume import open_volume
+    from conftest import write_volume
+
+    target = np.asarray(open_volume(pairs / "gt0.ome.zarr").array(0)[...], dtype=np.float32)
+    target[:, :, :40] = np.nan  # most patches overlap it
+    write_volume(tmp_path / "gt_nan.ome.zarr", target, chunks=(12, 32, 32))
+    monkeypatch.setattr(normalization, "_percentiles", lambda values, q, name: np.nanpercentile(values, q))
+    cfg = config(pairs, tmp_path / "m")
+    cfg["data"]["sources"] = [{"input": str(pairs / "in0.ome.zarr"), "target": str(tmp_path / "gt_nan.ome.zarr")}]
+    with pytest.raises(InputError, match=r"gt_nan\.ome\.zarr: the training target holds NaN/inf voxels in the patch at"):
+        train(cfg, progress=False)

@@ -134,7 +134,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         As in :func:`bigcare.restore` (storage options apply to every input / output).
     **options
         ``block_shape``, ``precision``, ``overwrite``, ``ngff_version``, ``output_dtype``,
-        ``torch_threads`` as in :func:`bigcare.restore`.
+        ``torch_threads``, ``nan_fill`` as in :func:`bigcare.restore`.
 
     Returns
     -------

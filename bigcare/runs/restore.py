@@ -110,6 +110,7 @@ def restore(
     ship_model: bool = True,
     security: Security | None = None,
     dashboard: bool | str = True,
+    nan_fill: float | None = None,
 ) -> RunResult:
     """Restore an OME-Zarr volume block by block with a model, on a dask cluster.
 
@@ -174,6 +175,9 @@ def restore(
     dashboard : bool or str
         Dashboard of a cluster started here: on 127.0.0.1 (True), none (False), or at this
         ``host:port`` (warned unless loopback: the dask dashboard has no authentication).
+    nan_fill : float, optional
+        Read NaN/inf input voxels as this value (recorded in the output's ``bigcare.nan_fill``).
+        By default an input holding them is refused (or its blocks that hold them fail by name).
 
     Returns
     -------
@@ -193,7 +197,7 @@ def restore(
                           precision=precision,
                           overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
                           storage_options=storage_options, output_storage_options=output_storage_options,
-                          torch_threads=torch_threads, pyramid=pyramid)
+                          torch_threads=torch_threads, pyramid=pyramid, nan_fill=nan_fill)
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
         fit_to_cluster(run, cluster_devices(c, device))

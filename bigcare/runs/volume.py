@@ -160,6 +160,7 @@ class VolumeRun:
     overwrite: bool = False
     default_blocks: bool = True  # no block or tile shape was given: the cluster's size may change them
     pyramid: bool = True  # levels 1..n are declared and written; without, only level 0 exists
+    nan_fill: float | None = None  # input NaN/inf voxels read as this value (else refused)
 
     @property
     def n_todo(self) -> int:
@@ -184,7 +185,7 @@ class VolumeRun:
 
 
 def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str,
-             pyramid: bool = True) -> str:
+             pyramid: bool = True, nan_fill: float | None = None) -> str:
     ident: dict[str, object] = {
         "input": volume.url, "shape": list(volume.shape), "dtype": str(volume.dtype),
         "model": mhash, "plan": plan.as_dict(), "outputs": list(outputs), "dtype_out": dtype,
@@ -192,6 +193,8 @@ def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, p
     }
     if not pyramid:  # only then: keys of runs with a pyramid stay what they were
         ident["pyramid"] = False
+    if nan_fill is not None:  # likewise
+        ident["nan_fill"] = nan_fill
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -233,7 +236,8 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
                     tile_shape: Shape | None = None, devices: int = 1, device: str = "cpu", precision: Precision = "fp32",
                     overwrite: bool = False, ngff_version: NgffVersion = "0.5", output_dtype: str = "float32",
                     storage_options: dict | None = None, output_storage_options: dict | None = None,
-                    torch_threads: int | None = None, pyramid: bool = True) -> VolumeRun:
+                    torch_threads: int | None = None, pyramid: bool = True,
+                    nan_fill: float | None = None) -> VolumeRun:
     """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
 
     Parameters
@@ -245,7 +249,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     model : ModelRef
         From :func:`resolve_model`.
     block_shape, tile_shape, devices, device, precision, overwrite, ngff_version, output_dtype, storage_options,
-    output_storage_options, torch_threads
+    output_storage_options, torch_threads, pyramid, nan_fill
         As in :func:`bigcare.restore`.
 
     Returns
@@ -267,6 +271,13 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
         kind = "?"
     if kind not in "uif":
         raise ConfigError(f"output_dtype must be a numeric type such as float32, uint16 or int8, got {output_dtype!r}")
+    if nan_fill is not None:
+        try:
+            nan_fill = float(nan_fill)
+        except (TypeError, ValueError):
+            nan_fill = float("nan")
+        if not np.isfinite(nan_fill):
+            raise ConfigError("nan_fill (--nan-fill) must be a finite number, the value NaN/inf input voxels are read as")
     output = normalize_url(output)
     check_apart(volume.url, output)
     predictor = model.predictor
@@ -274,11 +285,11 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
     _check_anisotropy(volume, predictor)
     chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape, devices)
-    run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision, pyramid)
+    run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision, pyramid, nan_fill)
     state = _output_state(output, output_storage_options, run_key, overwrite)
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
                      ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
-                     default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid)
+                     default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid, nan_fill=nan_fill)
 
 
 def check_apart(input: str, output: str) -> None:
@@ -344,7 +355,7 @@ def fit_to_cluster(run: VolumeRun, devices: int) -> VolumeRun:
         return run
     run.chunks, run.plan = chunks, plan
     run.run_key = _run_key(run.volume, run.model.hash, plan, run.model.predictor.outputs, run.output_dtype,
-                           run.precision, run.pyramid)
+                           run.precision, run.pyramid, run.nan_fill)
     run.state = _output_state(run.output, run.output_options, run.run_key, run.overwrite)
     return run
 
@@ -431,7 +442,8 @@ def measure_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     if run.state in ("fresh", "replace") and run.normalizer is None:
         volume, predictor = run.volume, run.model.predictor
         try:
-            run.normalizer = volume_normalizer(volume, predictor.pmin, predictor.pmax, client=client)
+            run.normalizer = volume_normalizer(volume, predictor.pmin, predictor.pmax, client=client,
+                                               nan_fill=run.nan_fill)
         except InputError:
             raise
         except Exception as exc:  # unreadable chunks etc.: nothing is written yet
@@ -486,6 +498,8 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
             "plan": run.plan.as_dict(), "normalization": normalizer.as_dict(), "complete": False,
             "input_fingerprint": fingerprint,
         }}
+        if run.nan_fill is not None:  # provenance: these outputs saw NaN/inf input voxels as this value
+            run.attrs["bigcare"]["nan_fill"] = run.nan_fill
         _create_outputs(run)
     else:
         run.attrs = stored
@@ -498,7 +512,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         predictor=run.model.obj, device=run.device, precision=run.precision, normalizer=normalizer,
         outputs=tuple((n, u, "0") for n, u in run.images.items()), output_options=options,
         output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
-        torch_threads=run.torch_threads, plan=run.plan,
+        torch_threads=run.torch_threads, plan=run.plan, nan_fill=run.nan_fill,
     )
     if run.state == "resume":  # a fresh output has no done markers: no need to list them
         run.done = written_chunks(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options)))

@@ -52,6 +52,7 @@ class RunSpec:
     torch_threads: int | None = None
     predictor: Predictor | None = None  # a predictor object sent with the spec instead of a model folder
     plan: BlockPlan | None = None  # the block plan: zoom (methods that change the grid) and tiles
+    nan_fill: float | None = None  # NaN/inf input voxels are read as this value; None: they fail the block
 
 
 def _set_threads(requested: int | None) -> None:
@@ -113,9 +114,13 @@ def run_block(block: Block, spec: RunSpec) -> dict:
     for tile in tiles:
         raw = np.asarray(source[tile.read_slices])
         if raw.dtype.kind in "fc" and not np.isfinite(raw).all():  # blocks the percentile sample missed
-            bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
-            raise InputError(f"{spec.input_url}: the read region {tile.read} holds {bad} NaN/inf voxel(s); bigcare "
-                             "refuses them instead of spreading them: replace them with a number first")
+            finite = np.isfinite(raw)
+            if spec.nan_fill is None:
+                bad = int(raw.size - np.count_nonzero(finite))
+                raise InputError(f"{spec.input_url}: the read region {tile.read} holds {bad} NaN/inf voxel(s); "
+                                 "bigcare refuses them instead of spreading them: replace them with a number first, "
+                                 "or pass --nan-fill VALUE (nan_fill=)")
+            raw = np.where(finite, raw, raw.dtype.type(spec.nan_fill))
         region = zoom_region(raw, zoom, tile.read, tile.window)
         t_predict = time.perf_counter()
         predictions = predict_region(predictor, layout, region, spec.normalizer)

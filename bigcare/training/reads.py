@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bigcare.errors import InputError
 from bigcare.normalization import normalize
 from bigcare.store.chunks import ImageRef, region_reader, tune_malloc
 from bigcare.tasks.slots import InSlot, Slot, map_slot
@@ -170,6 +171,15 @@ def _fill(plan: ReadPlan, sources: np.ndarray, starts: np.ndarray, codes: np.nda
         reader.read_many(sels, views, plan=chunk_plan)
     for view, dest in pending:
         dest[...] = view.reshape(dest.shape)
+    for out, which in ((x, "input"), (y, "target")):
+        if out.dtype.kind in "fc" and not np.isfinite(out).all():  # one NaN makes every loss after it NaN
+            i = int(np.nonzero(~np.isfinite(out).reshape(len(out), -1).all(axis=1))[0][0])
+            src = plan.sources[int(sources[i])]
+            ref = src.input if which == "input" else src.target
+            start = tuple(int(v) for v in starts[i, starts.shape[1] - len(src.footprint):])
+            raise InputError(f"{ref.url}: the training {which} holds NaN/inf voxels in the patch at {start} "
+                             f"(extent {tuple(src.footprint)}); bigcare does not train on them: replace them with "
+                             "a number first")
 
 
 def normalize_batch(batch: np.ndarray, scaling: np.ndarray) -> np.ndarray:
