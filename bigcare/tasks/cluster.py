@@ -90,7 +90,7 @@ def remove_orphan_semaphores(directory: str = "/dev/shm", min_age_s: float = 10.
         return []
     # by inode: the process that created a semaphore maps glibc's temporary file, since
     # renamed to sem.mp-*, which its maps show as "sem.XXXXXX (deleted)"
-    mapped = set()
+    mapped: set[int] = set()
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
             with open(f"/proc/{pid}/maps") as f:

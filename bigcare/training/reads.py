@@ -176,8 +176,8 @@ def _fill(plan: ReadPlan, sources: np.ndarray, starts: np.ndarray, codes: np.nda
             i = int(np.nonzero(~np.isfinite(out).reshape(len(out), -1).all(axis=1))[0][0])
             src = plan.sources[int(sources[i])]
             ref = src.input if which == "input" else src.target
-            start = tuple(int(v) for v in starts[i, starts.shape[1] - len(src.footprint):])
-            raise InputError(f"{ref.url}: the training {which} holds NaN/inf voxels in the patch at {start} "
+            at = tuple(int(v) for v in starts[i, starts.shape[1] - len(src.footprint):])
+            raise InputError(f"{ref.url}: the training {which} holds NaN/inf voxels in the patch at {at} "
                              f"(extent {tuple(src.footprint)}); bigcare does not train on them: replace them with "
                              "a number first")
 
