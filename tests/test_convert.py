@@ -145,6 +145,33 @@ def test_bad_inputs_raise_input_error_naming_the_problem(tmp_path):
     assert not (tmp_path / "o.zarr").exists()  # argument errors come before anything is written
 
 
+def test_a_conversion_cut_short_stays_incomplete_and_restore_and_training_refuse_it(tmp_path, model3d):
+    import bigcare
+    from bigcare.store.volume import check_finished
+    from bigcare.training import load_train_config
+    from bigcare.training.sources import resolve
+
+    data = (np.random.default_rng(0).random((40, 64, 64)) * 1000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "t.tif", data, photometric="minisblack", metadata={"axes": "ZYX"})
+    whole = tiff_to_ome_zarr(tmp_path / "t.tif", tmp_path / "whole.ome.zarr", chunks=(8, 64, 64), voxel_size=(1, 1, 1))
+    check_finished(whole)  # a finished conversion is taken
+    assert whole.attrs["bigcare"]["complete"] is True and "INCOMPLETE" not in describe(whole)
+    size = (tmp_path / "t.tif").stat().st_size
+    with open(tmp_path / "t.tif", "r+b") as f:
+        f.truncate(int(size * 0.6))
+    with pytest.raises(InputError, match=r"t\.tif: cannot read z .*truncated or corrupt.*marked incomplete"):
+        tiff_to_ome_zarr(tmp_path / "t.tif", tmp_path / "cut.ome.zarr", chunks=(8, 64, 64), voxel_size=(1, 1, 1))
+    cut = open_volume(tmp_path / "cut.ome.zarr")
+    assert "INCOMPLETE: its conversion from" in describe(cut)
+    with pytest.raises(InputError, match=r"cut\.ome\.zarr is incomplete: its conversion from .*t\.tif did not finish"):
+        bigcare.restore(cut.url, tmp_path / "out.ome.zarr", model3d, device="cpu", progress=False)
+    assert not (tmp_path / "out.ome.zarr").exists()
+    cfg = load_train_config({"model_dir": str(tmp_path / "m"), "data": {
+        "sources": [{"input": cut.url, "target": whole.url}], "patch_shape": [8, 32, 32]}})
+    with pytest.raises(InputError, match="is incomplete"):
+        resolve(cfg.data.sources[0], 0, (8, 32, 32))
+
+
 @pytest.mark.skipif(not BRAIN.exists(), reason="shared brain_cells_5x2x2um.tif not available")
 def test_crop_of_real_brain_volume(tmp_path):
     with tifffile.TiffFile(BRAIN) as tif:

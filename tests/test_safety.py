@@ -348,3 +348,14 @@ def test_semaphores_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
             if os.path.exists(path):
                 os.unlink(path)
         del live
+
+
+def test_an_unfinished_restore_output_is_refused_as_an_input(tmp_path):
+    from bigcare.predictors.identity import IdentityPredictor
+    from bigcare.runs.volume import plan_volume_run, resolve_model, start_volume_run
+
+    src = write_volume(tmp_path / "in.ome.zarr", smooth_volume((16, 32, 32)), chunks=(8, 16, 16))
+    ref = resolve_model(IdentityPredictor())
+    start_volume_run(plan_volume_run(src, tmp_path / "half.ome.zarr", ref, device="cpu"))  # outputs made, no block run
+    with pytest.raises(InputError, match=r"half\.ome\.zarr is incomplete: its restoration did not finish"):
+        plan_volume_run(str(tmp_path / "half.ome.zarr"), tmp_path / "again.ome.zarr", ref, device="cpu")

@@ -36,7 +36,7 @@ from bigcare.store.arrays import written_chunks
 from bigcare.store.axes import Axis
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.urls import normalize_url, overlap, store_kwargs
-from bigcare.store.volume import Volume, open_volume
+from bigcare.store.volume import Volume, check_finished, open_volume
 from bigcare.store.write import create_volume, update_attrs
 from bigcare.tasks.block import MARKER, RunSpec
 from bigcare.types import NGFF_VERSIONS, PRECISIONS, NgffVersion, PathLike, Precision, Shape, check_choice
@@ -263,6 +263,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
         When the input, the model or the output cannot be used.
     """
     volume = input if isinstance(input, Volume) else open_volume(input, storage_options=storage_options)
+    check_finished(volume)
     check_choice("ngff_version", ngff_version, NGFF_VERSIONS)
     check_choice("precision", precision, PRECISIONS)
     try:

@@ -28,8 +28,8 @@ import tifffile
 from bigcare.errors import InputError
 from bigcare.store.axes import Axis, default_axis_type
 from bigcare.store.pyramid import write_pyramid
-from bigcare.store.volume import Volume
-from bigcare.store.write import create_volume
+from bigcare.store.volume import Volume, open_volume, unfinished
+from bigcare.store.write import create_volume, update_attrs
 from bigcare.types import NgffVersion, PathLike, Shape
 
 if TYPE_CHECKING:
@@ -212,7 +212,8 @@ def tiff_to_ome_zarr(tiff_path: PathLike, out_url: PathLike, *, voxel_size: Sequ
 
         volume = create_volume(out_url, shape=shape, dtype=series.dtype, chunks=chunks, axes=axes, scale=scale,
                               ngff_version=ngff_version, storage_options=storage_options,
-                              name=os.path.splitext(os.path.basename(path))[0], overwrite=overwrite)
+                              name=os.path.splitext(os.path.basename(path))[0], overwrite=overwrite,
+                              attrs={"bigcare": {"convert": {"source": path}, "complete": False}})
         pages = series.pages
         mapped = None
         if len(pages) < math.prod(layout.shape[:layout.n_lead]):
@@ -226,11 +227,21 @@ def tiff_to_ome_zarr(tiff_path: PathLike, out_url: PathLike, *, voxel_size: Sequ
         slab_shape = [shape[layout.out.index(a)] for a in slab_axes]
         for start in np.ndindex(*[-(-n // c) for n, c in zip(slab_shape, slab_chunks)]):
             region = {a: slice(i * c, min((i + 1) * c, n)) for a, i, c, n in zip(slab_axes, start, slab_chunks, slab_shape)}
-            slab = _read_slab(tif, layout, region, pages, mapped)
+            try:
+                slab = _read_slab(tif, layout, region, pages, mapped)
+            except Exception as exc:  # noqa: BLE001 - truncated or corrupt: tifffile raises many kinds
+                planes = ", ".join(f"{a} {r.start}-{r.stop - 1}" for a, r in region.items()) or "the image"
+                raise InputError(f"{path}: cannot read {planes} ({type(exc).__name__}: {exc}); the TIFF is truncated "
+                                 f"or corrupt. {volume.url} is left marked incomplete, and restore and training "
+                                 "refuse it") from None
             target[tuple(region.get(a, slice(None)) for a in layout.out)] = slab
             del slab
     write_pyramid(volume, client=client)
-    return volume
+    # only now: a conversion cut short (truncated TIFF, kill) stays marked incomplete, and
+    # restore and training refuse it instead of reading its unwritten zeros
+    update_attrs(volume.url, {"bigcare": {"convert": {"source": path}, "complete": True}},
+                 storage_options=storage_options)
+    return open_volume(volume.url, storage_options=storage_options)
 
 
 def describe(volume: Volume) -> str:
@@ -258,6 +269,9 @@ def describe(volume: Volume) -> str:
         f"dtype:    {volume.dtype}",
         f"levels:   {len(volume.levels)}",
     ]
+    why = unfinished(volume)
+    if why is not None:
+        lines.insert(1, f"state:    INCOMPLETE: {why}")
     for lv in volume.levels:
         lines.append(f"  {lv.path:>4}  shape {fmt(lv.shape):<22} chunks {fmt(lv.chunks):<20} scale {fmt(lv.scale)}")
     return "\n".join(lines)

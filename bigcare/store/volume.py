@@ -25,7 +25,7 @@ from bigcare.errors import InputError
 from bigcare.store.axes import Axis, default_axis_type
 from bigcare.store.urls import freeze, is_url, normalize_url, store_kwargs, url_exists
 
-__all__ = ["Level", "Volume", "open_volume"]
+__all__ = ["Level", "Volume", "open_volume", "unfinished", "check_finished"]
 
 @dataclass(frozen=True)
 class Level:
@@ -258,6 +258,29 @@ def open_volume(url: str | os.PathLike, *, storage_options: dict | None = None) 
         url=url, storage_options=dict(storage_options) if storage_options else None,
         ngff_version=version, axes=axes, levels=levels, name=ms.get("name"), attrs=attrs,
     )
+
+
+def unfinished(volume: Volume) -> str | None:
+    """Why ``volume`` is a bigcare-written image that is not finished, or None.
+
+    ``bigcare convert`` and ``bigcare restore`` write ``bigcare.complete = false`` before the
+    first voxel and true after the last: in between (or after a crash) the image looks valid
+    but holds fill values where nothing was written yet.
+    """
+    ours = volume.attrs.get("bigcare")
+    if not isinstance(ours, dict) or ours.get("complete") is not False:
+        return None
+    if "convert" in ours:
+        return f"its conversion from {ours['convert'].get('source', 'a TIFF')} did not finish"
+    return "its restoration did not finish (run the same restore command again to complete it)"
+
+
+def check_finished(volume: Volume) -> None:
+    """InputError when ``volume`` is an unfinished bigcare-written image (see :func:`unfinished`)."""
+    why = unfinished(volume)
+    if why is not None:
+        raise InputError(f"{volume.url} is incomplete: {why}; its unwritten parts read as zeros, so bigcare "
+                         "does not take it as an input")
 
 
 # --- metadata parsing -----------------------------------------------------------------------

@@ -153,10 +153,11 @@ def resolve(src: Source, index: int, patch_shape: tuple[int, ...]) -> Resolved:
     InputError
         An image is missing or unreadable, or input and target are not aligned.
     """
-    from bigcare.store.volume import open_volume  # zarr: imported when a source is opened
+    from bigcare.store.volume import check_finished, open_volume  # zarr: imported when a source is opened
 
     so = src.storage_options
     inp = open_volume(src.input, storage_options=so)
+    check_finished(inp)
     if src.target is None:
         ca = inp.channel_axis
         if ca is None or inp.shape[ca] < 2:
@@ -174,6 +175,7 @@ def resolve(src: Source, index: int, patch_shape: tuple[int, ...]) -> Resolved:
             raise ConfigError(f"sources.{index}: input_channel and target_channel are both {ic}; expected two different channels")
     else:
         tgt = open_volume(src.target, storage_options=so)
+        check_finished(tgt)
         ic = _pick_channel(inp, src.input_channel, "input_channel", index)
         tc = _pick_channel(tgt, src.target_channel, "target_channel", index)
     axes_in = [i for i in range(inp.ndim) if i != inp.channel_axis]
