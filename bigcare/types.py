@@ -9,7 +9,7 @@ from typing import Literal, get_args
 from bigcare.errors import ConfigError
 
 __all__ = ["Precision", "NgffVersion", "DeviceKind", "ClusterKind", "PathLike", "Shape", "PRECISIONS",
-           "NGFF_VERSIONS", "CLUSTER_KINDS", "check_choice", "check_device"]
+           "NGFF_VERSIONS", "CLUSTER_KINDS", "check_choice", "check_device", "device_problem"]
 
 #: Inference precision: full float32, or autocast to bfloat16 / float16.
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -34,6 +34,21 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def device_problem(device: str) -> str | None:
+    """None when torch can use ``device`` in this process, else why not (torch imported here)."""
+    if not str(device).startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        index, count = torch.device(device).index or 0, torch.cuda.device_count()
+        return None if index < count else f"it has {count} GPU(s)"
+    except Exception as exc:  # noqa: BLE001 - any failure means the device is unusable here
+        return f"{type(exc).__name__}: {exc}"
 
 
 def check_device(device: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -359,3 +360,44 @@ def test_an_unfinished_restore_output_is_refused_as_an_input(tmp_path):
     start_volume_run(plan_volume_run(src, tmp_path / "half.ome.zarr", ref, device="cpu"))  # outputs made, no block run
     with pytest.raises(InputError, match=r"half\.ome\.zarr is incomplete: its restoration did not finish"):
         plan_volume_run(str(tmp_path / "half.ome.zarr"), tmp_path / "again.ome.zarr", ref, device="cpu")
+
+
+def test_an_output_that_cannot_be_written_is_one_line_exit_2(tmp_path, capsys):
+    from bigcare.cli import main
+
+    write_volume(tmp_path / "in.ome.zarr", smooth_volume((8, 32, 32)), chunks=(8, 16, 16))
+    model = make_model(tmp_path / "m", ndim=3)
+    (tmp_path / "a_file").write_text("not a folder")
+    args = ["restore", str(tmp_path / "in.ome.zarr"), "--model", str(model), "--device", "cpu", "--workers", "1"]
+    assert main(args[:2] + [str(tmp_path / "a_file" / "out.ome.zarr")] + args[2:]) == 2
+    assert "a_file is not a folder" in capsys.readouterr().err
+    if os.path.isdir("/proc/self"):  # a location the OS refuses (even to root): found when the outputs are made
+        assert main(args[:2] + ["/proc/bigcare-test.ome.zarr"] + args[2:]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write the output /proc/bigcare-test.ome.zarr" in err[0]
+        assert main(args[:2] + ["--output-dir", "/proc/bigcare-test"] + args[2:]) == 2
+        assert "/proc/bigcare-test" in capsys.readouterr().err
+
+
+def test_disk_full_while_finishing_keeps_the_blocks_and_the_rerun_finishes(tmp_path, client, monkeypatch):
+    import errno
+
+    import bigcare.runs.volume as volume_run
+    from bigcare.errors import OutputError
+    from bigcare.predictors.identity import IdentityPredictor
+
+    write_volume(tmp_path / "in.ome.zarr", smooth_volume((16, 32, 32)), chunks=(8, 16, 16))
+    kw = dict(client=client, device="cpu", progress=False, block_shape=(8, 16, 16))
+    real = volume_run.write_pyramid
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(volume_run, "write_pyramid", full)
+    with pytest.raises(OutputError, match=r"could not finish .*No space left on device.*8 block\(s\) written now are kept"):
+        bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", IdentityPredictor(), **kw)
+    assert zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="r").attrs["bigcare"]["complete"] is False
+    monkeypatch.setattr(volume_run, "write_pyramid", real)
+    again = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", IdentityPredictor(), **kw)
+    assert again.blocks_skipped == 8 and again.blocks_computed == 0
+    assert zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="r").attrs["bigcare"]["complete"] is True

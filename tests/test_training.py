@@ -257,3 +257,17 @@ def test_nan_voxels_in_a_training_target_are_refused_naming_the_image(pairs, tmp
     cfg["data"]["sources"] = [{"input": str(pairs / "in0.ome.zarr"), "target": str(tmp_path / "gt_nan.ome.zarr")}]
     with pytest.raises(InputError, match=r"gt_nan\.ome\.zarr: the training target holds NaN/inf voxels in the patch at"):
         train(cfg, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_training_on_a_cuda_device_without_cuda_is_one_line_exit_2(pairs, tmp_path, capsys):
+    import yaml
+
+    from bigcare.cli import main
+
+    cfg = config(pairs, tmp_path / "m", device="cuda")
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "train.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training.device 'cuda' is not usable on this machine (CUDA is not available)" in err[0]
+    assert not (tmp_path / "m").exists()

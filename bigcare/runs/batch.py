@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from bigcare.errors import ConfigError, InputError
+from bigcare.errors import ConfigError, InputError, OutputError
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.restore import client_for, default_device
 from bigcare.runs.results import write_batch_summary
@@ -171,7 +171,10 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
             fit_to_cluster(run, devices)
             measure_volume_run(run, c)
         fs, root = fsspec.core.url_to_fs(normalize_url(output_dir), **(output_storage_options or {}))
-        fs.makedirs(root, exist_ok=True)
+        try:
+            fs.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot make the output folder {output_dir} ({type(exc).__name__}: {exc})") from None
         for run in runs:
             start_volume_run(run, c)
         with shipping(c, [ref.payload] if any(r.n_todo for r in runs) else []):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +36,20 @@ from bigcare.predictors.base import Predictor, check_predictor, load_predictor
 from bigcare.store.arrays import written_chunks
 from bigcare.store.axes import Axis
 from bigcare.store.pyramid import write_pyramid
-from bigcare.store.urls import normalize_url, overlap, store_kwargs
+from bigcare.store.urls import is_url, normalize_url, overlap, store_kwargs
 from bigcare.store.volume import Volume, check_finished, open_volume
 from bigcare.store.write import create_volume, update_attrs
 from bigcare.tasks.block import MARKER, RunSpec
-from bigcare.types import NGFF_VERSIONS, PRECISIONS, NgffVersion, PathLike, Precision, Shape, check_choice
+from bigcare.types import (
+    NGFF_VERSIONS,
+    PRECISIONS,
+    NgffVersion,
+    PathLike,
+    Precision,
+    Shape,
+    check_choice,
+    device_problem,
+)
 from bigcare.version import __version__
 
 if TYPE_CHECKING:
@@ -281,6 +291,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
             raise ConfigError("nan_fill (--nan-fill) must be a finite number, the value NaN/inf input voxels are read as")
     output = normalize_url(output)
     check_apart(volume.url, output)
+    check_writable(output)
     predictor = model.predictor
     layout = AxisLayout.build(volume.axis_names, [a.kind for a in volume.axes], predictor.spatial_axes,
                               predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
@@ -291,6 +302,26 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
                      ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
                      default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid, nan_fill=nan_fill)
+
+
+def check_writable(output: str) -> None:
+    """OutputError when a local output cannot be made: its nearest existing folder is not a
+    writable folder (read-only file system, no permission). Writes nothing; remote stores are
+    found out when the outputs are created (still before any block runs)."""
+    if is_url(output):
+        return
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"cannot write the output {output}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the output {output}: {parent} is not writable (read-only or no permission)")
+    try:
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            raise OutputError(f"cannot write the output {output}: {parent} is on a read-only file system")
+    except (AttributeError, OSError):  # no statvfs: creating the outputs will tell
+        pass
 
 
 def check_apart(input: str, output: str) -> None:
@@ -306,19 +337,6 @@ def check_apart(input: str, output: str) -> None:
         )
 
 
-def _probe_device(device: str) -> str | None:
-    """On a worker: None when torch can use ``device`` here, else why not."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
-        index, count = torch.device(device).index or 0, torch.cuda.device_count()
-        return None if index < count else f"it has {count} GPU(s)"
-    except Exception as exc:  # noqa: BLE001 - any failure means the device is unusable there
-        return f"{type(exc).__name__}: {exc}"
-
-
 def check_device_on_workers(client, device: str, model: ModelRef) -> None:
     """ConfigError, before anything is written, when no worker can run a network on ``device``.
 
@@ -327,7 +345,7 @@ def check_device_on_workers(client, device: str, model: ModelRef) -> None:
     """
     if not str(device).startswith("cuda") or model.obj is not None:
         return
-    answers = client.run(_probe_device, device)
+    answers = client.run(device_problem, device)
     if answers and all(a is not None for a in answers.values()):
         worker, why = next(iter(answers.items()))
         raise ConfigError(
@@ -501,7 +519,10 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         }}
         if run.nan_fill is not None:  # provenance: these outputs saw NaN/inf input voxels as this value
             run.attrs["bigcare"]["nan_fill"] = run.nan_fill
-        _create_outputs(run)
+        try:
+            _create_outputs(run)
+        except OSError as exc:  # read-only location, no permission, disk full
+            raise OutputError(f"cannot write the output {run.output} ({type(exc).__name__}: {exc})") from None
     else:
         run.attrs = stored
         normalizer = Normalizer.from_dict(run.attrs["bigcare"]["normalization"])
@@ -535,10 +556,16 @@ def finish_volume_run(run: VolumeRun, result, client=None, progress: bool = Fals
 
     result.normalization = run.normalizer.as_dict() if run.normalizer else {}
     result.failed.sort()
-    if not result.failed:
-        if run.pyramid:
-            for url in run.images.values():
-                write_pyramid(open_volume(url, storage_options=run.output_options), client=client, progress=progress)
-        bigcare_attrs = {**run.attrs["bigcare"], "complete": True, "last_run": result.as_dict()}
-        update_attrs(run.output, {"bigcare": bigcare_attrs}, storage_options=run.output_options)
-    result.summary_path = write_summary(run, result)
+    try:
+        if not result.failed:
+            if run.pyramid:
+                for url in run.images.values():
+                    write_pyramid(open_volume(url, storage_options=run.output_options), client=client,
+                                  progress=progress)
+            bigcare_attrs = {**run.attrs["bigcare"], "complete": True, "last_run": result.as_dict()}
+            update_attrs(run.output, {"bigcare": bigcare_attrs}, storage_options=run.output_options)
+        result.summary_path = write_summary(run, result)
+    except OSError as exc:  # disk full, store gone: the blocks are written and marked done
+        raise OutputError(f"could not finish {run.output} ({type(exc).__name__}: {exc}); its {result.blocks_computed} "
+                          "block(s) written now are kept and marked done: free space (or fix the store) and run the "
+                          "same command again to finish it") from None

@@ -16,7 +16,7 @@ from bigcare.training.config import TrainConfig, load_train_config
 from bigcare.training.isotropic import LateralDegradation, degrade_batches, psf_kernels
 from bigcare.training.sources import Source
 from bigcare.training.trainer import TrainResult, fit
-from bigcare.types import PathLike
+from bigcare.types import PathLike, device_problem
 from bigcare.version import __version__
 
 if TYPE_CHECKING:
@@ -56,6 +56,10 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
     from bigcare.training.sampling import PatchSampler  # imported late: heavy and only needed here
 
     device = cfg.training.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    why = device_problem(device)  # the network trains in this process
+    if why is not None:
+        raise ConfigError(f"training.device {device!r} is not usable on this machine ({why}); set training.device: cpu "
+                          "or train on a machine with a GPU; nothing was written")
     precision = cfg.training.precision or ("bf16" if device.startswith("cuda") else "fp32")
     data, arch, opt = cfg.data, cfg.network, cfg.training  # arch: the model's own UNetConfig
     ndim = arch.ndim
