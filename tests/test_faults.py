@@ -48,6 +48,25 @@ def wait_for_markers(url, at_least: int, timeout: float = 120) -> np.ndarray:
     raise AssertionError(f"fewer than {at_least} blocks finished within {timeout} s")
 
 
+def wait_for_group_gone(pgid: int, timeout: float = 60) -> None:
+    """Until no process of process group ``pgid`` is left (zombies count as gone)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(p.pid)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes {alive} of the killed run are still alive after {timeout} s")
+
+
 def assert_done_blocks_hold_final_data(out, reference, block=BLOCK):
     """Every block marked done holds exactly the reference's voxels (markers never lie)."""
     done = markers(out)
@@ -110,7 +129,7 @@ def test_worker_killed_mid_run_completes_bit_identical(tmp_path, procs):
 
 
 def test_whole_run_killed_then_rerun_recomputes_only_unfinished_blocks(tmp_path, client):
-    data = smooth_volume((16, 64, 96), seed=1)
+    data = smooth_volume((16, 128, 192), seed=1)  # 48 blocks: killed after 3, 45 are far from done
     write_volume(tmp_path / "in.ome.zarr", data, chunks=BLOCK)
     model = make_model(tmp_path / "model")
     args = [str(tmp_path / "in.ome.zarr"), str(tmp_path / "out.ome.zarr"), "--model", str(model),
@@ -126,7 +145,7 @@ def test_whole_run_killed_then_rerun_recomputes_only_unfinished_blocks(tmp_path,
     finally:
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(timeout=30)
-    time.sleep(0.5)  # let killed writers' files settle
+        wait_for_group_gone(run.pid)  # every worker of the run is dead: no file changes after this
     done = assert_done_blocks_hold_final_data(tmp_path / "out.ome.zarr", reference)
     unfinished = int(done.size - done.sum())
     assert 0 < unfinished < done.size
