@@ -401,3 +401,18 @@ def test_disk_full_while_finishing_keeps_the_blocks_and_the_rerun_finishes(tmp_p
     again = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", IdentityPredictor(), **kw)
     assert again.blocks_skipped == 8 and again.blocks_computed == 0
     assert zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="r").attrs["bigcare"]["complete"] is True
+
+
+def test_a_run_larger_than_the_queue_window_restores_every_block(tmp_path, client, monkeypatch):
+    """Blocks enter the scheduler as a window moves (here 3 at a time over 16): every block runs
+    once, the output is the input (identity), and the progress total is the block count."""
+    import bigcare.runs.queue as queue
+    from bigcare.predictors.identity import IdentityPredictor
+
+    data = smooth_volume((16, 64, 64))
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(8, 16, 32))
+    monkeypatch.setattr(queue, "QUEUE_WINDOW", 3)
+    result = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", IdentityPredictor(), client=client,
+                             device="cpu", block_shape=(8, 16, 32), progress=False)
+    assert (result.blocks_total, result.blocks_computed, result.failed) == (16, 16, [])
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.ome.zarr"), path="0", mode="r")[...], data)
