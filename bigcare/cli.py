@@ -9,18 +9,45 @@ import sys
 import threading
 
 from bigcare.errors import BigcareError
+from bigcare.version import __version__
 
 __all__ = ["main"]
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _split(texts) -> list[str]:
+    """Tokens of a shape or size written ``64,256,256``, ``64x256x256`` or ``64 256 256``."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    return [t for text in items for t in text.replace("x", ",").replace(" ", ",").split(",") if t]
+
+
+def _ints(text) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+        values = tuple(int(v) for v in _split(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 64,256,256, got {text!r}") from None
-    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected whole numbers like 64,256,256 or 64 256 256, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
     return values
+
+
+class _Sizes(argparse.Action):
+    """One syntax for every shape and size option: ``64,256,256``, ``64x256x256`` or ``64 256 256``."""
+
+    def __init__(self, option_strings, dest, kind=int, **kwargs):
+        self.kind = kind
+        kwargs.setdefault("nargs", "+")
+        kwargs.setdefault("metavar", "N")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            numbers = tuple(self.kind(v) for v in _split(values))
+        except ValueError:
+            parser.error(f"{option_string}: expected numbers like 64,256,256 or 64 256 256, got {' '.join(values)!r} "
+                         "(write sizes with commas when paths follow the option)")
+        if self.kind is int and (not numbers or min(numbers) < 1):
+            parser.error(f"{option_string}: sizes must be positive whole numbers, got {' '.join(values)!r}")
+        setattr(namespace, self.dest, numbers)
 
 
 class _Deprecated(argparse.Action):
@@ -37,10 +64,19 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, self.value if self.value is not None else values)
 
 
+def _out(args, default: str) -> str:
+    """The output folder of demo and synth: positional OUT (or --out, as earlier releases took it)."""
+    from bigcare.errors import ConfigError
+
+    if args.out is not None and args.out_option is not None and args.out != args.out_option:
+        raise ConfigError(f"two output folders given: {args.out!r} and --out {args.out_option!r}; give one")
+    return args.out or args.out_option or default
+
+
 def _cmd_demo(args) -> int:
     from bigcare.demo import run_demo
 
-    metrics = run_demo(args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, workers=args.workers,
+    metrics = run_demo(_out(args, "bigcare-demo"), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, workers=args.workers,
                        device=args.device, seed=args.seed)
     better = (metrics["restored"]["nrmse"] < metrics["input"]["nrmse"]
               and metrics["restored"]["ssim"] > metrics["input"]["ssim"])
@@ -50,19 +86,49 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _pairs(args) -> list[tuple[str, str]]:
+    """(input, output) of every volume of a restore command line."""
+    from bigcare.errors import ConfigError
+
+    if args.output_dir is None:
+        if len(args.paths) != 2:
+            raise ConfigError(f"restore takes INPUT OUTPUT, or several inputs with --output-dir DIR; got "
+                              f"{len(args.paths)} path(s) {args.paths} without --output-dir")
+        return [(args.paths[0], args.paths[1])]
+    from bigcare.runs.batch import expand_inputs, output_paths
+
+    urls = expand_inputs(args.paths, None)
+    return list(zip(urls, output_paths(urls, args.output_dir)))
+
+
+def _cmd_plan(args) -> int:
+    from bigcare.runs.dryrun import format_plan, plan_restore
+
+    for inp, out in _pairs(args):
+        plan = plan_restore(inp, out, args.model, block_shape=args.block_shape, tile_shape=args.tile_shape,
+                            device=args.device, precision=args.precision, workers=args.workers,
+                            overwrite=args.overwrite, ngff_version=args.ngff_version, output_dtype=args.output_dtype,
+                            pyramid=args.pyramid, nan_fill=args.nan_fill)
+        print(format_plan(plan))
+        if args.json:
+            print(json.dumps(plan, default=str))
+    return 0
+
+
 def _cmd_restore(args) -> int:
-    from bigcare.errors import BlockError, ConfigError
+    from bigcare.errors import BlockError
     from bigcare.runs.results import format_summary, summary_dict
     from bigcare.tasks.cluster import cluster_kwargs
+
+    if args.dry_run:
+        return _cmd_plan(args)
 
     options = dict(block_shape=args.block_shape, tile_shape=args.tile_shape, device=args.device,
                    precision=args.precision, overwrite=args.overwrite, ngff_version=args.ngff_version,
                    output_dtype=args.output_dtype, pyramid=args.pyramid, ship_model=args.ship_model,
-                   nan_fill=args.nan_fill,
+                   nan_fill=args.nan_fill, progress=not args.quiet,
                    **cluster_kwargs(args))
-    if args.output_dir is None and len(args.paths) != 2:
-        raise ConfigError(f"restore takes INPUT OUTPUT, or several inputs with --output-dir DIR; got "
-                          f"{len(args.paths)} path(s) {args.paths} without --output-dir")
+    _pairs(args)  # the paths make sense
     try:
         if args.output_dir is None:
             from bigcare.runs.restore import restore
@@ -104,10 +170,10 @@ def _cmd_train(args) -> int:
         # a cluster named on the command line replaces the config's cluster: section
         with cluster_client(named["scheduler"], cluster=named["cluster"], config=named["cluster_config"],
                             workers=named["workers"], security=named["security"],
-                            dashboard=named["dashboard"]) as client:
-            result = train(args.config, client=client)
+                            dashboard=named["dashboard"], quiet=args.quiet) as client:
+            result = train(args.config, client=client, progress=not args.quiet)
     else:
-        result = train(args.config)
+        result = train(args.config, progress=not args.quiet)
     print(f"trained {result.epochs} epoch(s) ({result.epochs - result.start_epoch} now); best validation loss "
           f"{min(result.val_loss):.4f} at epoch {result.best_epoch + 1}; model: {result.model_dir}/best")
     return 0
@@ -118,7 +184,7 @@ def _cmd_synth(args) -> int:
 
     from bigcare.synth import write_pair
 
-    out = Path(args.out)
+    out = Path(_out(args, "bigcare-synth"))
     for k in range(args.count):
         noisy, clean = write_pair(out / f"noisy_{k}.ome.zarr", out / f"clean_{k}.ome.zarr", args.shape,
                                   photons=args.photons, seed=args.seed + 10 * k)
@@ -134,40 +200,19 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``bigcare`` command."""
-    from bigcare.tasks.cluster import add_cluster_arguments
+def _restore_arguments(p, add_cluster_arguments) -> None:
+    """The arguments of restore and plan."""
     from bigcare.types import NGFF_VERSIONS, PRECISIONS
 
-    parser = argparse.ArgumentParser(prog="bigcare", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="synthetic data -> train a small CARE net -> restore blockwise on a local cluster")
-    p.add_argument("--out", default="bigcare-demo",
-                   help="output folder: new, empty or an earlier demo's (replaced); others are refused [bigcare-demo]")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs [12]")
-    p.add_argument("--steps-per-epoch", type=int, default=20, help="steps per epoch [20]")
-    p.add_argument("--steps", dest="steps_per_epoch", type=int, action=_Deprecated, new="--steps-per-epoch",
-                   help=argparse.SUPPRESS)
-    p.add_argument("--workers", type=int, default=None, help="local worker processes [1]")
-    p.add_argument("--device", default=None, help="cpu or cuda [cuda if available]")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("restore", help="restore OME-Zarr volumes block by block with a model",
-                       description="Restore one volume (INPUT OUTPUT) or several (INPUT... --output-dir DIR; "
-                       "globs and @list.txt files of paths are expanded) on one dask cluster. Exit status: "
-                       "0 done, 2 unusable input or option (nothing written), 3 some blocks failed (the "
-                       "others are written; re-run to retry).")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="INPUT OUTPUT, or with --output-dir: inputs (paths, fsspec URLs, globs, @list.txt)")
     p.add_argument("-o", "--output-dir", default=None, help="batch mode: write OUTPUT_DIR/<input name> per input")
     p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
     p.add_argument("--no-ship-model", dest="ship_model", action="store_false",
                    help="workers read the model folder by path (shared storage) instead of receiving its bytes once")
-    p.add_argument("--block-shape", type=_ints, default=None,
+    p.add_argument("--block-shape", action=_Sizes, default=None,
                    help="block (write region) shape per spatial axis, e.g. 64,256,256 [from the model and device]")
-    p.add_argument("--tile-shape", type=_ints, default=None,
+    p.add_argument("--tile-shape", action=_Sizes, default=None,
                    help="largest write region of one network call per spatial axis [chosen with the blocks]")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N [cuda if available]")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -184,16 +229,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-on-shared-storage", dest="ship_model", action=_Deprecated, new="--no-ship-model",
                    value=False, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print each run summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or cluster lines; summaries and errors only")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (as bigcare plan does) and write nothing")
     add_cluster_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bigcare`` command."""
+    from bigcare.tasks.cluster import add_cluster_arguments
+    from bigcare.types import NGFF_VERSIONS
+
+    parser = argparse.ArgumentParser(prog="bigcare", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bigcare {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic data -> train a small CARE net -> restore blockwise on a local cluster")
+    p.add_argument("out", nargs="?", default=None,
+                   help="output folder: new, empty or an earlier demo's (replaced); others are refused [bigcare-demo]")
+    p.add_argument("--out", dest="out_option", default=None, help=argparse.SUPPRESS)  # the form of earlier releases
+    p.add_argument("--epochs", type=int, default=12, help="training epochs [12]")
+    p.add_argument("--steps-per-epoch", type=int, default=20, help="steps per epoch [20]")
+    p.add_argument("--steps", dest="steps_per_epoch", type=int, action=_Deprecated, new="--steps-per-epoch",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=None, help="local worker processes [1]")
+    p.add_argument("--device", default=None, help="cpu or cuda [cuda if available]")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("restore", help="restore OME-Zarr volumes block by block with a model",
+                       description="Restore one volume (INPUT OUTPUT) or several (INPUT... --output-dir DIR; "
+                       "globs and @list.txt files of paths are expanded) on one dask cluster. Exit status: "
+                       "0 done, 2 unusable input or option (nothing written), 3 some blocks failed (the "
+                       "others are written; re-run to retry).")
+    _restore_arguments(p, add_cluster_arguments)
     p.set_defaults(func=_cmd_restore)
+
+    p = sub.add_parser("plan", help="what a restore would do (blocks, memory, outputs, resume?), writing nothing",
+                       description="The same arguments as restore; prints the plan of each volume (as restore "
+                       "--dry-run does) without starting a cluster or writing anything. Exit 2 where the "
+                       "restore would refuse.")
+    _restore_arguments(p, add_cluster_arguments)
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("convert", help="stream a TIFF stack into OME-Zarr")
     p.add_argument("input", help="TIFF file")
     p.add_argument("output", help="output OME-Zarr path or URL")
-    p.add_argument("--voxel-size", type=float, nargs="+", default=None, metavar="S",
-                   help="physical voxel size per spatial axis, e.g. 5 2 2 (Z Y X)")
+    p.add_argument("--voxel-size", action=_Sizes, kind=float, default=None, metavar="S",
+                   help="physical voxel size per spatial axis, e.g. 5,2,2 (Z Y X)")
     p.add_argument("--unit", default="micrometer", help="unit of the voxel size [micrometer]")
-    p.add_argument("--chunks", type=_ints, default=None, help="chunk shape, e.g. 64,256,256")
+    p.add_argument("--chunks", action=_Sizes, default=None, help="chunk shape, e.g. 64,256,256")
     p.add_argument("--ngff-version", default="0.5", choices=NGFF_VERSIONS)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
@@ -204,12 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="CONFIG keys (YAML; unknown keys are errors):\n" + describe_schema())
     p.add_argument("config", help="YAML training config")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
     add_cluster_arguments(p)  # override the config's cluster: section
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("synth", help="write synthetic (noisy, clean) OME-Zarr pairs for trying out training")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--shape", type=_ints, default=(64, 256, 256), help="Z,Y,X [64,256,256]")
+    p.add_argument("out", nargs="?", default=None, help="output folder [bigcare-synth]")
+    p.add_argument("--out", dest="out_option", default=None, help=argparse.SUPPRESS)  # as demo takes it
+    p.add_argument("--shape", action=_Sizes, default=(64, 256, 256), help="Z,Y,X [64,256,256]")
     p.add_argument("--count", type=int, default=2, help="number of pairs [2]")
     p.add_argument("--photons", type=float, default=6.0, help="photons per unit intensity (lower: noisier) [6]")
     p.add_argument("--seed", type=int, default=0)

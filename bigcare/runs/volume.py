@@ -38,7 +38,7 @@ from bigcare.store.axes import Axis
 from bigcare.store.pyramid import write_pyramid
 from bigcare.store.urls import is_url, normalize_url, overlap, store_kwargs
 from bigcare.store.volume import Volume, check_finished, open_volume
-from bigcare.store.write import create_volume, update_attrs
+from bigcare.store.write import create_volume, downsample_factors, update_attrs
 from bigcare.tasks.block import MARKER, RunSpec
 from bigcare.types import (
     NGFF_VERSIONS,
@@ -379,18 +379,43 @@ def fit_to_cluster(run: VolumeRun, devices: int) -> VolumeRun:
     return run
 
 
-def _create_outputs(run: VolumeRun) -> None:
-    volume, layout, options = run.volume, run.layout, run.output_options
+@dataclass(frozen=True)
+class OutputGeometry:
+    """Axes, shape, chunks, voxel size and offset of every output image of a run."""
+
+    axes: list[Axis]
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    scale: list[float]
+    translation: list[float]
+
+    @property
+    def levels(self) -> int:
+        """Pyramid levels a run with a pyramid writes (level 0 included)."""
+        return 1 + len(downsample_factors(self.shape, self.axes, self.scale))
+
+
+def output_geometry(run: VolumeRun) -> OutputGeometry:
+    """The geometry of a run's outputs (input axes, units and offsets; zoomed axes rescaled)."""
+    volume, layout = run.volume, run.layout
     in_chunks = dict(zip(volume.axis_names, run.chunks))
     in_chunks["c"] = layout.n_channel_out
-    out_chunks = tuple(in_chunks[a] for a in layout.out_axes)
     axes_by_name = {a.name: a for a in volume.axes}
     scale_by_name = dict(zip(volume.axis_names, volume.scale))
     trans_by_name = dict(zip(volume.axis_names, volume.levels[0].translation))
-    out_axes = [axes_by_name.get(a, Axis("c", "channel", None)) for a in layout.out_axes]
     zoom = dict(zip(volume.axis_names, run.plan.zoom or (1.0,) * len(volume.axis_names)))
-    scale = [scale_by_name.get(a, 1.0) / zoom.get(a, 1.0) for a in layout.out_axes]
-    translation = [trans_by_name.get(a, 0.0) for a in layout.out_axes]
+    return OutputGeometry(
+        axes=[axes_by_name.get(a, Axis("c", "channel", None)) for a in layout.out_axes],
+        shape=tuple(layout.out_shape(run.plan.shape)),
+        chunks=tuple(in_chunks[a] for a in layout.out_axes),
+        scale=[scale_by_name.get(a, 1.0) / zoom.get(a, 1.0) for a in layout.out_axes],
+        translation=[trans_by_name.get(a, 0.0) for a in layout.out_axes],
+    )
+
+
+def _create_outputs(run: VolumeRun) -> None:
+    volume, options = run.volume, run.output_options
+    geometry = output_geometry(run)
     images = run.images
     single = len(images) == 1
     if not single:
@@ -398,9 +423,9 @@ def _create_outputs(run: VolumeRun) -> None:
                         **store_kwargs(run.output, options))
     for name, url in images.items():
         create_volume(
-            url, shape=layout.out_shape(run.plan.shape), dtype=run.output_dtype, chunks=out_chunks, axes=out_axes,
-            scale=scale, translation=translation, ngff_version=run.ngff_version, storage_options=options,
-            name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,
+            url, shape=geometry.shape, dtype=run.output_dtype, chunks=geometry.chunks, axes=geometry.axes,
+            scale=geometry.scale, translation=geometry.translation, ngff_version=run.ngff_version,
+            storage_options=options, name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,
             levels=None if run.pyramid else 1,  # declare only the levels that will be written
         )
     root = zarr.open_group(mode="r+", **store_kwargs(run.output, options))
