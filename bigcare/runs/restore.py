@@ -29,11 +29,13 @@ from bigcare.normalization import Normalizer, array_normalizer
 from bigcare.predictors.base import load_predictor, predict_region
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.results import RunResult
+from bigcare.runs.tiff import check_tiff_output, is_tiff, stage_tiff_input, staged_paths, write_tiff
 from bigcare.runs.volume import (
     check_device_on_workers,
     cluster_devices,
     finish_volume_run,
     fit_to_cluster,
+    output_geometry,
     plan_volume_run,
     resolve_model,
     start_volume_run,
@@ -117,8 +119,12 @@ def restore(
     Parameters
     ----------
     input : str, os.PathLike or Volume
-        OME-Zarr image (NGFF 0.4 or 0.5): a path or an fsspec URL (``s3://bucket/a.ome.zarr``).
+        OME-Zarr image (NGFF 0.4 or 0.5): a path or an fsspec URL (``s3://bucket/a.ome.zarr``);
+        or a local TIFF / OME-TIFF file, converted first (streamed) into ``<output
+        stem>.input.ome.zarr`` beside the output and reused by reruns (:mod:`bigcare.runs.tiff`).
     output : str or os.PathLike
+        A path ending in ``.tif`` / ``.tiff`` restores into ``<stem>.ome.zarr`` and then writes
+        that as an OME-TIFF (refused before the run beyond ``TIFF_OUTPUT_LIMIT``, 8 GiB).
         Where to write. A model with one output writes one OME-Zarr image there; a model with
         several named outputs (e.g. ``mean`` and ``scale``) writes a group holding one image per
         name (``output/mean``, ``output/scale``). ``output/bigcare_summary.json`` holds the run
@@ -193,11 +199,16 @@ def restore(
     """
     device = check_device(device or default_device())
     ref = resolve_model(model, ship_model)
+    tiff_out = str(output) if is_tiff(output) else None
+    if tiff_out is not None or (not hasattr(input, "levels") and is_tiff(input)):
+        input, output = _stage_tiffs(input, output, ref, overwrite, progress)
     run = plan_volume_run(input, output, ref, block_shape=block_shape, tile_shape=tile_shape, device=device,
                           precision=precision,
                           overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
                           storage_options=storage_options, output_storage_options=output_storage_options,
                           torch_threads=torch_threads, pyramid=pyramid, nan_fill=nan_fill)
+    if tiff_out is not None:
+        check_tiff_output(output_geometry(run).shape, output_dtype, len(run.images))
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
         fit_to_cluster(run, cluster_devices(c, device))
@@ -207,7 +218,31 @@ def restore(
         finish_volume_run(run, result, c, progress)
     if result.failed:
         raise block_error([run], [result])
+    if tiff_out is not None:
+        result.tiff = _export_tiffs(run.images, tiff_out)
     return result
+
+
+def _stage_tiffs(input, output, ref, overwrite: bool, progress: bool) -> tuple[str, str]:
+    """The OME-Zarr paths a TIFF input / output stand for (the input converted, streamed)."""
+    import os
+
+    from bigcare.errors import OutputError
+
+    zin, zout = staged_paths(str(input), str(output))
+    if is_tiff(output) and os.path.exists(output) and not overwrite:
+        raise OutputError(f"{output} exists; pass overwrite=True (--overwrite) to replace that TIFF, or choose another path")
+    if is_tiff(input):
+        zin = stage_tiff_input(str(input), zin, progress=progress)
+    return zin, zout
+
+
+def _export_tiffs(images: dict[str, str], tiff_out: str) -> dict[str, str]:
+    """Write each restored image as a TIFF: ``tiff_out`` itself, or ``<stem>_<name>.tif`` for several."""
+    if len(images) == 1:
+        return {name: write_tiff(url, tiff_out) for name, url in images.items()}
+    stem, suffix = tiff_out.rsplit(".", 1)
+    return {name: write_tiff(url, f"{stem}_{name}.{suffix}") for name, url in images.items()}
 
 
 def predict(data: np.ndarray, model: PathLike, *, axes: str, device: str = "cpu", precision: Precision = "fp32",

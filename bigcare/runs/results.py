@@ -55,6 +55,9 @@ class RunResult:
         The input volume, and where the JSON summary was written.
     cluster : dict
         Scheduler address, workers, threads and dashboard link of the cluster used.
+    tiff : dict of str to str
+        TIFF file per named output, for an output path ending in .tif / .tiff (the OME-Zarr
+        images in ``outputs`` are what was restored).
     """
 
     outputs: dict[str, str]
@@ -73,6 +76,7 @@ class RunResult:
     input: str = ""
     summary_path: str = ""
     cluster: dict = field(default_factory=dict)
+    tiff: dict = field(default_factory=dict)
 
     @property
     def voxels_per_second(self) -> float:
@@ -138,6 +142,8 @@ def format_summary(result, name: str = "") -> str:
         f"halo overhead {result.halo_overhead:.2f}x, peak worker RSS {result.peak_worker_rss_mb:.0f} MB",
         f"  task seconds: read {s['read']:.1f}, predict {s['predict']:.1f}, write {s['write']:.1f}",
     ]
+    for name, path in result.tiff.items():
+        lines.append(f"  TIFF{' ' + name if len(result.tiff) > 1 else ''}: {path}")
     if result.summary_path:
         lines.append(f"  summary: {result.summary_path}")
     return "\n".join(lines)

@@ -240,6 +240,8 @@ def open_volume(url: str | os.PathLike, *, storage_options: dict | None = None) 
     url = normalize_url(url)
     if not is_url(url) and not os.path.exists(url):
         raise InputError(f"{url}: no such file or directory; expected an OME-Zarr image group")
+    if not is_url(url) and os.path.isfile(url):
+        raise InputError(f"{url}: is a file, not an OME-Zarr image group{_format_hint(url)}")
     try:
         group = zarr.open_group(mode="r", **store_kwargs(url, storage_options))
     except zarr.errors.ContainsArrayError:
@@ -247,7 +249,8 @@ def open_volume(url: str | os.PathLike, *, storage_options: dict | None = None) 
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         if is_url(url) and not url_exists(url, storage_options):
             raise InputError(f"{url}: no such file or directory; expected an OME-Zarr image group") from None
-        raise InputError(f"{url}: not a zarr group (no zarr.json or .zgroup found); expected an OME-Zarr image group") from None
+        raise InputError(f"{url}: not a zarr group (no zarr.json or .zgroup found); expected an OME-Zarr image group"
+                         f"{_format_hint(url)}") from None
     except Exception as exc:  # garbled metadata, no credentials, unreachable host: one line, not a traceback
         raise InputError(f"{url}: cannot be opened as a zarr group ({type(exc).__name__}: {exc})") from None
     attrs = dict(group.attrs)
@@ -258,6 +261,17 @@ def open_volume(url: str | os.PathLike, *, storage_options: dict | None = None) 
         url=url, storage_options=dict(storage_options) if storage_options else None,
         ngff_version=version, axes=axes, levels=levels, name=ms.get("name"), attrs=attrs,
     )
+
+
+def _format_hint(url: str) -> str:
+    """Which formats bigcare reads, and how to convert the others (for errors)."""
+    low = url.lower()
+    if low.endswith((".tif", ".tiff")):
+        return ("; bigcare restore takes TIFF / OME-TIFF files directly, other commands need "
+                f"`bigcare convert {url} OUT.ome.zarr` first")
+    return ("; bigcare reads OME-Zarr (NGFF 0.4 / 0.5) and, for restore, TIFF / OME-TIFF. Convert other formats "
+            "(CZI, ND2, LIF, IMS, HDF5, ...) with bioformats2raw (`bioformats2raw IN OUT.ome.zarr`), or a TIFF "
+            "with `bigcare convert`")
 
 
 def unfinished(volume: Volume) -> str | None:
