@@ -193,10 +193,9 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from bigcare.store.convert import describe
-    from bigcare.store.volume import open_volume
+    from bigcare.runs.info import info
 
-    print(describe(open_volume(args.path)))
+    print(info(args.path))
     return 0
 
 

@@ -155,14 +155,16 @@ def test_a_conversion_cut_short_stays_incomplete_and_restore_and_training_refuse
     tifffile.imwrite(tmp_path / "t.tif", data, photometric="minisblack", metadata={"axes": "ZYX"})
     whole = tiff_to_ome_zarr(tmp_path / "t.tif", tmp_path / "whole.ome.zarr", chunks=(8, 64, 64), voxel_size=(1, 1, 1))
     check_finished(whole)  # a finished conversion is taken
-    assert whole.attrs["bigcare"]["complete"] is True and "INCOMPLETE" not in describe(whole)
+    from bigcare.runs.info import info
+
+    assert whole.attrs["bigcare"]["complete"] is True and "state:    complete" in info(whole.url)
     size = (tmp_path / "t.tif").stat().st_size
     with open(tmp_path / "t.tif", "r+b") as f:
         f.truncate(int(size * 0.6))
     with pytest.raises(InputError, match=r"t\.tif: cannot read z .*truncated or corrupt.*marked incomplete"):
         tiff_to_ome_zarr(tmp_path / "t.tif", tmp_path / "cut.ome.zarr", chunks=(8, 64, 64), voxel_size=(1, 1, 1))
     cut = open_volume(tmp_path / "cut.ome.zarr")
-    assert "INCOMPLETE: its conversion from" in describe(cut)
+    assert "INCOMPLETE: its conversion from" in info(cut.url)
     with pytest.raises(InputError, match=r"cut\.ome\.zarr is incomplete: its conversion from .*t\.tif did not finish"):
         bigcare.restore(cut.url, tmp_path / "out.ome.zarr", model3d, device="cpu", progress=False)
     assert not (tmp_path / "out.ome.zarr").exists()

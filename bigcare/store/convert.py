@@ -28,7 +28,7 @@ import tifffile
 from bigcare.errors import InputError
 from bigcare.store.axes import Axis, default_axis_type
 from bigcare.store.pyramid import write_pyramid
-from bigcare.store.volume import Volume, open_volume, unfinished
+from bigcare.store.volume import Volume, open_volume
 from bigcare.store.write import create_volume, update_attrs
 from bigcare.types import NgffVersion, PathLike, Shape
 
@@ -244,6 +244,14 @@ def tiff_to_ome_zarr(tiff_path: PathLike, out_url: PathLike, *, voxel_size: Sequ
     return open_volume(volume.url, storage_options=storage_options)
 
 
+def _inner_chunks(volume: Volume, index: int, level) -> tuple[int, ...]:
+    """The chunk shape inside a shard (``level.chunks`` is the shard shape of sharded arrays)."""
+    try:
+        return tuple(volume.array(index).chunks)
+    except Exception:  # noqa: BLE001 - unreadable array metadata: what the multiscales say
+        return tuple(level.chunks)
+
+
 def describe(volume: Volume) -> str:
     """Human-readable summary for ``bigcare info PATH``.
 
@@ -256,7 +264,8 @@ def describe(volume: Volume) -> str:
     -------
     str
         Lines with the url, NGFF version, name, axes (name, type, unit), dtype, and one line
-        per level with its path, shape, chunks and scale.
+        per level with its path, shape, chunks (and shards, when sharded), scale and offset
+        (when not zero). :func:`bigcare.runs.info.info` adds what bigcare knows of its own images.
     """
     def fmt(values) -> str:
         return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) + ")"
@@ -269,9 +278,11 @@ def describe(volume: Volume) -> str:
         f"dtype:    {volume.dtype}",
         f"levels:   {len(volume.levels)}",
     ]
-    why = unfinished(volume)
-    if why is not None:
-        lines.insert(1, f"state:    INCOMPLETE: {why}")
-    for lv in volume.levels:
-        lines.append(f"  {lv.path:>4}  shape {fmt(lv.shape):<22} chunks {fmt(lv.chunks):<20} scale {fmt(lv.scale)}")
+    for i, lv in enumerate(volume.levels):
+        line = f"  {lv.path:>4}  shape {fmt(lv.shape):<22} chunks {fmt(_inner_chunks(volume, i, lv)):<20} scale {fmt(lv.scale)}"
+        if lv.chunks != _inner_chunks(volume, i, lv):
+            line += f"  shards {fmt(lv.chunks)}"
+        if any(lv.translation):
+            line += f"  offset {fmt(lv.translation)}"
+        lines.append(line)
     return "\n".join(lines)
