@@ -301,3 +301,37 @@ def test_create_volume_refuses_existing_paths(tmp_path):
         create_volume(tmp_path / "x.zarr", **{**kwargs, "chunks": (8, 8)})
     with pytest.raises(ConfigError, match=r"ngff_version: expected '0.4' or '0.5', got '0.6'"):
         create_volume(tmp_path / "x.zarr", ngff_version="0.6", **kwargs)
+
+
+def test_restored_images_carry_a_display_window_pyramid_type_and_named_marker_dimensions(tmp_path, client):
+    """Readers open the outputs as data: omero window from the input's percentiles (intensity
+    outputs only), multiscales type/metadata, a done-marker array xarray takes (zarr v3)."""
+    import xarray as xr
+
+    import bigcare
+    from conftest import make_model, smooth_volume, write_volume
+
+    src = write_volume(tmp_path / "in.ome.zarr", smooth_volume((16, 64, 64)), chunks=(8, 32, 32))
+    model = make_model(tmp_path / "prob", heads=[{"name": "mean"}, {"name": "scale", "activation": "softplus"}])
+    result = bigcare.restore(src.url, tmp_path / "out.ome.zarr", model, client=client, device="cpu", progress=False)
+    lo, hi = result.normalization["lo"][0], result.normalization["hi"][0]
+    mean = zarr.open_group(result.outputs["mean"], mode="r")
+    assert isinstance(open_ome_zarr(mean), v05.Image)
+    ome = mean.attrs["ome"]
+    (channel,) = ome["omero"]["channels"]
+    assert (channel["window"]["start"], channel["window"]["end"]) == pytest.approx((lo, hi))
+    assert ome["multiscales"][0]["type"] == "mean" and "method" in ome["multiscales"][0]["metadata"]
+    assert "omero" not in zarr.open_group(result.outputs["scale"], mode="r").attrs["ome"]  # a scale, not intensity
+    single = bigcare.restore(src.url, tmp_path / "flat.ome.zarr", make_model(tmp_path / "m"), client=client,
+                             device="cpu", progress=False, pyramid=False)
+    ds = xr.open_zarr(single.outputs["restored"], consolidated=False)
+    assert ds["0"].dims == ("z", "y", "x") and ds["bigcare_done"].dims == ("z_block", "y_block", "x_block")
+
+
+def test_metadata_that_readers_would_refuse_is_never_written(tmp_path):
+    from bigcare.store.write import create_volume
+
+    with pytest.raises(ConfigError, match="not valid OME-NGFF 0.5"):
+        create_volume(tmp_path / "bad.ome.zarr", shape=(8, 2), dtype="uint8", chunks=(8, 2),  # one space axis
+                      axes=[Axis("x", "space", UM), Axis("c", "channel")], scale=(1.0, 1.0))
+    assert not (tmp_path / "bad.ome.zarr").exists()

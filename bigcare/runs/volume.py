@@ -413,6 +413,17 @@ def output_geometry(run: VolumeRun) -> OutputGeometry:
     )
 
 
+def _windows(run: VolumeRun) -> list[tuple[float, float]] | None:
+    """Display window per output channel of an intensity output: the input's percentiles (the
+    output is in the input's units), as :meth:`Normalizer.denormalize` maps channels."""
+    if run.normalizer is None:
+        return None
+    lo, hi, n = run.normalizer.lo, run.normalizer.hi, run.layout.n_channel_out
+    if len(lo) != n:
+        lo, hi = (float(np.mean(lo)),) * n, (float(np.mean(hi)),) * n
+    return [(float(a), float(b)) for a, b in zip(lo, hi)]
+
+
 def _create_outputs(run: VolumeRun) -> None:
     volume, options = run.volume, run.output_options
     geometry = output_geometry(run)
@@ -421,16 +432,20 @@ def _create_outputs(run: VolumeRun) -> None:
     if not single:
         zarr.open_group(mode="w", zarr_format=3 if run.ngff_version == "0.5" else 2, attributes=run.attrs,
                         **store_kwargs(run.output, options))
+    kinds = getattr(run.model.predictor, "kinds", {})
     for name, url in images.items():
         create_volume(
             url, shape=geometry.shape, dtype=run.output_dtype, chunks=geometry.chunks, axes=geometry.axes,
             scale=geometry.scale, translation=geometry.translation, ngff_version=run.ngff_version,
             storage_options=options, name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,
             levels=None if run.pyramid else 1,  # declare only the levels that will be written
+            windows=_windows(run) if kinds.get(name, "intensity") == "intensity" else None,
         )
     root = zarr.open_group(mode="r+", **store_kwargs(run.output, options))
     grid = run.plan.grid
-    root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)
+    # named dimensions (zarr v3) so generic tools (xarray) take the output group with the marker in it
+    names = [f"{a}_block" for a in run.volume.axis_names] if run.ngff_version == "0.5" else None
+    root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0, dimension_names=names)
 
 
 #: Regions hashed for an input's fingerprint, and their largest extent per axis.

@@ -145,7 +145,8 @@ def _check_target(url: str, storage_options: dict | None, overwrite: bool) -> No
 def create_volume(url: PathLike, *, shape: Shape, dtype: DTypeLike, chunks: Shape, axes: Sequence[Axis | str],
                   scale: Sequence[float], translation: Sequence[float] | None = None, levels: int | None = None,
                   ngff_version: NgffVersion = "0.5", storage_options: dict | None = None, name: str | None = None,
-                  attrs: dict | None = None, overwrite: bool = False, fill_value: float = 0) -> Volume:
+                  attrs: dict | None = None, overwrite: bool = False, fill_value: float = 0,
+                  windows: Sequence[tuple[float, float]] | None = None) -> Volume:
     """Create an empty OME-Zarr image: metadata first, then every pyramid level.
 
     Parameters
@@ -176,6 +177,9 @@ def create_volume(url: PathLike, *, shape: Shape, dtype: DTypeLike, chunks: Shap
         Replace an existing zarr store at ``url``. Never deletes a folder that is not zarr.
     fill_value : scalar
         Value of chunks never written.
+    windows : sequence of (float, float), optional
+        Display window (start, end) per channel (one for an image without a channel axis),
+        written as the ``omero`` rendering settings viewers such as napari open with.
 
     Returns
     -------
@@ -217,14 +221,21 @@ def create_volume(url: PathLike, *, shape: Shape, dtype: DTypeLike, chunks: Shap
             {"type": "translation", "translation": [t + (c - 1) / 2 * s for t, c, s in zip(translation, cumulative, scale)]},
         ]})
     ngff_axes = [{k: v for k, v in (("name", a.name), ("type", a.type), ("unit", a.unit)) if v is not None} for a in axes]
-    multiscale: dict[str, Any] = {"axes": ngff_axes, "datasets": datasets}
+    # type and metadata say how the pyramid is made (NGFF: optional; strict readers want them)
+    multiscale: dict[str, Any] = {"axes": ngff_axes, "datasets": datasets, "type": "mean",
+                                  "metadata": {"method": "bigcare.store.pyramid.mean_reduce",
+                                               "description": "block means of integer factors, rounded for integer types"}}
     if name is not None:
         multiscale["name"] = name
+    ome: dict[str, Any] = {"multiscales": [multiscale]}
+    if windows is not None:
+        ome["omero"] = _omero(windows, dtype, axes)
     root_attrs: dict[str, Any]
     if ngff_version == "0.5":
-        root_attrs = {"ome": {"version": "0.5", "multiscales": [multiscale]}}
+        root_attrs = {"ome": {"version": "0.5", **ome}}
     else:
-        root_attrs = {"multiscales": [{"version": "0.4", **multiscale}]}
+        root_attrs = {**ome, "multiscales": [{"version": "0.4", **multiscale}]}
+    _validate(root_attrs, ngff_version)  # before anything is written: bigcare never writes what readers refuse
     root_attrs.update(attrs or {})
 
     group = zarr.open_group(mode="w", zarr_format=zarr_format, attributes=root_attrs,
@@ -263,6 +274,40 @@ def update_attrs(url, attrs: dict, *, storage_options=None) -> None:
     except (FileNotFoundError, zarr.errors.BaseZarrError) as exc:
         raise OutputError(f"{url}: cannot update attributes, not an existing zarr group ({exc})") from None
     group.update_attributes(dict(attrs))
+
+
+def _omero(windows: Sequence[tuple[float, float]], dtype: np.dtype, axes: Sequence[Axis]) -> dict[str, Any]:
+    """NGFF ``omero`` rendering settings: one grey channel per window (start, end)."""
+    channels = []
+    for k, (start, end) in enumerate(windows):
+        start, end = float(start), float(end)
+        if np.issubdtype(dtype, np.integer):
+            lo, hi = float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)
+        else:  # a float image has no range of its own: room around the window
+            span = max(end - start, 1e-6)
+            lo, hi = start - span, end + span
+        channels.append({"active": True, "color": "FFFFFF", "label": f"channel {k}" if len(windows) > 1 else "intensity",
+                         "window": {"start": start, "end": end, "min": min(lo, start), "max": max(hi, end)}})
+    return {"channels": channels, "rdefs": {"model": "greyscale"}}
+
+
+def _validate(root_attrs: dict[str, Any], ngff_version: str) -> None:
+    """ome-zarr-models' check of the image attributes (the NGFF JSON schema, as pydantic)."""
+    import pydantic
+    from ome_zarr_models.common.omero import Omero
+    from ome_zarr_models.v04.image import ImageAttrs as ImageAttrs04
+    from ome_zarr_models.v05.image import ImageAttrs as ImageAttrs05
+
+    try:
+        if ngff_version == "0.5":
+            ome = root_attrs["ome"]
+            ImageAttrs05.model_validate({k: v for k, v in ome.items() if k != "omero"})
+            if "omero" in ome:  # 0.5 carries omero beside multiscales, in "ome"; validated on its own
+                Omero.model_validate(ome["omero"])
+        else:
+            ImageAttrs04.model_validate(root_attrs)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"the image metadata bigcare would write is not valid OME-NGFF {ngff_version}: {exc}") from None
 
 
 def write_array(url: PathLike, data: np.ndarray, *, chunks: Shape, scale: Sequence[float], axes: Sequence[Axis | str],
