@@ -181,11 +181,18 @@ def test_failing_blocks_make_the_cli_exit_3_with_the_block_list(tmp_path, client
     assert sorted(failed) == [(z, y, x) for z in (0, 1) for y in (0, 1) for x in (0, 1)]
     assert not summary["complete"]
     assert summary["retries"] == len(failed)  # each failing block was tried twice
+    # one line per failed block on screen; the full worker tracebacks in the log beside the summary
+    assert sum(line.startswith("block (") and " failed: " in line for line in captured.err.splitlines()) == len(failed)
+    log = (tmp_path / "out.ome.zarr" / "bigcare_failures.log").read_text()
+    assert summary["failure_log"].endswith("bigcare_failures.log") and log.count("=== block (") == len(failed)
+    assert "Traceback" in log and "Traceback" not in captured.err
+    assert summary["wall_seconds"] >= summary["seconds"]
     done = assert_done_blocks_hold_final_data(tmp_path / "out.ome.zarr", reference)
     assert {tuple(i) for i in zip(*np.nonzero(done == 0))} == set(failed)
     chunk.write_bytes(good)
     assert main(args) == 0
     assert f"restored {len(failed)} block(s) ({16 - len(failed)} already done, 0 failed)" in capsys.readouterr().out
+    assert not (tmp_path / "out.ome.zarr" / "bigcare_failures.log").exists()  # the rerun finished them
     np.testing.assert_array_equal(read(tmp_path / "out.ome.zarr"), reference)
 
 

@@ -14,7 +14,11 @@ boundaries, and the model (sent once by :func:`shipping`) is built once per work
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
+import traceback
+
+from tqdm.auto import tqdm
 
 from bigcare.errors import BlockError
 from bigcare.runs.results import RunResult, cluster_info
@@ -99,7 +103,12 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
             for part in ("read", "predict", "write"):
                 result.seconds_in[part] += status[f"{part}_s"]
         else:
-            result.failed.append((block.index, block.write, f"{type(out.error).__name__}: {out.error}"))
+            message = f"{type(out.error).__name__}: {out.error}"
+            result.failed.append((block.index, block.write, message))
+            result.tracebacks.append((block.index, "".join(traceback.format_exception(out.error))))
+            if progress:  # one line, above the bar; the traceback goes to the failure log
+                tqdm.write(f"block {block.index} failed: {message.splitlines()[0] if message else ''}"[:300],
+                           file=sys.stderr)
         left[i] -= 1
         if left[i] == 0:  # when its last block finished, not when the runner released it
             result.seconds = out.finished - t0

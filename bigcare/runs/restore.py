@@ -19,6 +19,7 @@ Everything that can reject the input runs before anything is written. The stages
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -197,6 +198,7 @@ def restore(
         After the run, if some blocks failed (the others are written and marked done); its
         ``results`` attribute holds the RunResult.
     """
+    started = time.perf_counter()
     device = check_device(device or default_device())
     ref = resolve_model(model, ship_model)
     tiff_out = str(output) if is_tiff(output) else None
@@ -215,12 +217,28 @@ def restore(
         start_volume_run(run, c)
         with shipping(c, [ref.payload] if run.n_todo else []):
             (result,) = execute(c, [run], progress=progress)
+        result.wall_seconds = time.perf_counter() - started  # rewritten with the pyramid's time below
         finish_volume_run(run, result, c, progress)
+    if tiff_out is None:
+        _rewrite_wall_time(run, result, started)
     if result.failed:
         raise block_error([run], [result])
     if tiff_out is not None:
         result.tiff = _export_tiffs(run.images, tiff_out)
+        _rewrite_wall_time(run, result, started)
     return result
+
+
+def _rewrite_wall_time(run, result, started: float) -> None:
+    """The whole call's time (cluster, pyramid, TIFF included) into the result and its summary."""
+    import contextlib
+
+    from bigcare.runs.results import write_summary
+
+    result.wall_seconds = time.perf_counter() - started
+    if result.summary_path:
+        with contextlib.suppress(OSError):  # the summary already written holds the blocks' figures
+            write_summary(run, result)
 
 
 def _stage_tiffs(input, output, ref, overwrite: bool, progress: bool) -> tuple[str, str]:

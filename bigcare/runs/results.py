@@ -16,8 +16,8 @@ import fsspec
 
 from bigcare.version import __version__
 
-__all__ = ["RunResult", "cluster_info", "SUMMARY_NAME", "BATCH_SUMMARY_NAME", "summary_dict", "format_summary", "write_summary",
-           "write_batch_summary"]
+__all__ = ["RunResult", "cluster_info", "SUMMARY_NAME", "FAILURE_LOG_NAME", "BATCH_SUMMARY_NAME", "summary_dict",
+           "format_summary", "write_summary", "write_failure_log", "write_batch_summary"]
 
 SUMMARY_NAME = "bigcare_summary.json"
 BATCH_SUMMARY_NAME = "bigcare_batch_summary.json"
@@ -58,6 +58,12 @@ class RunResult:
     tiff : dict of str to str
         TIFF file per named output, for an output path ending in .tif / .tiff (the OME-Zarr
         images in ``outputs`` are what was restored).
+    wall_seconds : float
+        The whole call, from its start (cluster start, percentile pass, pyramid included).
+    tracebacks : list of (index, str)
+        The full (worker) traceback of each failed block; written to ``failure_log``.
+    failure_log : str
+        ``OUTPUT/bigcare_failures.log`` when blocks failed, else "".
     """
 
     outputs: dict[str, str]
@@ -77,6 +83,9 @@ class RunResult:
     summary_path: str = ""
     cluster: dict = field(default_factory=dict)
     tiff: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    tracebacks: list = field(default_factory=list)
+    failure_log: str = ""
 
     @property
     def voxels_per_second(self) -> float:
@@ -87,6 +96,7 @@ class RunResult:
         d = dict(self.__dict__)
         d["failed"] = [{"block": list(i), "write_region": [list(r) for r in w], "error": e} for i, w, e in self.failed]
         d["voxels_per_second"] = self.voxels_per_second
+        d["tracebacks"] = [[list(i), t] for i, t in self.tracebacks]
         return d
 
 
@@ -108,7 +118,8 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
     Keys: ``bigcare_version``, ``finished_at`` (UTC, ISO 8601), ``input``, ``output``,
     ``outputs``, ``model``, ``model_hash``, ``complete``, ``blocks`` (total, skipped,
     computed, failed), ``failed_blocks`` (block index, write region, error), ``voxels``,
-    ``seconds``, ``voxels_per_second``, ``retries``, ``rescheduled``, ``halo_overhead``,
+    ``failure_log``, ``seconds`` (the blocks), ``wall_seconds`` (the whole call),
+    ``voxels_per_second``, ``retries``, ``rescheduled``, ``halo_overhead``,
     ``peak_worker_rss_mb``, ``seconds_in`` (read, predict, write: task seconds summed over
     blocks), ``cluster`` (scheduler, workers, threads, dashboard), ``normalization``.
     """
@@ -121,7 +132,8 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
         "blocks": {"total": result.blocks_total, "skipped": result.blocks_skipped,
                    "computed": result.blocks_computed, "failed": len(result.failed)},
         "failed_blocks": d["failed"],
-        "voxels": result.voxels, "seconds": round(result.seconds, 3),
+        "failure_log": result.failure_log, "voxels": result.voxels, "seconds": round(result.seconds, 3),
+        "wall_seconds": round(result.wall_seconds, 3),
         "voxels_per_second": round(result.voxels_per_second, 1),
         "retries": result.retries, "rescheduled": result.rescheduled,
         "halo_overhead": round(result.halo_overhead, 4),
@@ -137,7 +149,8 @@ def format_summary(result, name: str = "") -> str:
     lines = [
         f"{name + ': ' if name else ''}restored {result.blocks_computed} block(s) "
         f"({result.blocks_skipped} already done, {len(result.failed)} failed) of {result.blocks_total} "
-        f"in {result.seconds:.1f} s: {result.voxels / 1e6:.2f} Mvoxel, {result.voxels_per_second / 1e6:.2f} Mvoxel/s",
+        f"in {result.seconds:.1f} s (the whole command: {result.wall_seconds:.1f} s): {result.voxels / 1e6:.2f} Mvoxel, "
+        f"{result.voxels_per_second / 1e6:.2f} Mvoxel/s",
         f"  retries {result.retries}, rescheduled after a worker died {result.rescheduled}, "
         f"halo overhead {result.halo_overhead:.2f}x, peak worker RSS {result.peak_worker_rss_mb:.0f} MB",
         f"  task seconds: read {s['read']:.1f}, predict {s['predict']:.1f}, write {s['write']:.1f}",
@@ -146,6 +159,8 @@ def format_summary(result, name: str = "") -> str:
         lines.append(f"  TIFF{' ' + name if len(result.tiff) > 1 else ''}: {path}")
     if result.summary_path:
         lines.append(f"  summary: {result.summary_path}")
+    if result.failure_log:
+        lines.append(f"  tracebacks of the failed blocks: {result.failure_log}")
     return "\n".join(lines)
 
 
@@ -153,6 +168,18 @@ def _write_json(url: str, options: dict | None, data: dict) -> str:
     with fsspec.open(url, "w", **(options or {})) as f:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")
+    return url
+
+
+FAILURE_LOG_NAME = "bigcare_failures.log"
+
+
+def write_failure_log(run, result) -> str:
+    """Write the full traceback of every failed block next to the summary; return its URL."""
+    url = f"{run.output.rstrip('/')}/{FAILURE_LOG_NAME}"
+    with fsspec.open(url, "w", **(run.output_options or {})) as f:
+        for index, text in sorted(result.tracebacks):
+            f.write(f"=== block {tuple(index)} ===\n{text.rstrip()}\n\n")
     return url
 
 

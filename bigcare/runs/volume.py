@@ -592,7 +592,7 @@ def finish_volume_run(run: VolumeRun, result, client=None, progress: bool = Fals
     With failed blocks the summary is written and the output stays marked incomplete; the
     caller raises :class:`~bigcare.errors.BlockError`.
     """
-    from bigcare.runs.results import write_summary
+    from bigcare.runs.results import FAILURE_LOG_NAME, write_failure_log, write_summary
 
     result.normalization = run.normalizer.as_dict() if run.normalizer else {}
     result.failed.sort()
@@ -604,6 +604,12 @@ def finish_volume_run(run: VolumeRun, result, client=None, progress: bool = Fals
                                   progress=progress)
             bigcare_attrs = {**run.attrs["bigcare"], "complete": True, "last_run": result.as_dict()}
             update_attrs(run.output, {"bigcare": bigcare_attrs}, storage_options=run.output_options)
+        if result.failed:
+            result.failure_log = write_failure_log(run, result)
+        else:  # an earlier attempt's log would describe blocks that are now done
+            fs, root = fsspec.core.url_to_fs(run.output, **(run.output_options or {}))
+            if fs.exists(f"{root.rstrip('/')}/{FAILURE_LOG_NAME}"):
+                fs.rm(f"{root.rstrip('/')}/{FAILURE_LOG_NAME}")
         result.summary_path = write_summary(run, result)
     except OSError as exc:  # disk full, store gone: the blocks are written and marked done
         raise OutputError(f"could not finish {run.output} ({type(exc).__name__}: {exc}); its {result.blocks_computed} "

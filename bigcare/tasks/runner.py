@@ -212,6 +212,7 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress)
+    n_failed = 0
     limit = in_flight if in_flight is not None else (None if client is not None else 4 * (os.cpu_count() or 1))
 
     def fill() -> None:
@@ -266,7 +267,11 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
                 continue
             out = Outcome(item, result, err, attempt, finished=time.perf_counter())
             del result
-            bar.update(1)
+            if err is None:
+                bar.update(1)
+            else:  # a failed item is not done: the bar says how many failed instead
+                n_failed += 1
+                bar.set_postfix(failed=n_failed)
             if count_rescheduled:
                 held.append((out, fut))
                 if len(held) >= ACCOUNT_EVERY or not running:
