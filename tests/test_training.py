@@ -65,6 +65,8 @@ def test_train_writes_checkpoints_and_log_and_is_deterministic(pairs, tmp_path, 
         assert cfg.provenance["data"]["patch_shape"] == [8, 32, 32]
     lines = (tmp_path / "a" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    png = (tmp_path / "a" / "loss_curves.png").read_bytes()  # redrawn each epoch, a whole PNG
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and not list((tmp_path / "a").glob("*.partial.png"))
 
 
 def test_resume_continues_from_the_saved_epoch(pairs, tmp_path, client):
