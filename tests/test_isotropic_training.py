@@ -141,3 +141,22 @@ def test_axial_blur_is_recovered_from_the_volume_itself():
         aniso = ndimage.gaussian_filter1d(iso, np.sqrt(sz**2 - 1.0), axis=0)[::3]
         found = axial_blur_match(aniso, 3.0, sigma_xy=1.0, voxel_xy=1.0)
         assert found["sigma_z"] == pytest.approx(sz, rel=0.25), found
+
+
+def test_isotropic_training_on_a_thin_stack_splits_validation_by_planes(tmp_path):
+    """15 planes and 2D patches: zones of the patch's physical size do not fit (one zone), so
+    along Z, which the patches do not span, they are cut to single planes, with a warning."""
+    from conftest import smooth_volume
+
+    path = tmp_path / "thin.ome.zarr"
+    write_volume(path, smooth_volume((15, 128, 128)), chunks=(15, 64, 64), scale=(2.0, 0.5, 0.5))
+    config = {
+        "model_dir": str(tmp_path / "m"),
+        "data": {"sources": [{"input": str(path)}], "patch_shape": [32, 32], "n_patches": 40},
+        "network": {"depth": 1, "n_filter_base": 4, "kernel_size": 3},
+        "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
+        "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": 1.0, "sigma_z": 2.5}},
+    }
+    with pytest.warns(UserWarning, match="cut thinner.*validation loss is optimistic"):
+        result = train(config, progress=False)
+    assert result.epochs == 1 and np.isfinite(result.val_loss).all()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -354,12 +355,33 @@ class _ForegroundRule:
 def _zone_shapes(geoms: Sequence[Geometry], n_train: int, n_val: int) -> list[tuple[int, ...]]:
     """Zones of k patch lengths (in cells): k = 4 when there are enough of them, else down to 2."""
     k = 2
-    if n_val:
-        needed = max(20, math.ceil(2 * (n_train + n_val) / n_val))  # validation gets >= 2 zones
-        for k in (4, 3, 2):
-            if sum(math.prod(-(-m // t) for m, t in zip(g.grid.shape, _zone_cells(g, k))) for g in geoms) >= needed:
-                break
-    return [_zone_cells(g, k) for g in geoms]
+    if not n_val:
+        return [_zone_cells(g, k) for g in geoms]
+    needed = max(20, math.ceil(2 * (n_train + n_val) / n_val))  # validation gets >= 2 zones
+
+    def count(zones) -> int:
+        return sum(math.prod(-(-m // t) for m, t in zip(g.grid.shape, z)) for g, z in zip(geoms, zones))
+
+    for k in (4, 3, 2):
+        zones = [_zone_cells(g, k) for g in geoms]
+        if count(zones) >= needed:
+            return zones
+    # Too few zones of the patch's physical size: on axes the patches do not span (Z of a
+    # thin stack with 2D patches) zones become as thin as it takes, down to one plane; the
+    # validation patches are then disjoint from the training ones, but neighbouring planes
+    # are alike, so the validation loss is optimistic: said, not hidden.
+    thin = []
+    for g, z in zip(geoms, zones):
+        thin.append(tuple(t if p > 1 or m == 1 else min(t, max(1, -(-m // min(m, needed))))
+                          for m, t, p in zip(g.grid.shape, z, g.footprint)))
+    if count(thin) > count(zones):
+        warnings.warn(
+            f"the sources are small for disjoint validation: zones of the patch's size give {count(zones)}; "
+            f"along axes the patches do not span they are cut thinner (to {thin[0]} cells of the first source), "
+            "so validation patches lie on other planes than training patches but near them: the validation loss "
+            "is optimistic. More or larger volumes avoid it.", UserWarning, stacklevel=3)
+        return thin
+    return zones
 
 
 def _foreground_per_zone(geoms: Sequence[Geometry], zones: Sequence[tuple[int, ...]], fg: _ForegroundRule,
