@@ -116,7 +116,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_restore(args) -> int:
-    from bigcare.errors import BlockError
+    from bigcare.errors import BlockError, ConfigError
     from bigcare.runs.results import format_summary, summary_dict
     from bigcare.tasks.cluster import cluster_kwargs
 
@@ -127,8 +127,11 @@ def _cmd_restore(args) -> int:
                    precision=args.precision, overwrite=args.overwrite, ngff_version=args.ngff_version,
                    output_dtype=args.output_dtype, pyramid=args.pyramid, ship_model=args.ship_model,
                    nan_fill=args.nan_fill, progress=not args.quiet,
+                   **({"preview": args.preview} if args.preview else {}),
                    **cluster_kwargs(args))
     _pairs(args)  # the paths make sense
+    if args.preview and args.output_dir is not None:
+        raise ConfigError("--preview draws one volume: restore it on its own (INPUT OUTPUT --preview PNG)")
     try:
         if args.output_dir is None:
             from bigcare.runs.restore import restore
@@ -230,6 +233,8 @@ def _restore_arguments(p, add_cluster_arguments) -> None:
     p.add_argument("--json", action="store_true", help="print each run summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or cluster lines; summaries and errors only")
     p.add_argument("--dry-run", action="store_true", help="print the plan (as bigcare plan does) and write nothing")
+    p.add_argument("--preview", default=None, metavar="PNG",
+                   help="after the run, write XY/XZ slices of input and outputs through the busiest region to PNG")
     add_cluster_arguments(p)
 
 

@@ -114,6 +114,7 @@ def restore(
     security: Security | None = None,
     dashboard: bool | str = True,
     nan_fill: float | None = None,
+    preview: PathLike | None = None,
 ) -> RunResult:
     """Restore an OME-Zarr volume block by block with a model, on a dask cluster.
 
@@ -185,6 +186,9 @@ def restore(
     nan_fill : float, optional
         Read NaN/inf input voxels as this value (recorded in the output's ``bigcare.nan_fill``).
         By default an input holding them is refused (or its blocks that hold them fail by name).
+    preview : str or os.PathLike, optional
+        Write a PNG of XY and XZ slices of the input and every output through the input's busiest
+        region, at full resolution, one display window for intensities (:mod:`bigcare.runs.preview`).
 
     Returns
     -------
@@ -219,12 +223,18 @@ def restore(
             (result,) = execute(c, [run], progress=progress)
         result.wall_seconds = time.perf_counter() - started  # rewritten with the pyramid's time below
         finish_volume_run(run, result, c, progress)
-    if tiff_out is None:
+    if tiff_out is None and preview is None:
         _rewrite_wall_time(run, result, started)
     if result.failed:
         raise block_error([run], [result])
     if tiff_out is not None:
         result.tiff = _export_tiffs(run.images, tiff_out)
+    if preview is not None:
+        from bigcare.runs.preview import write_preview
+
+        result.preview = str(write_preview(run.volume.url, run.images, preview, storage_options=run.volume.storage_options,
+                                           kinds=getattr(run.model.predictor, "kinds", None)))
+    if tiff_out is not None or preview is not None:
         _rewrite_wall_time(run, result, started)
     return result
 

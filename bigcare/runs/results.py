@@ -64,6 +64,8 @@ class RunResult:
         The full (worker) traceback of each failed block; written to ``failure_log``.
     failure_log : str
         ``OUTPUT/bigcare_failures.log`` when blocks failed, else "".
+    preview : str
+        The before/after PNG, when one was asked for.
     """
 
     outputs: dict[str, str]
@@ -86,6 +88,7 @@ class RunResult:
     wall_seconds: float = 0.0
     tracebacks: list = field(default_factory=list)
     failure_log: str = ""
+    preview: str = ""
 
     @property
     def voxels_per_second(self) -> float:
@@ -159,6 +162,8 @@ def format_summary(result, name: str = "") -> str:
         lines.append(f"  TIFF{' ' + name if len(result.tiff) > 1 else ''}: {path}")
     if result.summary_path:
         lines.append(f"  summary: {result.summary_path}")
+    if result.preview:
+        lines.append(f"  preview: {result.preview}")
     if result.failure_log:
         lines.append(f"  tracebacks of the failed blocks: {result.failure_log}")
     return "\n".join(lines)
