@@ -76,8 +76,8 @@ def _out(args, default: str) -> str:
 def _cmd_demo(args) -> int:
     from bigcare.demo import run_demo
 
-    metrics = run_demo(_out(args, "bigcare-demo"), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, workers=args.workers,
-                       device=args.device, seed=args.seed)
+    metrics = run_demo(_out(args, "bigcare-demo"), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                       workers=args.workers, device=args.device, seed=args.seed, train=args.train)
     better = (metrics["restored"]["nrmse"] < metrics["input"]["nrmse"]
               and metrics["restored"]["ssim"] > metrics["input"]["ssim"])
     if not better:
@@ -251,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?", default=None,
                    help="output folder: new, empty or an earlier demo's (replaced); others are refused [bigcare-demo]")
     p.add_argument("--out", dest="out_option", default=None, help=argparse.SUPPRESS)  # the form of earlier releases
-    p.add_argument("--epochs", type=int, default=12, help="training epochs [12]")
+    p.add_argument("--train", action="store_true",
+                   help="train a model here first (the full train-then-restore path) instead of the shipped demo model")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs with --train [12]")
     p.add_argument("--steps-per-epoch", type=int, default=20, help="steps per epoch [20]")
     p.add_argument("--steps", dest="steps_per_epoch", type=int, action=_Deprecated, new="--steps-per-epoch",
                    help=argparse.SUPPRESS)

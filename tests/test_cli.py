@@ -37,24 +37,29 @@ def test_restore_command_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_a_tiny_volume(tmp_path, capsys):
-    """The demo's numbers are those of the files it wrote, and its restoration is the model's."""
+@pytest.mark.parametrize("train", [False, True], ids=["shipped-model", "train-here"])
+def test_demo_runs_end_to_end_on_a_tiny_volume(tmp_path, capsys, train):
+    """The demo's numbers are those of the files it wrote, and its restoration is the model's
+    (the shipped demo model, or one trained here with --train)."""
     import json
 
     import bigcare
+    from bigcare.demo import DEMO_MODEL
     from bigcare.metrics import nrmse, ssim
     from conftest import read
 
     demo = tmp_path / "demo"
     metrics = run_demo(demo, shape=(16, 64, 64), block=(16, 32, 32), epochs=1, steps_per_epoch=2,
-                       workers=1, progress=False)
+                       workers=1, progress=False, train=train)
+    model = demo / "model" / "best" if train else DEMO_MODEL
+    assert (demo / "model").exists() == train
     clean, noisy, restored = (read(demo / f"{n}.ome.zarr") for n in ("clean", "noisy", "restored"))
     assert restored.shape == clean.shape == (16, 64, 64) and np.isfinite(restored).all()
     for name, image in (("input", noisy), ("restored", restored)):
         assert metrics[name]["nrmse"] == pytest.approx(nrmse(image, clean), rel=1e-9)
         assert metrics[name]["ssim"] == pytest.approx(ssim(image, clean), rel=1e-9)
     # blockwise on the cluster == the trained model applied to the whole volume in memory
-    whole = bigcare.predict(noisy, demo / "model" / "best", axes="zyx")["restored"]
+    whole = bigcare.predict(noisy, model, axes="zyx")["restored"]
     np.testing.assert_allclose(restored, whole, rtol=1e-4, atol=1e-4)
     assert not np.allclose(restored, noisy, atol=1e-3)  # the network did something
     summary = json.loads((demo / "restored.ome.zarr" / "bigcare_summary.json").read_text())
