@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from bigcare.runs.volume import fit_to_cluster, output_geometry, plan_volume_run, resolve_model
+from bigcare.runs.outputs import output_geometry
+from bigcare.runs.volume import fit_to_cluster, plan_volume_run, resolve_model
 from bigcare.store.arrays import written_chunks
 from bigcare.store.urls import store_kwargs
 from bigcare.tasks.block import MARKER

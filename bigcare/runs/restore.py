@@ -28,6 +28,7 @@ from bigcare.blocks.layout import AxisLayout
 from bigcare.blocks.zoom import volume_zoom, zoom_region
 from bigcare.normalization import Normalizer, array_normalizer
 from bigcare.predictors.base import load_predictor, predict_region
+from bigcare.runs.outputs import output_geometry
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.results import RunResult
 from bigcare.runs.tiff import check_tiff_output, is_tiff, stage_tiff_input, staged_paths, write_tiff
@@ -36,7 +37,6 @@ from bigcare.runs.volume import (
     cluster_devices,
     finish_volume_run,
     fit_to_cluster,
-    output_geometry,
     plan_volume_run,
     resolve_model,
     start_volume_run,
@@ -125,12 +125,11 @@ def restore(
         or a local TIFF / OME-TIFF file, converted first (streamed) into ``<output
         stem>.input.ome.zarr`` beside the output and reused by reruns (:mod:`bigcare.runs.tiff`).
     output : str or os.PathLike
-        A path ending in ``.tif`` / ``.tiff`` restores into ``<stem>.ome.zarr`` and then writes
-        that as an OME-TIFF (refused before the run beyond ``TIFF_OUTPUT_LIMIT``, 8 GiB).
         Where to write. A model with one output writes one OME-Zarr image there; a model with
         several named outputs (e.g. ``mean`` and ``scale``) writes a group holding one image per
         name (``output/mean``, ``output/scale``). ``output/bigcare_summary.json`` holds the run
-        summary.
+        summary. A path ending in ``.tif`` / ``.tiff`` restores into ``<stem>.ome.zarr`` and then
+        writes that as an OME-TIFF (refused before the run beyond ``TIFF_OUTPUT_LIMIT``, 8 GiB).
     model : str, os.PathLike, ModelPayload or Predictor
         Model folder (config.json + model.safetensors), a
         :class:`~bigcare.predictors.shipping.ModelPayload`, or a picklable predictor object such as
@@ -207,7 +206,7 @@ def restore(
     ref = resolve_model(model, ship_model)
     tiff_out = str(output) if is_tiff(output) else None
     if tiff_out is not None or (not hasattr(input, "levels") and is_tiff(input)):
-        input, output = _stage_tiffs(input, output, ref, overwrite, progress)
+        input, output = _stage_tiffs(input, output, overwrite, progress)
     run = plan_volume_run(input, output, ref, block_shape=block_shape, tile_shape=tile_shape, device=device,
                           precision=precision,
                           overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
@@ -241,8 +240,6 @@ def restore(
 
 def _rewrite_wall_time(run, result, started: float) -> None:
     """The whole call's time (cluster, pyramid, TIFF included) into the result and its summary."""
-    import contextlib
-
     from bigcare.runs.results import write_summary
 
     result.wall_seconds = time.perf_counter() - started
@@ -251,15 +248,19 @@ def _rewrite_wall_time(run, result, started: float) -> None:
             write_summary(run, result)
 
 
-def _stage_tiffs(input, output, ref, overwrite: bool, progress: bool) -> tuple[str, str]:
-    """The OME-Zarr paths a TIFF input / output stand for (the input converted, streamed)."""
+def _stage_tiffs(input, output, overwrite: bool, progress: bool):
+    """The OME-Zarr input and output a TIFF input / output stand for (the input converted,
+    streamed); an opened Volume stays as it is."""
     import os
 
     from bigcare.errors import OutputError
 
-    zin, zout = staged_paths(str(input), str(output))
+    opened = hasattr(input, "levels")
+    zin, zout = staged_paths(input.url if opened else str(input), str(output))
     if is_tiff(output) and os.path.exists(output) and not overwrite:
         raise OutputError(f"{output} exists; pass overwrite=True (--overwrite) to replace that TIFF, or choose another path")
+    if opened:
+        return input, zout
     if is_tiff(input):
         zin = stage_tiff_input(str(input), zin, progress=progress)
     return zin, zout

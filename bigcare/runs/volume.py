@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +32,17 @@ from bigcare.blocks.sizing import plan_restoration
 from bigcare.errors import ConfigError, InputError, ModelMismatchError, OutputError
 from bigcare.normalization import Normalizer, volume_normalizer
 from bigcare.predictors.base import Predictor, check_predictor, load_predictor
+from bigcare.runs.outputs import (
+    check_writable,
+    create_outputs,
+    input_fingerprint,
+    same_input,
+)
 from bigcare.store.arrays import written_chunks
-from bigcare.store.axes import Axis
 from bigcare.store.pyramid import write_pyramid
-from bigcare.store.urls import is_url, normalize_url, overlap, store_kwargs
+from bigcare.store.urls import normalize_url, overlap, store_kwargs
 from bigcare.store.volume import Volume, check_finished, open_volume
-from bigcare.store.write import create_volume, downsample_factors, update_attrs
+from bigcare.store.write import update_attrs
 from bigcare.tasks.block import MARKER, RunSpec
 from bigcare.types import (
     NGFF_VERSIONS,
@@ -304,26 +308,6 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
                      default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid, nan_fill=nan_fill)
 
 
-def check_writable(output: str) -> None:
-    """OutputError when a local output cannot be made: its nearest existing folder is not a
-    writable folder (read-only file system, no permission). Writes nothing; remote stores are
-    found out when the outputs are created (still before any block runs)."""
-    if is_url(output):
-        return
-    parent = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise OutputError(f"cannot write the output {output}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the output {output}: {parent} is not writable (read-only or no permission)")
-    try:
-        if os.statvfs(parent).f_flag & os.ST_RDONLY:
-            raise OutputError(f"cannot write the output {output}: {parent} is on a read-only file system")
-    except (AttributeError, OSError):  # no statvfs: creating the outputs will tell
-        pass
-
-
 def check_apart(input: str, output: str) -> None:
     """OutputError when an output is, lies inside or contains an input (whatever overwrite says).
 
@@ -377,114 +361,6 @@ def fit_to_cluster(run: VolumeRun, devices: int) -> VolumeRun:
                            run.precision, run.pyramid, run.nan_fill)
     run.state = _output_state(run.output, run.output_options, run.run_key, run.overwrite)
     return run
-
-
-@dataclass(frozen=True)
-class OutputGeometry:
-    """Axes, shape, chunks, voxel size and offset of every output image of a run."""
-
-    axes: list[Axis]
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    scale: list[float]
-    translation: list[float]
-
-    @property
-    def levels(self) -> int:
-        """Pyramid levels a run with a pyramid writes (level 0 included)."""
-        return 1 + len(downsample_factors(self.shape, self.axes, self.scale))
-
-
-def output_geometry(run: VolumeRun) -> OutputGeometry:
-    """The geometry of a run's outputs (input axes, units and offsets; zoomed axes rescaled)."""
-    volume, layout = run.volume, run.layout
-    in_chunks = dict(zip(volume.axis_names, run.chunks))
-    in_chunks["c"] = layout.n_channel_out
-    axes_by_name = {a.name: a for a in volume.axes}
-    scale_by_name = dict(zip(volume.axis_names, volume.scale))
-    trans_by_name = dict(zip(volume.axis_names, volume.levels[0].translation))
-    zoom = dict(zip(volume.axis_names, run.plan.zoom or (1.0,) * len(volume.axis_names)))
-    return OutputGeometry(
-        axes=[axes_by_name.get(a, Axis("c", "channel", None)) for a in layout.out_axes],
-        shape=tuple(layout.out_shape(run.plan.shape)),
-        chunks=tuple(in_chunks[a] for a in layout.out_axes),
-        scale=[scale_by_name.get(a, 1.0) / zoom.get(a, 1.0) for a in layout.out_axes],
-        translation=[trans_by_name.get(a, 0.0) for a in layout.out_axes],
-    )
-
-
-def _windows(run: VolumeRun) -> list[tuple[float, float]] | None:
-    """Display window per output channel of an intensity output: the input's percentiles (the
-    output is in the input's units), as :meth:`Normalizer.denormalize` maps channels."""
-    if run.normalizer is None:
-        return None
-    lo, hi, n = run.normalizer.lo, run.normalizer.hi, run.layout.n_channel_out
-    if len(lo) != n:
-        lo, hi = (float(np.mean(lo)),) * n, (float(np.mean(hi)),) * n
-    return [(float(a), float(b)) for a, b in zip(lo, hi)]
-
-
-def _create_outputs(run: VolumeRun) -> None:
-    volume, options = run.volume, run.output_options
-    geometry = output_geometry(run)
-    images = run.images
-    single = len(images) == 1
-    if not single:
-        zarr.open_group(mode="w", zarr_format=3 if run.ngff_version == "0.5" else 2, attributes=run.attrs,
-                        **store_kwargs(run.output, options))
-    kinds = getattr(run.model.predictor, "kinds", {})
-    for name, url in images.items():
-        create_volume(
-            url, shape=geometry.shape, dtype=run.output_dtype, chunks=geometry.chunks, axes=geometry.axes,
-            scale=geometry.scale, translation=geometry.translation, ngff_version=run.ngff_version,
-            storage_options=options, name=f"{volume.name or 'volume'} ({name})", attrs=run.attrs if single else None,
-            levels=None if run.pyramid else 1,  # declare only the levels that will be written
-            windows=_windows(run) if kinds.get(name, "intensity") == "intensity" else None,
-        )
-    root = zarr.open_group(mode="r+", **store_kwargs(run.output, options))
-    grid = run.plan.grid
-    # named dimensions (zarr v3) so generic tools (xarray) take the output group with the marker in it
-    names = [f"{a}_block" for a in run.volume.axis_names] if run.ngff_version == "0.5" else None
-    root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0, dimension_names=names)
-
-
-#: Regions hashed for an input's fingerprint, and their largest extent per axis.
-FINGERPRINT_REGIONS = 8
-FINGERPRINT_EXTENT = 64
-
-
-def input_fingerprint(volume: Volume) -> dict:
-    """Hashes of the input's layout and of a few seeded small regions of its voxels.
-
-    Stored with a run's outputs so that a resume refuses an input replaced in place by another
-    of the same shape and type. It reads at most ``FINGERPRINT_REGIONS`` regions of at most
-    ``FINGERPRINT_EXTENT`` voxels per axis, one inside each of as many seeded chunks. A region
-    that cannot be read now (a corrupt chunk: its blocks will fail by name) is None and is not
-    compared.
-    """
-    lv = volume.levels[0]
-    grid = [-(-n // c) for n, c in zip(lv.shape, lv.chunks)]
-    rng = np.random.default_rng(0)
-    picks = sorted({tuple(int(rng.integers(0, g)) for g in grid) for _ in range(FINGERPRINT_REGIONS)})
-    arr = volume.array(0)
-    regions: list[str | None] = []
-    for index in picks:
-        region = tuple(slice(i * c, min(i * c + min(c, FINGERPRINT_EXTENT), n))
-                       for i, c, n in zip(index, lv.chunks, lv.shape))
-        try:
-            regions.append(hashlib.sha256(np.ascontiguousarray(arr[region]).tobytes()).hexdigest())
-        except Exception:  # noqa: BLE001 - unreadable now; the blocks that need it report it
-            regions.append(None)
-    layout = hashlib.sha256(json.dumps([list(lv.shape), lv.dtype.str, list(lv.chunks)]).encode()).hexdigest()
-    return {"layout": layout, "regions": regions}
-
-
-def same_input(stored: dict | None, now: dict) -> bool:
-    """Whether two fingerprints can be of the same input (unreadable regions are not compared)."""
-    if not isinstance(stored, dict):  # outputs of older versions carry none
-        return True
-    pairs = zip(stored.get("regions", []), now["regions"])
-    return stored.get("layout") == now["layout"] and all(a == b for a, b in pairs if a is not None and b is not None)
 
 
 def measure_volume_run(run: VolumeRun, client=None) -> VolumeRun:
@@ -560,7 +436,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         if run.nan_fill is not None:  # provenance: these outputs saw NaN/inf input voxels as this value
             run.attrs["bigcare"]["nan_fill"] = run.nan_fill
         try:
-            _create_outputs(run)
+            create_outputs(run)
         except OSError as exc:  # read-only location, no permission, disk full
             raise OutputError(f"cannot write the output {run.output} ({type(exc).__name__}: {exc})") from None
     else:
