@@ -1,0 +1,24 @@
+"""Benchmarks that cannot rot: their smoke modes run here (seconds, tiny sizes, no figures asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_suite_runs_in_smoke_mode_and_writes_its_json(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("gpu_suite", None)
+    import gpu_suite
+
+    report = gpu_suite.main(["--smoke", "--device", "cpu", "--out", str(tmp_path / "gpu_suite.json"),
+                             "--workdir", str(tmp_path / "work")])
+    saved = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert saved["smoke"] and saved["device"] == "cpu"
+    variants = saved["model_only"]["variants"]
+    assert {v["precision"] for v in variants} == {"fp32", "bf16"} and all("error" not in v for v in variants)
+    assert "error" not in saved["end_to_end"] and saved["end_to_end"]["blocks"] >= 1
+    assert report["suite_s"] == saved["suite_s"]
