@@ -316,38 +316,43 @@ def test_local_workers_are_capped_by_memory_and_say_so(capsys):
 
 
 def test_semaphores_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
-    """A ``sem.mp-*`` file no process maps (its run was killed with its resource tracker) is
-    removed; one this process holds, or a fresh one, is kept."""
+    """Semaphores a killed run recorded are removed by the next run; a recorded one some process
+    still maps, one nobody recorded, and those of a live run are kept."""
     import multiprocessing
-    import os
-    import time
+    import subprocess
 
-    from bigcare.tasks.cluster import remove_orphan_semaphores
+    from bigcare.tasks.cluster import SEMAPHORE_REGISTRY, remove_orphan_semaphores
 
     shm = "/dev/shm"
     if not os.path.isdir(shm):
         pytest.skip("no /dev/shm")
     live = multiprocessing.get_context("spawn").Lock()  # a named semaphore, mapped here
-    live_path = shm + "/sem." + live._semlock.name.lstrip("/")
-    orphan, fresh = f"{shm}/sem.mp-bigcaretest{os.getpid()}", f"{shm}/sem.mp-bigcarefresh{os.getpid()}"
-    for path in (orphan, fresh):
-        with open(path, "wb") as f:
+    live_name = "sem." + live._semlock.name.lstrip("/")
+    tag = os.getpid()
+    orphan, stranger = f"sem.mp-bigcaretest{tag}", f"sem.mp-bigcarestranger{tag}"
+    kept_by_live_run = f"sem.mp-bigcarelive{tag}"
+    for name in (orphan, stranger, kept_by_live_run):
+        with open(f"{shm}/{name}", "wb") as f:
             f.write(b"\0" * 32)
-    old = time.time() - 3600
-    os.utime(orphan, (old, old))
-    if os.path.exists(live_path):  # spawn semaphores stay named while held: make it look old too
-        os.utime(live_path, (old, old))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    with open(f"{shm}/{SEMAPHORE_REGISTRY}{dead.pid}", "w") as f:
+        f.write(f"{orphan}\n{live_name}\n")
+    with open(f"{shm}/{SEMAPHORE_REGISTRY}{os.getpid()}", "a") as f:  # this process: alive
+        f.write(f"{kept_by_live_run}\n")
     try:
-        removed = remove_orphan_semaphores(shm, min_age_s=60)
-        assert orphan in removed and not os.path.exists(orphan)
-        assert os.path.exists(fresh) and fresh not in removed
-        assert live_path not in removed
+        removed = remove_orphan_semaphores(shm)
+        assert removed == [f"{shm}/{orphan}"] and not os.path.exists(f"{shm}/{orphan}")
+        assert os.path.exists(f"{shm}/{live_name}") and os.path.exists(f"{shm}/{stranger}")
+        assert os.path.exists(f"{shm}/{kept_by_live_run}")
+        assert not os.path.exists(f"{shm}/{SEMAPHORE_REGISTRY}{dead.pid}")
         live.acquire()  # still a working semaphore
         live.release()
     finally:
-        for path in (orphan, fresh):
-            if os.path.exists(path):
-                os.unlink(path)
+        for name in (orphan, stranger, kept_by_live_run, f"{SEMAPHORE_REGISTRY}{dead.pid}",
+                     f"{SEMAPHORE_REGISTRY}{os.getpid()}"):
+            if os.path.exists(f"{shm}/{name}"):
+                os.unlink(f"{shm}/{name}")
         del live
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,35 +62,73 @@ def dashboard_address(dashboard: bool | str) -> str | None:
     return address
 
 
-def remove_orphan_semaphores(directory: str = "/dev/shm", min_age_s: float = 10.0) -> list[str]:
-    """Remove the POSIX semaphores of Python multiprocessing (``sem.mp-*``) that no process holds.
+SEMAPHORE_REGISTRY = "bigcare-sems-"
 
-    A local cluster's worker processes are started with semaphores that the multiprocessing
-    resource tracker removes when the run ends; a run killed outright (kill -9 of its process
-    group) takes the tracker with it and leaves them (7 per worker). A semaphore is held by a
-    process exactly while it is mapped in that process, so files of this user that no process of
-    this user maps (compared by inode), and that are older than ``min_age_s``, belong to no one
-    and are removed.
-    Returns the removed paths.
+
+def _semaphores(directory: str) -> set[str]:
+    try:
+        return {n for n in os.listdir(directory) if n.startswith("sem.mp-")}
+    except OSError:
+        return set()
+
+
+def register_semaphores(names: set[str], directory: str = "/dev/shm") -> None:
+    """Record the semaphores a local cluster of this process created (``bigcare-sems-<pid>``)."""
+    if names:
+        with contextlib.suppress(OSError), open(os.path.join(directory, f"{SEMAPHORE_REGISTRY}{os.getpid()}"), "a") as f:
+            f.write("".join(f"{n}\n" for n in sorted(names)))
+
+
+_WATCHING = threading.Event()
+
+
+def _watch_semaphores(known: set[str], directory: str = "/dev/shm", every_s: float = 2.0) -> None:
+    """Record, every ``every_s`` while this process lives, the semaphores that appear after the
+    cluster started (one daemon thread per process). Recording too many is harmless: a recorded
+    semaphore that some process maps is never removed."""
+    if _WATCHING.is_set():
+        return
+    _WATCHING.set()
+
+    def watch() -> None:
+        seen = set(known)
+        while True:
+            time.sleep(every_s)
+            now = _semaphores(directory)
+            register_semaphores(now - seen, directory)
+            seen |= now
+
+    threading.Thread(target=watch, name="bigcare-semaphores", daemon=True).start()
+
+
+def remove_orphan_semaphores(directory: str = "/dev/shm") -> list[str]:
+    """Remove the multiprocessing semaphores (``sem.mp-*``) of bigcare runs that were killed outright.
+
+    A local cluster's nannies start their workers with semaphores that the multiprocessing
+    resource tracker removes when the run ends; a run killed with its whole process group
+    (kill -9) takes the tracker with it and leaves them (7 per worker). Each run records the
+    ones its cluster created in ``bigcare-sems-<pid>``; a later run removes those of a pid that
+    no longer runs, unless some process still maps one (compared by inode: the process that
+    created a semaphore maps glibc's temporary file, since renamed to ``sem.mp-*``). Semaphores
+    bigcare did not record are never touched. Returns the removed paths.
     """
     try:
-        names = [n for n in os.listdir(directory) if n.startswith("sem.mp-")]
+        registries = [n for n in os.listdir(directory) if n.startswith(SEMAPHORE_REGISTRY)]
     except OSError:
         return []
-    uid, now = os.getuid(), time.time()
-    candidates = {}
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            st = os.stat(path)
-        except OSError:
+    dead = []
+    for name in registries:
+        pid = name[len(SEMAPHORE_REGISTRY):]
+        if not pid.isdigit():
             continue
-        if st.st_uid == uid and now - st.st_mtime >= min_age_s:
-            candidates[path] = st
-    if not candidates:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            dead.append(name)
+        except PermissionError:  # alive, another user's
+            continue
+    if not dead:
         return []
-    # by inode: the process that created a semaphore maps glibc's temporary file, since
-    # renamed to sem.mp-*, which its maps show as "sem.XXXXXX (deleted)"
     mapped: set[int] = set()
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
@@ -98,11 +137,24 @@ def remove_orphan_semaphores(directory: str = "/dev/shm", min_age_s: float = 10.
         except (OSError, ValueError, IndexError):  # gone, or another user's (it cannot open our 0600 files)
             continue
     removed = []
-    for path, st in candidates.items():
-        if st.st_ino not in mapped:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-                removed.append(path)
+    for registry in dead:
+        path = os.path.join(directory, registry)
+        try:
+            with open(path) as f:
+                names = [line.strip() for line in f if line.strip().startswith("sem.mp-")]
+        except OSError:
+            continue
+        for sem in names:
+            target = os.path.join(directory, sem)
+            try:
+                if os.stat(target).st_ino in mapped:
+                    continue
+                os.unlink(target)
+                removed.append(target)
+            except OSError:
+                continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     return removed
 
 
@@ -370,11 +422,15 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
 
     remove_orphan_semaphores()  # left by runs killed outright
     n, threads = local_cluster_shape(workers)
-    return LocalCluster(
+    before = _semaphores("/dev/shm")
+    cluster = LocalCluster(
         n_workers=n, threads_per_worker=threads_per_worker or threads, processes=True,
         dashboard_address=dashboard_address(dashboard), host=LOOPBACK,
         resources={"GPU": 1} if str(device).startswith("cuda") else None, silence_logs=40,
     )
+    register_semaphores(_semaphores("/dev/shm") - before)
+    _watch_semaphores(before | _semaphores("/dev/shm"))  # the run makes a few more (model loading)
+    return cluster
 
 
 def _scale(cluster, kind: str, config) -> None:
