@@ -149,9 +149,9 @@ def run_execute(client, plan, blocks, spec, out, fn, progress):
     import bigcare.runs.queue as ex
 
     # a fresh run key each call: execute() names the task keys after its first 8 characters
-    run = SimpleNamespace(images={"restored": out}, plan=_Plan(len(blocks), plan.overhead), todo=blocks,
-                          run_key=uuid.uuid4().hex, volume=SimpleNamespace(url=spec.input_url), spec=spec,
-                          device="cpu")
+    run = SimpleNamespace(images={"restored": out}, plan=_Plan(len(blocks), plan.overhead), n_todo=len(blocks),
+                          pending=lambda: iter(blocks), run_key=uuid.uuid4().hex,
+                          volume=SimpleNamespace(url=spec.input_url), spec=spec, device="cpu")
     original, ex.run_block = ex.run_block, fn
     try:
         t0 = time.perf_counter()
@@ -203,9 +203,12 @@ def main(argv=None):
     p.add_argument("--markers", type=int, default=2000, help="done markers written in-process")
     p.add_argument("--no-progress", action="store_true", help="execute without the tqdm bar")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="seconds: 50 tasks, one round (the test suite runs it)")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.repeats, args.markers = [1000, 2000], 1, 500
+    if args.smoke:
+        args.n, args.repeats, args.markers, args.workers, args.no_progress = [50], 1, 20, 1, True
     from distributed import Client, LocalCluster
 
     tmp = Path(tempfile.mkdtemp(prefix="bigcare-sched-"))

@@ -6,7 +6,9 @@ stage before the first block task (plan, percentile pass, output creation, the f
 blocks of the queue) and this process's peak memory; then the same for a resume with 1,000
 blocks marked done (the done markers listed, not read).
 
-    python benchmarks/sparse_start.py [workdir]
+    python benchmarks/sparse_start.py [workdir] [--smoke]
+
+``--smoke`` (the test suite runs it): a 256 x 2048 x 2048 volume, 100 blocks marked done.
 """
 
 from __future__ import annotations
@@ -49,15 +51,22 @@ def stages(src: Path, out: Path) -> dict[str, float]:
             **{n: b - a for n, a, b in zip(names, t, t[1:])}, "total": t[-1] - t[0]}
 
 
-def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="bigcare-sparse-"))
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    smoke = "--smoke" in argv
+    argv = [a for a in argv if a != "--smoke"]
+    root = Path(argv[0] if argv else tempfile.mkdtemp(prefix="bigcare-sparse-"))
     src, out = root / "huge.ome.zarr", root / "out.ome.zarr"
-    volume = create_volume(src, shape=(4096, 32768, 32768), dtype="uint16", chunks=(64, 256, 256),
+    shape = (256, 2048, 2048) if smoke else (4096, 32768, 32768)
+    volume = create_volume(src, shape=shape, dtype="uint16", chunks=(64, 256, 256),
                            axes=[Axis.named(a) for a in "zyx"], scale=(1.0, 1.0, 1.0), overwrite=True)
     volume.array(0, mode="r+")[:64, :256, :256] = np.random.default_rng(0).integers(0, 1000, (64, 256, 256))
     print("fresh :", stages(src, out), f"peak {peak_mb():.0f} MB")
     marker = zarr.open_array(store=str(out), path=MARKER, mode="r+")
-    marker[:1, :8, :125] = 1  # 1,000 blocks done
+    if smoke:
+        marker[:1, :4, :25] = 1  # 100 blocks done
+    else:
+        marker[:1, :8, :125] = 1  # 1,000 blocks done
     print("resume:", stages(src, out), f"peak {peak_mb():.0f} MB")
 
 

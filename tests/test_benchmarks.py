@@ -22,3 +22,16 @@ def test_the_gpu_suite_runs_in_smoke_mode_and_writes_its_json(tmp_path, monkeypa
     assert {v["precision"] for v in variants} == {"fp32", "bf16"} and all("error" not in v for v in variants)
     assert "error" not in saved["end_to_end"] and saved["end_to_end"]["blocks"] >= 1
     assert report["suite_s"] == saved["suite_s"]
+
+
+def test_the_scheduler_and_sparse_start_benchmarks_run_in_smoke_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    for name in ("scheduler", "sparse_start"):
+        sys.modules.pop(name, None)
+    import scheduler
+    import sparse_start
+
+    scheduler.main(["--smoke"])
+    sparse_start.main([str(tmp_path / "sparse"), "--smoke"])
+    out = capsys.readouterr().out
+    assert "fresh :" in out and "resume:" in out and "marker:" in out
