@@ -88,15 +88,20 @@ def aniso_volume(tmp_path_factory):
     return root / "vol.ome.zarr", data
 
 
-def test_train_isotropic_from_config_and_restore(aniso_volume, tmp_path, client):
-    path, data = aniso_volume
-    config = {
-        "model_dir": str(tmp_path / "m"),
-        "data": {"sources": [{"input": str(path)}], "patch_shape": [16, 16], "n_patches": 40},
+def iso_config(path, model_dir, patch: int = 16) -> dict:
+    """A seconds-long isotropic training config of one volume."""
+    return {
+        "model_dir": str(model_dir),
+        "data": {"sources": [{"input": str(path)}], "patch_shape": [patch, patch], "n_patches": 40},
         "network": {"depth": 1, "n_filter_base": 4, "kernel_size": 3},
         "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
         "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": 1.0, "sigma_z": 2.5}},
     }
+
+
+def test_train_isotropic_from_config_and_restore(aniso_volume, tmp_path, client):
+    path, data = aniso_volume
+    config = iso_config(path, tmp_path / "m")
     result = train(config, client=client, progress=False)
     assert result.epochs == 1 and np.isfinite(result.train_loss).all()
     _, cfg = load_model(tmp_path / "m" / "best")
@@ -150,13 +155,7 @@ def test_isotropic_training_on_a_thin_stack_splits_validation_by_planes(tmp_path
 
     path = tmp_path / "thin.ome.zarr"
     write_volume(path, smooth_volume((15, 128, 128)), chunks=(15, 64, 64), scale=(2.0, 0.5, 0.5))
-    config = {
-        "model_dir": str(tmp_path / "m"),
-        "data": {"sources": [{"input": str(path)}], "patch_shape": [32, 32], "n_patches": 40},
-        "network": {"depth": 1, "n_filter_base": 4, "kernel_size": 3},
-        "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
-        "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": 1.0, "sigma_z": 2.5}},
-    }
+    config = iso_config(path, tmp_path / "m", patch=32)
     with pytest.warns(UserWarning, match="cut thinner.*validation loss is optimistic"):
         result = train(config, progress=False)
     assert result.epochs == 1 and np.isfinite(result.val_loss).all()

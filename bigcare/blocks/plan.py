@@ -179,6 +179,15 @@ class BlockPlan:
             total *= length
         return total / math.prod(self.shape)
 
+    @property
+    def calls(self) -> int:
+        """Network calls of the whole plan (the tiles of every block), per axis like :attr:`overhead`."""
+        total = 1
+        for axis, (n, b) in enumerate(zip(self.shape, self.block_shape)):
+            t = b if self.tile_shape is None else self.tile_shape[axis]
+            total *= sum(-(-(min(n, w0 + b) - w0) // t) for w0 in range(0, n, b))
+        return total
+
     def as_dict(self) -> dict:
         """JSON-friendly description, used in run keys and summaries."""
         d: dict[str, list] = {

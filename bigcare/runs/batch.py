@@ -180,7 +180,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         with shipping(c, [ref.payload] if any(r.n_todo for r in runs) else []):
             results = execute(c, runs, progress=progress)
         for run, result in zip(runs, results):
-            finish_volume_run(run, result, c, progress)
+            finish_volume_run(run, result, c, progress, started=t0)
     write_batch_summary(normalize_url(output_dir), output_storage_options, runs, results, time.perf_counter() - t0)
     if any(r.failed for r in results):
         raise block_error(runs, results)

@@ -30,7 +30,6 @@ from bigcare.tasks.block import MARKER
 from bigcare.types import NgffVersion, PathLike, Precision, Shape, check_device
 
 if TYPE_CHECKING:
-    from bigcare.blocks.plan import BlockPlan
     from bigcare.runs.volume import VolumeRun
 
 __all__ = ["plan_restore", "describe_plan", "format_plan", "WORKER_BASE_MB", "CALL_BYTES_PER_FILTER"]
@@ -88,15 +87,6 @@ def plan_restore(input: PathLike, output: PathLike, model, *, block_shape: Shape
     return describe_plan(run, n_workers, threads_per_worker or threads)
 
 
-def _calls(plan: BlockPlan) -> int:
-    """Network calls of the whole plan (tiles of every block), per axis like the overhead."""
-    total = 1
-    for axis, (n, b) in enumerate(zip(plan.shape, plan.block_shape)):
-        t = b if plan.tile_shape is None else plan.tile_shape[axis]
-        total *= sum(-(-(min(n, w0 + b) - w0) // t) for w0 in range(0, n, b))
-    return total
-
-
 def _largest(regions) -> tuple[int, ...]:
     return tuple(max(b - a for a, b in axis) for axis in zip(*regions))
 
@@ -129,7 +119,7 @@ def describe_plan(run: VolumeRun, workers: int, threads: int) -> dict[str, Any]:
         "blocks": len(plan), "blocks_to_do": len(plan) - done, "grid": list(plan.grid),
         "block_shape": [plan.block_shape[i] for i in spatial], "tile_shape":
             None if plan.tile_shape is None else [plan.tile_shape[i] for i in spatial],
-        "halo": [plan.halo[i] for i in spatial], "halo_overhead": plan.overhead, "network_calls": _calls(plan),
+        "halo": [plan.halo[i] for i in spatial], "halo_overhead": plan.overhead, "network_calls": plan.calls,
         "largest_window": [window[i] for i in spatial], "zoom": plan.zoom,
         "workers": workers, "threads_per_worker": threads,
         "estimated_peak_worker_mb": None if memory is None else round(memory),

@@ -220,10 +220,7 @@ def restore(
         start_volume_run(run, c)
         with shipping(c, [ref.payload] if run.n_todo else []):
             (result,) = execute(c, [run], progress=progress)
-        result.wall_seconds = time.perf_counter() - started  # rewritten with the pyramid's time below
-        finish_volume_run(run, result, c, progress)
-    if tiff_out is None and preview is None:
-        _rewrite_wall_time(run, result, started)
+        finish_volume_run(run, result, c, progress, started=started)
     if result.failed:
         raise block_error([run], [result])
     if tiff_out is not None:
@@ -233,7 +230,7 @@ def restore(
 
         result.preview = str(write_preview(run.volume.url, run.images, preview, storage_options=run.volume.storage_options,
                                            kinds=getattr(run.model.predictor, "kinds", None)))
-    if tiff_out is not None or preview is not None:
+    if tiff_out is not None or preview is not None:  # their time too, into the summary written before
         _rewrite_wall_time(run, result, started)
     return result
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -462,11 +463,13 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
     return run
 
 
-def finish_volume_run(run: VolumeRun, result, client=None, progress: bool = False) -> None:
+def finish_volume_run(run: VolumeRun, result, client=None, progress: bool = False,
+                      started: float | None = None) -> None:
     """Pyramid and completion flag of a run whose blocks all succeeded; summary JSON always.
 
     With failed blocks the summary is written and the output stays marked incomplete; the
-    caller raises :class:`~bigcare.errors.BlockError`.
+    caller raises :class:`~bigcare.errors.BlockError`. ``started`` (a ``time.perf_counter()``)
+    is when the caller's call began: the summary's ``wall_seconds`` counts from it.
     """
     from bigcare.runs.results import FAILURE_LOG_NAME, write_failure_log, write_summary
 
@@ -486,6 +489,8 @@ def finish_volume_run(run: VolumeRun, result, client=None, progress: bool = Fals
             fs, root = fsspec.core.url_to_fs(run.output, **(run.output_options or {}))
             if fs.exists(f"{root.rstrip('/')}/{FAILURE_LOG_NAME}"):
                 fs.rm(f"{root.rstrip('/')}/{FAILURE_LOG_NAME}")
+        if started is not None:  # the whole call so far: cluster, percentiles, blocks, pyramid
+            result.wall_seconds = time.perf_counter() - started
         result.summary_path = write_summary(run, result)
     except OSError as exc:  # disk full, store gone: the blocks are written and marked done
         raise OutputError(f"could not finish {run.output} ({type(exc).__name__}: {exc}); its {result.blocks_computed} "

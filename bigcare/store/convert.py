@@ -279,8 +279,9 @@ def describe(volume: Volume) -> str:
         f"levels:   {len(volume.levels)}",
     ]
     for i, lv in enumerate(volume.levels):
-        line = f"  {lv.path:>4}  shape {fmt(lv.shape):<22} chunks {fmt(_inner_chunks(volume, i, lv)):<20} scale {fmt(lv.scale)}"
-        if lv.chunks != _inner_chunks(volume, i, lv):
+        inner = _inner_chunks(volume, i, lv)  # opens the array's metadata once
+        line = f"  {lv.path:>4}  shape {fmt(lv.shape):<22} chunks {fmt(inner):<20} scale {fmt(lv.scale)}"
+        if lv.chunks != inner:
             line += f"  shards {fmt(lv.chunks)}"
         if any(lv.translation):
             line += f"  offset {fmt(lv.translation)}"
