@@ -1,5 +1,6 @@
 """Every kind of image bigcare writes opens in the community readers: ome-zarr-models (the NGFF
-schema), ome-zarr-py (napari's reader) and, for single-level images, xarray on the image group."""
+schema), ngff-zarr with its strict JSON-schema validation, ome-zarr-py (napari's reader) and, for
+single-level images, xarray on the image group."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def _kinds(tmp_path, client) -> dict[str, tuple[str, str]]:
 
 
 def test_every_kind_of_output_opens_in_every_reader(tmp_path, client):
+    import ngff_zarr
     import xarray as xr
 
     logging.getLogger("ome_zarr").setLevel(logging.ERROR)
@@ -50,6 +52,8 @@ def test_every_kind_of_output_opens_in_every_reader(tmp_path, client):
         group = zarr.open_group(url, mode="r")
         models = v05 if version == "0.5" else v04
         assert isinstance(open_ome_zarr(group), models.Image), kind
+        strict = ngff_zarr.from_ngff_zarr(url, validate=True)  # raises on a schema violation
+        assert len(strict.images) == len([k for k in group.array_keys() if k.isdigit()]), kind
         node = next(iter(Reader(parse_url(url, fmt=FormatV05() if version == "0.5" else FormatV04()))()))
         assert node.data and np.isfinite(np.asarray(node.data[0])).all(), kind
         levels = [k for k in group.array_keys() if k.isdigit()]
