@@ -166,6 +166,45 @@ def test_receptive_radius_matches_impulse_response(ndim, depth, kernel_size):
     assert max(max(e) for e in predicted) == receptive_radius(cfg)
 
 
+@pytest.mark.parametrize("ndim, depth, pooling, top_skip", [(2, 1, "maxblur", True), (2, 2, "maxblur", False),
+                                                        (2, 3, "max", False), (3, 2, "maxblur", False)])
+def test_n2v2_architecture_changes_the_receptive_field_as_computed(ndim, depth, pooling, top_skip):
+    """Max-blur pooling and the missing top skip (N2V2) against the impulse response."""
+    cfg = UNetConfig(ndim=ndim, depth=depth, kernel_size=3, n_filter_base=2, residual=False,
+                     pooling=pooling, top_skip=top_skip)
+    plain = UNetConfig(ndim=ndim, depth=depth, kernel_size=3, n_filter_base=2, residual=False)
+    for axis in range(ndim):
+        assert _measured_extents(cfg, axis, torch.float64, seed=axis) == receptive_extents(cfg), f"axis {axis}"
+    if pooling == "maxblur":  # the blur reaches one voxel further on each side, per level
+        assert receptive_radius(cfg) > receptive_radius(plain)
+
+
+def test_n2v2_without_top_skip_has_fewer_parameters_and_needs_pool_2():
+    n2v2 = UNet(UNetConfig(ndim=2, depth=2, n_filter_base=4, pooling="maxblur", top_skip=False))
+    care = UNet(UNetConfig(ndim=2, depth=2, n_filter_base=4))
+    count = lambda net: sum(p.numel() for p in net.parameters())
+    assert count(care) - count(n2v2) == 4 * 4 * 5 * 5  # the first up conv lost the skip's 4 channels
+    with pytest.raises(ValueError, match="needs pool 2"):
+        UNetConfig(ndim=2, pooling="maxblur", pool=3)
+
+
+@pytest.mark.parametrize("top_skip", [True, False])
+def test_blockwise_n2v2_prediction_with_halo_matches_whole_image(top_skip):
+    cfg = UNetConfig(ndim=2, depth=2, kernel_size=3, n_filter_base=4, pooling="maxblur", top_skip=top_skip)
+    torch.manual_seed(3)
+    net = UNet(cfg).double().eval()
+    h = halo(cfg)
+    img = torch.randn(1, 1, 128, 96, dtype=torch.float64)
+    with torch.no_grad():
+        whole = net(img)["restored"]
+        for y0, x0, by, bx in [(48, 32, 32, 32), (0, 64, 16, 32), (96, 0, 32, 16)]:
+            ry0, rx0 = max(0, y0 - h), max(0, x0 - h)
+            ry1, rx1 = min(128, y0 + by + h), min(96, x0 + bx + h)
+            block = net(img[..., ry0:ry1, rx0:rx1])["restored"]
+            crop = block[..., y0 - ry0 : y0 - ry0 + by, x0 - rx0 : x0 - rx0 + bx]
+            torch.testing.assert_close(crop, whole[..., y0 : y0 + by, x0 : x0 + bx], atol=1e-10, rtol=0)
+
+
 def test_receptive_extents_with_pool_3_and_three_convs():
     cfg = UNetConfig(
         ndim=2, depth=2, pool=3, kernel_size=3, n_conv_per_depth=3, n_filter_base=2,

@@ -59,6 +59,16 @@ class UNetConfig(Schema):
     )
     n_conv_per_depth: int = Field(2, ge=1, le=8, description="Convolutions per level and block.")
     pool: int = Field(2, ge=2, le=4, description="Max-pooling / upsampling factor per level.")
+    pooling: Literal["max", "maxblur"] = Field(
+        "max",
+        description="Downsampling: 'max' pooling (CARE), or 'maxblur' (N2V2: a stride-1 max over "
+        "2 voxels, then a [1, 2, 1] blur with stride 2, against checkerboard artefacts; pool 2 only).",
+    )
+    top_skip: bool = Field(
+        True,
+        description="Skip connection at full resolution; N2V2 drops it (false), so the output cannot "
+        "copy the input's pixel pattern.",
+    )
     n_channel_in: int = Field(1, ge=1, le=64, description="Input channels.")
     n_channel_out: int = Field(1, ge=1, le=64, description="Output channels of every head.")
     residual: bool = Field(
@@ -83,6 +93,8 @@ class UNetConfig(Schema):
                 f"residual=True needs n_channel_in == n_channel_out, got n_channel_in="
                 f"{self.n_channel_in}, n_channel_out={self.n_channel_out}"
             )
+        if self.pooling == "maxblur" and self.pool != 2:
+            raise ValueError(f"pooling 'maxblur' downsamples by 2: it needs pool 2, got pool {self.pool}")
         names = [h.name for h in self.heads]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -121,8 +133,10 @@ def receptive_extents(config: UNetConfig) -> list[tuple[int, int]]:
 
     Derivation: a 'same' conv of radius ``r = (kernel_size - 1) // 2`` widens an interval by
     ``r`` on each side; max pooling maps level-``l+1`` position ``m`` to level-``l`` positions
-    ``m*pool .. m*pool + pool - 1``; nearest upsampling maps level-``l`` position ``x`` to
-    level-``l+1`` position ``x // pool``; a concatenation takes the union of both branches.
+    ``m*pool .. m*pool + pool - 1``; max-blur pooling (a stride-1 max over positions ``i, i+1``,
+    then a width-3 blur with stride 2) to ``2m - 1 .. 2m + 2``; nearest upsampling maps level-``l``
+    position ``x`` to level-``l+1`` position ``x // pool``; a concatenation takes the union of both
+    branches (without ``top_skip``, level 0's has only the deep branch).
 
     Parameters
     ----------
@@ -137,16 +151,18 @@ def receptive_extents(config: UNetConfig) -> list[tuple[int, int]]:
     n, p, depth = config.n_conv_per_depth, config.pool, config.depth
     r = (config.kernel - 1) // 2
     w = n * r  # widening of n convs
+    # level-l positions one level-(l+1) position m pools: m*p + first .. m*p + last
+    first, last = (-1, 2) if config.pooling == "maxblur" else (0, p - 1)
 
     def level_input(level: int, a: int, b: int) -> tuple[int, int]:
         # level-`level` input positions that level-`level` block outputs a..b depend on
         if level == depth:  # bottom: (n - 1) + 1 convs
             return a - w, b + w
         a, b = a - w, b + w  # up convs, back to the concatenation
-        lo, hi = a - w, b + w  # skip branch: down convs
         c, d = level_input(level + 1, a // p, b // p)  # deep branch: upsampling
-        lo = min(lo, c * p - w)  # ... pooling, then down convs
-        hi = max(hi, d * p + p - 1 + w)
+        lo, hi = c * p + first - w, d * p + last + w  # ... pooling, then down convs
+        if level > 0 or config.top_skip:  # skip branch: down convs
+            lo, hi = min(lo, a - w), max(hi, b + w)
         return lo, hi
 
     extents = []

@@ -10,7 +10,8 @@ feeds the ``cat`` one level above, the skip connection feeds it from the left)::
     level 2               pool - (n-1) conv 4F, conv 2F - up
 
 Every conv is ``kernel_size`` wide with 'same' zero padding and ReLU; pooling is max pooling by
-``pool``; upsampling is nearest-neighbour by ``pool``. Each head is a 1x1 conv to
+``pool`` (or N2V2's max-blur pooling, ``pooling="maxblur"``); upsampling is nearest-neighbour by
+``pool``. N2V2 also drops the level-0 skip connection (``top_skip=False``). Each head is a 1x1 conv to
 ``n_channel_out`` channels; with ``residual`` the input is added to the first head's linear
 output before its activation (as in CSBDeep's ``custom_unet``).
 
@@ -36,6 +37,25 @@ _ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "relu": F.relu,
 }
+
+def _max_blur_pool(x: Tensor) -> Tensor:
+    """N2V2's pooling (Hoeck et al. 2022, after Zhang 2019): a stride-1 max over each pair of
+    neighbours along every axis, then a separable [1, 2, 1] / 4 blur, zero-padded, with stride 2.
+
+    Output ``m`` depends on inputs ``2m - 1 .. 2m + 2`` along each axis (the receptive field of
+    :mod:`bigcare.models.architecture`); even sizes halve exactly.
+    """
+    ndim = x.ndim - 2
+    pooled = (F.max_pool2d if ndim == 2 else F.max_pool3d)(x, kernel_size=2, stride=1)  # n -> n - 1
+    one = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype, device=x.device)
+    kernel = one
+    for _ in range(ndim - 1):
+        kernel = kernel[..., None] * one
+    kernel = kernel.expand(x.shape[1], 1, *(3,) * ndim).contiguous()
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    # n - 1 voxels, padded by one zero on both sides, width 3, stride 2: n / 2 outputs for even n
+    return conv(pooled, kernel, padding=1, stride=2, groups=x.shape[1])
+
 
 def _convs(ndim: int, channels: list[int], kernel_size: int) -> torch.nn.Sequential:
     conv = torch.nn.Conv2d if ndim == 2 else torch.nn.Conv3d
@@ -78,13 +98,14 @@ class UNet(torch.nn.Module):
         ch = nf * 2 ** max(0, c.depth - 1)
         up = []
         for level in reversed(range(c.depth)):
-            ch_in = ch + nf * 2**level  # upsampled + skip
+            ch_in = ch + (nf * 2**level if level > 0 or c.top_skip else 0)  # upsampled + skip
             ch = nf * 2 ** max(0, level - 1)
             up.append(_convs(c.ndim, [ch_in] + [nf * 2**level] * (n - 1) + [ch], k))
         self.up = torch.nn.ModuleList(reversed(up))  # self.up[level]
         conv = torch.nn.Conv2d if c.ndim == 2 else torch.nn.Conv3d
         self.heads = torch.nn.ModuleDict({h.name: conv(ch, c.n_channel_out, 1) for h in c.heads})
-        self._pool = F.max_pool2d if c.ndim == 2 else F.max_pool3d
+        max_pool = F.max_pool2d if c.ndim == 2 else F.max_pool3d
+        self._pool = _max_blur_pool if c.pooling == "maxblur" else (lambda t: max_pool(t, c.pool))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Run the network.
@@ -128,12 +149,16 @@ class UNet(torch.nn.Module):
         for level in range(c.depth):
             h = self.down[level](h)
             skips.append(h)
-            h = self._pool(h, c.pool)
+            h = self._pool(h)
         h = self.middle(h)
         for level in reversed(range(c.depth)):
             # the skip leaves the list and the upsampled tensor is not kept: only the
             # concatenation is alive while the level's convolutions run (peak memory)
-            h = torch.cat([F.interpolate(h, scale_factor=c.pool, mode="nearest"), skips.pop()], dim=1)
+            h = F.interpolate(h, scale_factor=c.pool, mode="nearest")
+            skip = skips.pop()
+            if level > 0 or c.top_skip:
+                h = torch.cat([h, skip], dim=1)
+            del skip
             h = self.up[level](h)
         out = {}
         for i, head in enumerate(c.heads):
