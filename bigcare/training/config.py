@@ -23,6 +23,15 @@ target image): give the volume as the only source, 2D patches and an ``isotropic
       psf: {kind: gaussian, sigma_xy: 2.0, sigma_z: 5.0}   # physical units of the volume
       # factor: 2.5   default: Z voxel size / X voxel size of the first source
 
+A self-supervised denoising model (Noise2Void and its variants) trains on noisy volumes alone:
+give them as sources without targets and a ``self_supervised`` section::
+
+    model_dir: models/llsm_n2v
+    data:
+      sources: [noisy1.ome.zarr, noisy2.ome.zarr]
+      patch_shape: [16, 64, 64]
+    self_supervised: {method: n2v2}        # n2v | n2v2 | structn2v (+ struct_axis: x)
+
 One schema per object: ``data.sources[]`` is :class:`~bigcare.training.sources.Source`; the
 sampling keys of ``data:`` and ``training:`` are :class:`SamplingConfig`'s, the keyword arguments
 of :class:`~bigcare.training.sampling.PatchSampler`; ``network:`` is the model's own
@@ -46,7 +55,7 @@ from bigcare.schema import Schema
 from bigcare.training.sources import Source
 
 __all__ = ["TrainConfig", "DataConfig", "SamplingConfig", "TrainingConfig", "ClusterConfig",
-           "IsotropicTrainConfig", "PSFConfig", "load_train_config", "describe_schema", "validated"]
+           "IsotropicTrainConfig", "PSFConfig", "SelfSupervisedConfig", "load_train_config", "describe_schema", "validated"]
 
 
 class _Strict(Schema, validate_assignment=True):
@@ -207,6 +216,49 @@ class IsotropicTrainConfig(_Strict):
                                                   "and YZ passes.")
 
 
+class SelfSupervisedConfig(_Strict):
+    """Self-supervised denoising from the noisy volumes alone (see :mod:`bigcare.training.blindspot`).
+
+    ``n2v``: Noise2Void (random-neighbour replacement); ``n2v2``: N2V2 (median replacement,
+    max-blur pooling and no top skip connection in the network, against N2V's checkerboard
+    artefacts); ``structn2v``: structN2V, for noise correlated along ``struct_axis`` (a line of
+    ``2 * struct_radius + 1`` voxels is hidden). The network gets no residual connection (the
+    input voxel would be added back) and the loss defaults to MSE, whose minimiser is the mean.
+    """
+
+    method: Literal["n2v", "n2v2", "structn2v"] = Field(description="n2v, n2v2 or structn2v.")
+    fraction: float = Field(0.002, gt=0, le=0.05, description="Share of voxels hidden per patch (N2V: about 0.2%).")
+    radius: int = Field(5, ge=1, le=16, description="Half-width of the neighbourhood replacements come from.")
+    replace: Literal["uniform", "median"] | None = Field(None, description="Replacement of a hidden voxel: a "
+                                                          "random neighbour, or the neighbourhood's median; "
+                                                          "default median for n2v2, uniform otherwise.")
+    struct_axis: Literal["z", "y", "x"] | None = Field(None, description="structn2v: the axis the noise is "
+                                                         "correlated along (required there, refused otherwise).")
+    struct_radius: int = Field(2, ge=1, le=32, description="structn2v: voxels hidden on either side along struct_axis.")
+
+    @model_validator(mode="after")
+    def _struct(self):
+        if self.method == "structn2v" and self.struct_axis is None:
+            raise ValueError("structn2v needs struct_axis (z, y or x): the axis the noise is correlated along")
+        if self.method != "structn2v" and self.struct_axis is not None:
+            raise ValueError(f"struct_axis is for method structn2v, not {self.method}")
+        return self
+
+    def blindspot(self, ndim: int):
+        """The :class:`~bigcare.training.blindspot.BlindSpot` of this section for ``ndim``-D patches."""
+        from bigcare.training.blindspot import BlindSpot
+
+        replace = self.replace or ("median" if self.method == "n2v2" else "uniform")
+        axis = None if self.struct_axis is None else "zyx"[-ndim:].index(self.struct_axis)
+        return BlindSpot(fraction=self.fraction, radius=self.radius, replace=replace, struct_axis=axis,
+                         struct_radius=self.struct_radius if axis is not None else 0)
+
+
+#: ``network:`` values self-supervised training sets unless given (and then requires).
+_SELF_SUPERVISED_NETWORK = {"residual": False}
+_N2V2_NETWORK = {"pooling": "maxblur", "top_skip": False}
+
+
 class TrainConfig(_Strict):
     """Everything ``bigcare train`` needs.
 
@@ -224,6 +276,8 @@ class TrainConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     isotropic: IsotropicTrainConfig | None = Field(None, description="Isotropic restoration (see above).")
+    self_supervised: SelfSupervisedConfig | None = Field(None, description="Noise2Void-style denoising from "
+                                                         "noisy volumes alone (see above).")
 
     @model_validator(mode="before")
     @classmethod
@@ -238,6 +292,27 @@ class TrainConfig(_Strict):
             # a bad or missing patch_shape is reported under data; 3 only lets network validate
             ndim = len(shape) if isinstance(shape, (list, tuple)) and len(shape) in (2, 3) else 3
             values = {**values, "network": {"ndim": ndim, **network}}
+        return cls._self_supervised_defaults(values)
+
+    @classmethod
+    def _self_supervised_defaults(cls, values: dict) -> dict:
+        """The network and loss self-supervised training needs, where the config leaves them out."""
+        section = values.get("self_supervised")
+        method = section.method if isinstance(section, SelfSupervisedConfig) else \
+            section.get("method") if isinstance(section, dict) else None
+        network, training = values.get("network"), values.get("training", {})
+        if method is None or not isinstance(network, dict):
+            return values
+        needed = {**_SELF_SUPERVISED_NETWORK, **(_N2V2_NETWORK if method == "n2v2" else {})}
+        for key, value in needed.items():
+            if key in network and network[key] != value:
+                why = ("the network would add the hidden voxel's own noisy value back" if key == "residual"
+                       else "N2V2 is defined by it")
+                raise ValueError(f"network.{key}: self_supervised method {method} needs {value!r} ({why}); "
+                                 "leave it out")
+        values = {**values, "network": {**needed, **network}}
+        if isinstance(training, dict) and "loss" not in training:
+            values["training"] = {**training, "loss": "mse"}
         return values
 
     @model_validator(mode="after")
@@ -251,6 +326,17 @@ class TrainConfig(_Strict):
                 raise ValueError(f"network.{key}: expected {_FROM_DATA[key]}, got {getattr(net, key)}")
         if len(net.heads) != 1:
             raise ValueError(f"network.heads: training fits one head, got {len(net.heads)}")
+        if self.self_supervised is not None:
+            if self.isotropic is not None:
+                raise ValueError("self_supervised and isotropic are different methods: give one of them")
+            if any(s.target is not None or s.target_channel is not None for s in data.sources):
+                raise ValueError("self-supervised training learns from the noisy volumes alone: give data.sources "
+                                 "without 'target' or 'target_channel' (or train CARE without the "
+                                 "self_supervised section)")
+            axis = self.self_supervised.struct_axis
+            if axis is not None and axis not in "zyx"[-len(data.patch_shape):]:
+                raise ValueError(f"self_supervised.struct_axis: {axis!r} is not an axis of the "
+                                 f"{len(data.patch_shape)}D patches {data.patch_shape}")
         if self.isotropic is not None:
             if len(data.patch_shape) != 2:
                 raise ValueError(f"isotropic training needs 2D patches (YX), got data.patch_shape "

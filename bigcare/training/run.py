@@ -29,7 +29,9 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
     """Train a CARE network as a config describes (see :mod:`bigcare.training.config`).
 
     With an ``isotropic`` section, a 2D isotropic-restoration network is trained on the lateral
-    slices of the source volume, degraded by the PSF (:mod:`bigcare.training.isotropic`).
+    slices of the source volume, degraded by the PSF (:mod:`bigcare.training.isotropic`). With a
+    ``self_supervised`` section, a denoising network is trained on the noisy sources alone, with
+    blind-spot masking (:mod:`bigcare.training.blindspot`: Noise2Void, N2V2, structN2V).
 
     Parameters
     ----------
@@ -67,6 +69,11 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
     degradation, iso = None, None
     if cfg.isotropic is not None:
         sources, degradation, iso = _isotropic_setup(cfg, sources)
+    blindspot, method = None, cfg.self_supervised and cfg.self_supervised.method
+    if cfg.self_supervised is not None:  # the noisy patch is its own target, at the hidden voxels
+        blindspot = cfg.self_supervised.blindspot(ndim)
+        sources = [Source(input=s.input, target=s.input, input_channel=s.input_channel, target_channel=s.input_channel,
+                          storage_options=s.storage_options) for s in sources]
     read_shape = degradation.read_shape(tuple(data.patch_shape)) if degradation else tuple(data.patch_shape)
     settings = cfg.sampling(sources=sources, patch_shape=list(read_shape))
 
@@ -88,7 +95,12 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         if degradation is not None:
             batches = degrade_batches(batches, degradation, opt.seed)
             val_batches = degrade_batches(val_batches, degradation, opt.seed + 1)
-        validation = list(val_batches)
+        if blindspot is not None:
+            from bigcare.training.blindspot import blindspot_batches
+
+            batches = blindspot_batches(batches, blindspot, opt.seed)  # type: ignore[assignment]
+            val_batches = blindspot_batches(val_batches, blindspot, opt.seed + 1)  # type: ignore[assignment]
+        validation = list(val_batches)  # masked once (self-supervised): the same hidden voxels every epoch
         provenance = {
             "data": sampler.provenance,
             "config": cfg.model_dump(mode="json"),
@@ -104,7 +116,9 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         torch.manual_seed(opt.seed)
         model = UNet(arch)
         if progress:
-            what = f"isotropic (factor {iso.factor:g}) 2D" if iso else f"{ndim}D CARE"
+            what = (f"isotropic (factor {iso.factor:g}) 2D" if iso else
+                    f"{ndim}D {str(method).upper().replace('STRUCTN2V', 'structN2V')}" if method else
+                    f"{ndim}D CARE")
             print(f"training a {what} U-Net ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                   f"{len(sampler.train_positions)} training / {len(sampler.val_positions)} validation patches, "
                   f"{device} {precision}", flush=True)

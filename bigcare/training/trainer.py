@@ -68,9 +68,9 @@ def _autocast(device: str, precision: str):
 def fit(
     model: UNet,
     config: ModelConfig,
-    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    batches: Iterator[tuple[np.ndarray, ...]],
     *,
-    validation: Iterable[tuple[np.ndarray, np.ndarray]],
+    validation: Iterable[tuple[np.ndarray, ...]],
     epochs: int,
     steps_per_epoch: int,
     lr: float = 4e-4,
@@ -91,9 +91,11 @@ def fit(
         The network (modified in place; the best weights are loaded at the end).
     config : ModelConfig
         Its config, saved with every checkpoint; provenance gets the training history.
-    batches : iterator of (x, y)
-        Endless stream of normalized float32 batches, each (N, C, *spatial).
-    validation : iterable of (x, y)
+    batches : iterator of (x, y) or (x, y, mask)
+        Endless stream of normalized float32 batches, each (N, C, *spatial); with a ``mask``
+        (self-supervised training, :mod:`bigcare.training.blindspot`) the loss counts only the
+        voxels where it is 1.
+    validation : iterable of (x, y) or (x, y, mask)
         Fixed validation batches.
     epochs, steps_per_epoch : int
         Training length (total epochs, including those done before a resume).
@@ -124,7 +126,7 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=10)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and str(device).startswith("cuda"))
-    val_batches = [(_to_tensor(x, device), _to_tensor(y, device)) for x, y in validation]
+    val_batches = [tuple(_to_tensor(a, device) for a in batch) for batch in validation]
     first = config.architecture.heads[0].name
     result = TrainResult(model_dir=Path(model_dir) if model_dir else None)
     if resume and result.model_dir is not None and (result.model_dir / "last" / STATE_JSON).exists():
@@ -139,11 +141,11 @@ def fit(
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for _ in bar:
-            x, y = next(batches)
+            x, y, *mask = (_to_tensor(a, device) for a in next(batches))
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, precision):
-                pred = model(_to_tensor(x, device))[first]
-            value = loss_fn(pred.float(), _to_tensor(y, device))
+                pred = model(x)[first]
+            value = loss_fn(pred.float(), y, *mask)
             scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -151,7 +153,7 @@ def fit(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
         with torch.inference_mode(), _autocast(device, precision):
-            val = float(np.mean([loss_fn(model(x)[first].float(), y).item() for x, y in val_batches]))
+            val = float(np.mean([loss_fn(model(x)[first].float(), y, *mask).item() for x, y, *mask in val_batches]))
         scheduler.step(val)
         result.train_loss.append(float(np.mean(losses)))
         result.val_loss.append(val)
