@@ -202,6 +202,16 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_import_model(args) -> int:
+    from bigcare.exchange.csbdeep import import_csbdeep
+
+    out = import_csbdeep(args.path, args.out, pmin=args.pmin, pmax=args.pmax,
+                         isotropic_factor=args.isotropic_factor, overwrite=args.overwrite)
+    print(f"wrote bigcare model {out} from the CSBDeep model {args.path} (normalisation {args.pmin} / {args.pmax} "
+          "percentiles)")
+    return 0
+
+
 def _restore_arguments(p, add_cluster_arguments) -> None:
     """The arguments of restore and plan."""
     from bigcare.types import NGFF_VERSIONS, PRECISIONS
@@ -306,6 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photons", type=float, default=6.0, help="photons per unit intensity (lower: noisier) [6]")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("import-model", help="turn a model trained elsewhere (CSBDeep) into a bigcare model folder",
+                       description="Read a CSBDeep CARE model folder (config.json + weights_best.h5, read with h5py, "
+                       "never unpickled) and write a bigcare model folder that predicts the same. Exit 2 when the "
+                       "config holds something bigcare cannot represent (the message names the key).")
+    p.add_argument("format", choices=["csbdeep"], help="what PATH is")
+    p.add_argument("path", help="the CSBDeep model folder")
+    p.add_argument("out", help="the bigcare model folder to write")
+    p.add_argument("--pmin", type=float, default=2.0, help="low normalisation percentile [2: CSBDeep's predict default]")
+    p.add_argument("--pmax", type=float, default=99.8, help="high normalisation percentile [99.8]")
+    p.add_argument("--isotropic-factor", type=float, default=None, metavar="F",
+                   help="the model is an IsotropicCARE trained for axial factor F: import it as bigcare's isotropic kind")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
+    p.set_defaults(func=_cmd_import_model)
 
     p = sub.add_parser("info", help="print axes, shape, dtype, chunks, scales and pyramid of an OME-Zarr image")
     p.add_argument("path", help="OME-Zarr image (path or fsspec URL)")

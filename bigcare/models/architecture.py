@@ -27,8 +27,9 @@ class Head(Schema):
     """One output of the network: a 1x1 convolution followed by an activation."""
 
     name: str = Field(description="Identifier of the output, e.g. 'restored', 'mean', 'scale'.")
-    activation: Literal["linear", "softplus", "sigmoid", "relu"] = Field(
-        "linear", description="Activation applied after the head's 1x1 convolution."
+    activation: Literal["linear", "softplus", "softplus_eps", "sigmoid", "relu"] = Field(
+        "linear", description="Activation applied after the head's 1x1 convolution; 'softplus_eps' is "
+        "softplus + 1e-3, CSBDeep's probabilistic scale (its eps_scale keeps the scale above 0)."
     )
 
     @pydantic.field_validator("name")

@@ -34,6 +34,7 @@ __all__ = ["UNet"]
 _ACTIVATIONS = {
     "linear": lambda t: t,
     "softplus": F.softplus,
+    "softplus_eps": lambda t: F.softplus(t) + 1e-3,  # CSBDeep's scale head: softplus + eps_scale
     "sigmoid": torch.sigmoid,
     "relu": F.relu,
 }

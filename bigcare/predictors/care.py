@@ -52,9 +52,10 @@ class CAREPredictor:
         self.fingerprint = ""  # a model folder is known by its hash
         self.pmin = config.normalization.pmin
         self.pmax = config.normalization.pmax
-        # heads with a non-linear activation are scales/probabilities: only rescaled, not shifted
-        self.kinds = {h.name: ("intensity" if h.activation == "linear" else
-                                "scale" if h.activation == "softplus" else "raw") for h in arch.heads}
+        # linear and ReLU heads are intensities (CSBDeep's unet_last_activation 'relu' too); softplus
+        # heads are scales (only rescaled, not shifted); sigmoid heads stay as predicted
+        self.kinds = {h.name: ("intensity" if h.activation in ("linear", "relu") else
+                                "scale" if h.activation in ("softplus", "softplus_eps") else "raw") for h in arch.heads}
 
     def forward_normalized(self, xn: np.ndarray, max_voxels: int | None = None) -> dict[str, np.ndarray]:
         """Run the network on normalized regions ``xn`` of shape (B, C, *spatial).
