@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from bigcare.errors import BlockError
 from bigcare.runs.results import RunResult, cluster_info
 from bigcare.tasks.block import run_block
+from bigcare.tasks.cluster_size import ClusterSize
 from bigcare.tasks.runner import run_tasks
 
 __all__ = ["execute", "shipping", "block_error", "MAX_RETRIES", "QUEUE_WINDOW"]
@@ -66,6 +67,7 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
     """
     t0 = time.perf_counter()
     info = cluster_info(client)
+    size = ClusterSize(client)
     results, index = [], {}  # id of a run's spec -> its position (items come back as submitted)
     for i, run in enumerate(runs):
         results.append(RunResult(outputs=run.images, blocks_total=len(run.plan),
@@ -87,31 +89,33 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
     # up to QUEUE_WINDOW block tasks are on the scheduler at once (all of them, for runs of up
     # to 2,000 blocks): a million-block volume is not a million tasks in the scheduler's memory, and
     # an interrupted run cancels a window (SIGTERM to exit: 7.5 s for the 4096x32768x32768 run on 2 cores; with 20,000, 25 s)
-    for out in run_tasks(run_block, items, client=client, in_flight=QUEUE_WINDOW, ordered=False,
-                         retries=MAX_RETRIES, key=key, resources=resources, outcomes=True, count_rescheduled=True,
-                         progress=progress, desc=desc, unit="block", total=total):
-        block, spec = out.item
-        i = index[id(spec)]
-        result = results[i]
-        result.retries += out.attempts - 1
-        if out.ok:
-            result.rescheduled += out.rescheduled  # counted for blocks that finished
-            status = out.result
-            result.blocks_computed += 1
-            result.voxels += status["voxels"]
-            result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, status["peak_rss_mb"])
-            for part in ("read", "predict", "write"):
-                result.seconds_in[part] += status[f"{part}_s"]
-        else:
-            message = f"{type(out.error).__name__}: {out.error}"
-            result.failed.append((block.index, block.write, message))
-            result.tracebacks.append((block.index, "".join(traceback.format_exception(out.error))))
-            if progress:  # one line, above the bar; the traceback goes to the failure log
-                tqdm.write(f"block {block.index} failed: {message.splitlines()[0] if message else ''}"[:300],
-                           file=sys.stderr)
-        left[i] -= 1
-        if left[i] == 0:  # when its last block finished, not when the runner released it
-            result.seconds = out.finished - t0
+    with size:  # the cluster's workers over the run (adaptive clusters grow and shrink)
+        for out in run_tasks(run_block, items, client=client, in_flight=QUEUE_WINDOW, ordered=False,
+                             retries=MAX_RETRIES, key=key, resources=resources, outcomes=True,
+                             count_rescheduled=True, progress=progress, desc=desc, unit="block", total=total):
+            block, spec = out.item
+            i = index[id(spec)]
+            result = results[i]
+            result.retries += out.attempts - 1
+            if out.ok:
+                result.rescheduled += out.rescheduled  # counted for blocks that finished
+                status = out.result
+                result.blocks_computed += 1
+                result.voxels += status["voxels"]
+                result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, status["peak_rss_mb"])
+                for part in ("read", "predict", "write"):
+                    result.seconds_in[part] += status[f"{part}_s"]
+            else:
+                message = f"{type(out.error).__name__}: {out.error}"
+                result.failed.append((block.index, block.write, message))
+                result.tracebacks.append((block.index, "".join(traceback.format_exception(out.error))))
+                if progress:  # one line, above the bar; the traceback goes to the failure log
+                    tqdm.write(f"block {block.index} failed: {message.splitlines()[0] if message else ''}"[:300],
+                               file=sys.stderr)
+            left[i] -= 1
+            if left[i] == 0:  # when its last block finished, not when the runner released it
+                result.seconds = out.finished - t0
+    info["size"] = size.as_dict()  # results share this dict
     return results
 
 

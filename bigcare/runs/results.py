@@ -54,7 +54,10 @@ class RunResult:
     input, summary_path : str
         The input volume, and where the JSON summary was written.
     cluster : dict
-        Scheduler address, workers, threads and dashboard link of the cluster used.
+        Kind (local, local-cuda, slurm, kubernetes, or scheduler for an existing one),
+        scheduler address, workers and threads at the start, dashboard link, and ``size``:
+        workers at the start, the most at once (peak) and at the end of the blocks, with every
+        change as [seconds, workers] (:mod:`bigcare.tasks.cluster_size`).
     tiff : dict of str to str
         TIFF file per named output, for an output path ending in .tif / .tiff (the OME-Zarr
         images in ``outputs`` are what was restored).
@@ -104,13 +107,15 @@ class RunResult:
 
 
 def cluster_info(client) -> dict:
-    """Scheduler address, worker count, threads and dashboard link of a client's cluster."""
+    """Kind, scheduler address, worker count, threads and dashboard link of a client's cluster."""
+    from bigcare.tasks.cluster_size import cluster_kind
+
     try:
         info = client.scheduler_info(n_workers=-1)
     except TypeError:  # older distributed
         info = client.scheduler_info()
     workers = info.get("workers", {})
-    return {"scheduler": info.get("address", ""), "workers": len(workers),
+    return {"kind": cluster_kind(client), "scheduler": info.get("address", ""), "workers": len(workers),
             "threads": sum(w.get("nthreads", 0) for w in workers.values()),
             "dashboard": getattr(client, "dashboard_link", None)}
 
@@ -124,7 +129,8 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
     ``failure_log``, ``seconds`` (the blocks), ``wall_seconds`` (the whole call),
     ``voxels_per_second``, ``retries``, ``rescheduled``, ``halo_overhead``,
     ``peak_worker_rss_mb``, ``seconds_in`` (read, predict, write: task seconds summed over
-    blocks), ``cluster`` (scheduler, workers, threads, dashboard), ``normalization``.
+    blocks), ``cluster`` (kind, scheduler, workers, threads, dashboard, size: start, peak,
+    end, changes), ``normalization``.
     """
     d = result.as_dict()
     return {
@@ -158,6 +164,10 @@ def format_summary(result, name: str = "") -> str:
         f"halo overhead {result.halo_overhead:.2f}x, peak worker RSS {result.peak_worker_rss_mb:.0f} MB",
         f"  task seconds: read {s['read']:.1f}, predict {s['predict']:.1f}, write {s['write']:.1f}",
     ]
+    size = result.cluster.get("size")
+    if size:
+        lines.append(f"  cluster: {result.cluster.get('kind', '?')}, workers {size['start']} at the start, "
+                     f"{size['peak']} at most, {size['end']} at the end")
     for name, path in result.tiff.items():
         lines.append(f"  TIFF{' ' + name if len(result.tiff) > 1 else ''}: {path}")
     if result.summary_path:

@@ -23,10 +23,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 from bigcare.errors import ConfigError
+from bigcare.tasks.hpc import (
+    kubernetes_cluster,
+    load_cluster_config,
+    scale_cluster,
+    slurm_cluster,
+    validate_kubernetes_spec,
+)
 from bigcare.types import CLUSTER_KINDS
 
 __all__ = ["CLUSTER_KINDS", "cluster_client", "make_cluster", "local_cluster_shape", "local_cuda_worker_spec",
@@ -260,126 +265,6 @@ def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | Non
                             dashboard_address=address, host=LOOPBACK, silence_logs=40)
 
 
-def load_cluster_config(path: str | os.PathLike, kind: str) -> Any:
-    """Read a cluster config file (YAML): a jobqueue config for slurm, a spec for kubernetes.
-
-    Raises
-    ------
-    ConfigError
-        If the file is missing, not YAML, or not what ``kind`` expects.
-    """
-    import yaml
-
-    if path is None:
-        default = Path(__file__).resolve().parent.parent / "cluster" / f"{kind}.yaml"
-        if not default.is_file():
-            raise ConfigError(f"--cluster {kind} needs --cluster-config FILE (see cluster/{kind}.yaml)")
-        path = default
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"cluster config {path} does not exist; expected a YAML file like cluster/{kind}.yaml")
-    try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cluster config {path} is not valid YAML: {exc}") from None
-    if kind == "kubernetes":
-        return docs
-    if len(docs) != 1 or not isinstance(docs[0], dict):
-        raise ConfigError(f"cluster config {path} must hold one YAML mapping, got {len(docs)} document(s)")
-    cfg = docs[0]
-    unknown = set(cfg) - {"jobqueue", "bigcare"}
-    if unknown:
-        raise ConfigError(f"cluster config {path}: unknown top-level key(s) {sorted(unknown)}; "
-                          "expected 'jobqueue' (dask-jobqueue's own config) and 'bigcare'")
-    if not isinstance(cfg.get("jobqueue", {}).get("slurm"), dict):
-        raise ConfigError(f"cluster config {path}: expected a 'jobqueue: slurm:' mapping (dask-jobqueue's format)")
-    return cfg
-
-
-def slurm_cluster(config: dict):
-    """A dask-jobqueue SLURMCluster from a config in dask-jobqueue's own format.
-
-    ``config["jobqueue"]["slurm"]`` holds dask-jobqueue's keys (``queue``, ``cores``,
-    ``memory``, ``walltime``, ``job-extra-directives``, ...); they are applied as dask config
-    on top of dask-jobqueue's defaults, so the same block also works in
-    ``~/.config/dask/jobqueue.yaml``. No job is submitted until the cluster is scaled.
-    """
-    import dask
-
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        raise ConfigError("--cluster slurm needs dask-jobqueue: pip install 'bigcare[slurm]'") from None
-    # dask-jobqueue reads its config lazily (also when jobs start), so the settings are kept
-    # under a name of bigcare's own: the user's jobqueue.slurm config is left as it is
-    merged = {**dask.config.get("jobqueue.slurm", {}), **config["jobqueue"]["slurm"]}
-    dask.config.set({"jobqueue.bigcare-slurm": merged})
-    ours = config.get("bigcare") or {}
-    unknown = set(ours) - {"adapt", "tls", "shared-temp-directory"}
-    if unknown:
-        raise ConfigError(f"slurm config: unknown key(s) bigcare.{sorted(unknown)}; expected adapt, tls, "
-                          "shared-temp-directory")
-    kwargs = {}
-    if ours.get("tls"):
-        from distributed import Security
-
-        kwargs = {"security": Security.temporary(), "protocol": "tls://"}
-        if ours.get("shared-temp-directory"):
-            shared = os.path.expanduser(os.path.expandvars(ours["shared-temp-directory"]))
-            os.makedirs(shared, mode=0o700, exist_ok=True)
-            kwargs["shared_temp_directory"] = shared
-    return SLURMCluster(config_name="bigcare-slurm", **kwargs)
-
-
-_K8S_API = "kubernetes.dask.org/v1"
-
-
-def validate_kubernetes_spec(docs: list) -> tuple[dict, dict | None]:
-    """Check a DaskCluster spec (and an optional DaskAutoscaler); return both.
-
-    Raises
-    ------
-    ConfigError
-        Naming the missing or wrong key.
-    """
-    cluster = [d for d in docs if isinstance(d, dict) and d.get("kind") == "DaskCluster"]
-    scaler = [d for d in docs if isinstance(d, dict) and d.get("kind") == "DaskAutoscaler"]
-    if len(cluster) != 1:
-        raise ConfigError(f"kubernetes spec: expected exactly one 'kind: DaskCluster' document, found {len(cluster)}")
-    spec = cluster[0]
-    if spec.get("apiVersion") != _K8S_API:
-        raise ConfigError(f"kubernetes spec: apiVersion must be {_K8S_API!r}, got {spec.get('apiVersion')!r}")
-    if not (spec.get("metadata") or {}).get("name"):
-        raise ConfigError("kubernetes spec: metadata.name is required")
-    for part in ("worker", "scheduler"):
-        pod = ((spec.get("spec") or {}).get(part) or {}).get("spec") or {}
-        containers = pod.get("containers")
-        if not containers or not isinstance(containers, list) or not containers[0].get("image"):
-            raise ConfigError(f"kubernetes spec: spec.{part}.spec.containers[0].image is required")
-    if "service" not in spec["spec"]["scheduler"]:
-        raise ConfigError("kubernetes spec: spec.scheduler.service is required (the scheduler's ports)")
-    worker = spec["spec"]["worker"]
-    if not isinstance(worker.get("replicas", 0), int) or worker.get("replicas", 0) < 0:
-        raise ConfigError(f"kubernetes spec: spec.worker.replicas must be a count, got {worker.get('replicas')!r}")
-    if scaler:
-        s = scaler[0].get("spec") or {}
-        if s.get("cluster") != spec["metadata"]["name"] or not 0 <= s.get("minimum", 0) <= s.get("maximum", -1):
-            raise ConfigError("kubernetes spec: DaskAutoscaler needs spec.cluster = the DaskCluster's name and "
-                              f"0 <= minimum <= maximum, got {s}")
-    return spec, (scaler[0] if scaler else None)
-
-
-def kubernetes_cluster(docs: list):
-    """A dask-kubernetes operator cluster (KubeCluster) from a DaskCluster spec."""
-    spec, _ = validate_kubernetes_spec(docs)
-    try:
-        from dask_kubernetes.operator import KubeCluster
-    except ImportError:
-        raise ConfigError("--cluster kubernetes needs dask-kubernetes: pip install 'bigcare[kubernetes]'; "
-                          "or `kubectl apply -f` the spec and pass --scheduler") from None
-    return KubeCluster(custom_cluster_spec=spec, shutdown_on_close=True)
-
-
 def make_cluster(kind: str = "local", *, config=None, workers: int | None = None,
                  threads_per_worker: int | None = None, device: str = "cpu", dashboard: bool | str = True,
                  devices: list[int] | None = None):
@@ -415,7 +300,7 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
     if kind == "local-cuda":
         return _local_cuda_cluster(devices, threads_per_worker, dashboard)
     if kind == "slurm":
-        return slurm_cluster(load_cluster_config(config, "slurm"))
+        return slurm_cluster(load_cluster_config(config, "slurm"), dashboard=dashboard)
     if kind == "kubernetes":
         return kubernetes_cluster(load_cluster_config(config, "kubernetes"))
     from distributed import LocalCluster
@@ -431,16 +316,6 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
     register_semaphores(_semaphores("/dev/shm") - before)
     _watch_semaphores(before | _semaphores("/dev/shm"))  # the run makes a few more (model loading)
     return cluster
-
-
-def _scale(cluster, kind: str, config) -> None:
-    if kind == "slurm":
-        adapt = (load_cluster_config(config, "slurm").get("bigcare") or {}).get("adapt") or {}
-        cluster.adapt(minimum_jobs=adapt.get("minimum_jobs", 1), maximum_jobs=adapt.get("maximum_jobs", 8))
-    elif kind == "kubernetes":
-        _, scaler = validate_kubernetes_spec(load_cluster_config(config, "kubernetes"))
-        if scaler:
-            cluster.adapt(minimum=scaler["spec"]["minimum"], maximum=scaler["spec"]["maximum"])
 
 
 def tls_security(ca_file: str, cert: str, key: str | None = None):
@@ -506,7 +381,7 @@ def cluster_client(
     started = make_cluster(cluster, config=config, workers=workers, threads_per_worker=threads_per_worker,
                            device=device, dashboard=dashboard)
     try:
-        _scale(started, cluster, config)
+        scale_cluster(started, cluster, config)
         client = Client(started)
         try:
             if not quiet:
