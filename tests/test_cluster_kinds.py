@@ -1,6 +1,7 @@
 """Naming a cluster: local-cuda's worker layout (run for real on CPU), the SLURM job script and
-the Kubernetes spec from cluster/ (rendered and checked: no SLURM or Kubernetes here), errors,
-and a TLS scheduler on loopback with generated certificates."""
+the Kubernetes spec from cluster/ (rendered and checked; a real SLURM in test_slurm.py, the
+operator's CRD schemas in test_kubernetes.py), errors, and a TLS scheduler on loopback with
+generated certificates."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from bigcare.errors import ConfigError
 from bigcare.predictors.identity import IdentityPredictor
 from bigcare.tasks.cluster import (
     cluster_client,
-    kubernetes_cluster,
     load_cluster_config,
     make_cluster,
     slurm_cluster,
@@ -106,16 +106,11 @@ def test_kubernetes_spec_has_a_gpu_worker_group_and_an_autoscaler():
     docs = load_cluster_config(CLUSTER_DIR / "kubernetes.yaml", "kubernetes")
     spec, scaler = validate_kubernetes_spec(docs)
     worker = spec["spec"]["worker"]["spec"]["containers"][0]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert worker["args"][0] == "dask-worker" and "GPU=1" in worker["args"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"  # a quantity: the CRD wants a string
+    assert worker["args"][:2] == ["dask", "worker"] and "GPU=1" in worker["args"]
     ports = {p["name"]: p["port"] for p in spec["spec"]["scheduler"]["service"]["ports"]}
     assert ports == {"tcp-comm": 8786, "http-dashboard": 8787}
     assert (scaler["spec"]["cluster"], scaler["spec"]["minimum"], scaler["spec"]["maximum"]) == ("bigcare", 1, 8)
-    try:
-        import dask_kubernetes  # noqa: F401
-    except ImportError:  # not installed by the test extra: the error says what to install
-        with pytest.raises(ConfigError, match=r"needs dask-kubernetes: pip install 'bigcare\[kubernetes\]'"):
-            kubernetes_cluster(docs)
 
 
 def test_kubernetes_spec_errors_name_the_key():

@@ -148,6 +148,13 @@ def validate_kubernetes_spec(docs: list) -> tuple[dict, dict | None]:
     except ImportError:
         pass  # the structure above is checked; kubernetes_cluster says what to install
     else:
+        from dask_kubernetes.exceptions import ValidationError
+        from dask_kubernetes.operator.validation import validate_cluster_name
+
+        try:
+            validate_cluster_name(spec["metadata"]["name"])
+        except ValidationError as exc:  # its str() is empty; the text is in .message
+            raise ConfigError(f"kubernetes spec: metadata.name: {getattr(exc, 'message', exc)}") from None
         check_against_crds([spec] + scaler[:1])
     return spec, (scaler[0] if scaler else None)
 
