@@ -25,7 +25,7 @@ install() {
     command -v apt-get >/dev/null || die "slurm-wlm and munge are not installed and there is no apt-get"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null 2>&1 || die "apt-get update failed"
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null 2>&1 \
+    apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 \
         || die "apt-get install slurm-wlm munge failed"
 }
 
