@@ -35,3 +35,17 @@ def test_the_scheduler_and_sparse_start_benchmarks_run_in_smoke_mode(tmp_path, m
     sparse_start.main([str(tmp_path / "sparse"), "--smoke"])
     out = capsys.readouterr().out
     assert "fresh :" in out and "resume:" in out and "marker:" in out
+
+
+def test_the_self_supervised_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("self_supervised", None)
+    import self_supervised
+
+    report = self_supervised.main(["--smoke", "--out", str(tmp_path / "ssl")])
+    mean = report["synthetic"]["mean"]
+    assert set(mean) == {"input", "nlm", "n2v", "n2v2", "care"}
+    assert json.loads((tmp_path / "ssl" / "self_supervised.json").read_text())["args"]["smoke"]
+    if "skipped" not in report["llsm"]:  # the shared data lie beside the checkout
+        assert set(report["llsm"]["n2v"]["residual_lag1"]) == {"z", "y", "x"}
+        assert Path(report["llsm"]["png"]).exists()
