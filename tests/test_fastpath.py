@@ -205,3 +205,18 @@ def test_cuda_defaults(precision):
     y = {k: v.cpu() for k, v in f(x).items()}
     ref = _reference(3)
     assert _rel_l2(y, ref) < (1e-2 if precision == "fp32" else 2e-2)  # fp32: cuDNN may use TF32
+
+
+@pytest.mark.parametrize("ndim", [3, 2])
+def test_n2v2_architecture_takes_every_cpu_fast_path(ndim):
+    """Max-blur pooling (a grouped blur conv) and the missing top skip in channels-last, oneDNN, bf16."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(ndim=ndim, depth=2, n_filter_base=4, pooling="maxblur", top_skip=False,
+                            residual=False)).eval()
+    x = _input((1, 1, 16, 32, 32) if ndim == 3 else (2, 1, 32, 32))
+    with torch.inference_mode():
+        ref = {k: v.clone() for k, v in model(x).items()}
+    fp32 = prepare_model(model, channels_last=True, compile=False, onednn_conv=True)(x)
+    _check_outputs(fp32, ref)
+    assert _max_rel(fp32, ref) <= 1e-5
+    assert _rel_l2(prepare_model(model, precision="bf16", compile=False)(x), ref) < 2e-2
