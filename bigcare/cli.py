@@ -212,6 +212,16 @@ def _cmd_import_model(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from bigcare.exchange.bioimageio import export_bioimageio
+
+    out = export_bioimageio(args.model, args.out, name=args.name, authors=args.author, license=args.license,
+                            overwrite=args.overwrite)
+    print(f"wrote bioimage.io package {out} (validated with bioimageio.spec; run `bioimageio test {out}` to "
+          "reproduce its test outputs)")
+    return 0
+
+
 def _restore_arguments(p, add_cluster_arguments) -> None:
     """The arguments of restore and plan."""
     from bigcare.types import NGFF_VERSIONS, PRECISIONS
@@ -330,6 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model is an IsotropicCARE trained for axial factor F: import it as bigcare's isotropic kind")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
     p.set_defaults(func=_cmd_import_model)
+
+    p = sub.add_parser("export", help="write a bigcare model as a bioimage.io model package (.zip)",
+                       description="Package a bigcare model folder for the bioimage.io model zoo (spec 0.5: "
+                       "pytorch_state_dict + torchscript + onnx weights, percentile preprocessing, halo, test "
+                       "tensors, README). The package is validated before the command returns.")
+    p.add_argument("model", help="bigcare model folder")
+    p.add_argument("out", help="the package to write (.zip)")
+    p.add_argument("--name", default=None, help="model name in the zoo [the folder's name]")
+    p.add_argument("--author", action="append", default=None, help="author name (repeat for several) [your login]")
+    p.add_argument("--license", default="CC-BY-4.0", help="SPDX license of the weights [CC-BY-4.0]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("info", help="print axes, shape, dtype, chunks, scales and pyramid of an OME-Zarr image")
     p.add_argument("path", help="OME-Zarr image (path or fsspec URL)")
