@@ -229,7 +229,8 @@ def _restore_arguments(p, add_cluster_arguments) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="INPUT OUTPUT, or with --output-dir: inputs (paths, fsspec URLs, globs, @list.txt)")
     p.add_argument("-o", "--output-dir", default=None, help="batch mode: write OUTPUT_DIR/<input name> per input")
-    p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
+    p.add_argument("--model", required=True,
+                   help="model folder (config.json + model.safetensors), or a bioimage.io package (.zip or folder)")
     p.add_argument("--no-ship-model", dest="ship_model", action="store_false",
                    help="workers read the model folder by path (shared storage) instead of receiving its bytes once")
     p.add_argument("--block-shape", action=_Sizes, default=None,

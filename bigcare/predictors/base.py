@@ -138,7 +138,8 @@ def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision
     Parameters
     ----------
     model_path : str
-        Model folder (config.json + model.safetensors).
+        Model folder (config.json + model.safetensors), or a bioimage.io package (.zip or a folder
+        with rdf.yaml; :class:`~bigcare.exchange.zoo.ZooPredictor`).
     device : str
         ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
     precision : str
@@ -151,6 +152,13 @@ def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision
     -------
     Predictor
     """
+    from bigcare.exchange.zoo import is_zoo_package
+
+    if is_zoo_package(model_path):  # a bioimage.io package (.zip or folder with rdf.yaml)
+        from bigcare.exchange.zoo import ZooPredictor
+
+        return cached_predictor(("bioimageio", str(model_path), device), lambda: ZooPredictor(model_path, device=device))
+
     def build() -> Predictor:
         from bigcare.errors import ModelMismatchError
         from bigcare.models.folder import load_model, model_hash

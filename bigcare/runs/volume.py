@@ -119,6 +119,10 @@ def resolve_model(model, ship_model: bool = True) -> ModelRef:
     if isinstance(model, ModelPayload):
         model.verify()
         return ModelRef(model.build("cpu"), model.hash, payload=model)
+    from bigcare.exchange.zoo import ZooPredictor, is_zoo_package
+
+    if is_zoo_package(model):  # a bioimage.io package: a predictor object the workers load from its path
+        model = ZooPredictor(model)
     if hasattr(model, "predict"):  # a predictor object: sent with the spec
         obj = check_predictor(model)
         return ModelRef(obj, obj.fingerprint or type(obj).__name__, obj=obj)
