@@ -15,6 +15,7 @@ The package follows the path a volume takes::
     tasks/       the one task runner (cluster or local pool), the block task, shm slots, clusters
     runs/        a volume run (plan, start, finish), restore / restore_many / predict, results
     models/      networks, receptive fields, the model folder format
+    exchange/    CSBDeep import, bioimage.io export, bioimage.io packages as predictors
     training/    config, sources, positions, sampler, patch reads, trainer, losses, isotropic pairs
     psf/ synth.py metrics.py normalization.py   PSFs; synthetic data; the papers' metrics; percentiles
 

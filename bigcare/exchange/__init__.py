@@ -1,7 +1,18 @@
 """Model exchange: models trained elsewhere restore terabyte volumes, and bigcare's models travel.
 
+::
+
+    CSBDeep folder ──import_csbdeep──► bigcare model folder ──export_bioimageio──► bioimage.io .zip
+    (config.json + weights_best.h5)    (config.json + safetensors)                      │
+                                                                                        ▼
+                                            restore --model PACKAGE  ◄── ZooPredictor (any 0.5 package)
+
 - ``csbdeep.py``: a CSBDeep (Keras) CARE model folder -> a bigcare model folder
   (:func:`import_csbdeep`; ``bigcare import-model csbdeep PATH OUT``).
+- ``bioimageio.py``: a bigcare model folder -> a bioimage.io 0.5 package
+  (:func:`export_bioimageio`; ``bigcare export MODEL OUT.zip``).
+- ``unet_arch.py``: the U-Net as one torch-only file, the packages' architecture source.
+- ``zoo.py``: a bioimage.io package as a predictor (:class:`ZooPredictor`; ``restore --model X.zip``).
 
 Names are imported on first use (h5py, torch and bioimageio load only when needed).
 """
@@ -13,6 +24,10 @@ from bigcare.lazy import lazy_attributes
 _LAZY = {
     "import_csbdeep": "bigcare.exchange.csbdeep",
     "read_csbdeep_config": "bigcare.exchange.csbdeep",
+    "export_bioimageio": "bigcare.exchange.bioimageio",
+    "check_package": "bigcare.exchange.bioimageio",
+    "ZooPredictor": "bigcare.exchange.zoo",
+    "is_zoo_package": "bigcare.exchange.zoo",
 }
 
 __all__ = list(_LAZY)
