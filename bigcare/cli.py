@@ -188,8 +188,17 @@ def _cmd_synth(args) -> int:
     from bigcare.synth import write_pair
 
     out = Path(_out(args, "bigcare-synth"))
+    if args.kind != "nuclei" or args.psf or args.downsample > 1 or args.voxel_size:  # the blockwise generators
+        from bigcare.synth.write import parse_psf, write_kind
+
+        shape = args.shape or (512, 512)
+        for noisy, clean in write_kind(out, args.kind, shape, count=args.count, psf=parse_psf(args.psf),
+                                       voxel_size=args.voxel_size, photons=args.photons,
+                                       background=args.background, downsample=args.downsample, seed=args.seed):
+            print(f"wrote {noisy.url} {noisy.shape} and {clean.url} {clean.shape}")
+        return 0
     for k in range(args.count):
-        noisy, clean = write_pair(out / f"noisy_{k}.ome.zarr", out / f"clean_{k}.ome.zarr", args.shape,
+        noisy, clean = write_pair(out / f"noisy_{k}.ome.zarr", out / f"clean_{k}.ome.zarr", args.shape or (64, 256, 256),
                                   photons=args.photons, seed=args.seed + 10 * k)
         print(f"wrote {noisy.url} and {clean.url} {clean.shape}")
     return 0
@@ -322,10 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write synthetic (noisy, clean) OME-Zarr pairs for trying out training")
     p.add_argument("out", nargs="?", default=None, help="output folder [bigcare-synth]")
     p.add_argument("--out", dest="out_option", default=None, help=argparse.SUPPRESS)  # as demo takes it
-    p.add_argument("--shape", action=_Sizes, default=(64, 256, 256), help="Z,Y,X [64,256,256]")
+    p.add_argument("--shape", action=_Sizes, default=None,
+                   help="Z,Y,X or Y,X [64,256,256 for nuclei, 512,512 for the others]")
     p.add_argument("--count", type=int, default=2, help="number of pairs [2]")
     p.add_argument("--photons", type=float, default=6.0, help="photons per unit intensity (lower: noisier) [6]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=["nuclei", "tubules", "granules", "tubules+granules"], default="nuclei",
+                   help="what the clean image holds [nuclei]; tubules and granules are written chunk by chunk")
+    p.add_argument("--psf", default=None, metavar="KIND:key=value,...",
+                   help="blur with a PSF: gaussian:fwhm=0.25, widefield:na=0.8,wavelength=0.52, "
+                   "confocal:na=1.4,wavelength=0.52,excitation_wavelength=0.488,refractive_index=1.518, "
+                   "file:path=bead.tif,voxel_size=0.2/0.1/0.1 (micrometres)")
+    p.add_argument("--voxel-size", action=_Sizes, kind=float, default=None,
+                   help="voxel size of the clean image in micrometres [0.04 (2D), 0.1 (3D)]")
+    p.add_argument("--downsample", type=int, default=1, help="camera pixels per clean voxel and axis [1]")
+    p.add_argument("--background", type=float, default=0.0, help="Perlin-like background amplitude [0]")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("import-model", help="turn a model trained elsewhere (CSBDeep) into a bigcare model folder",
