@@ -50,7 +50,8 @@ def fit_gaussian(data: np.ndarray, voxel_size=1.0) -> dict | None:
     dict or None
         ``amplitude``, ``offset``, ``centre`` and ``sigma`` (tuples per axis, physical, centre
         relative to the middle sample) and ``fwhm`` (tuple); None when the fit fails or gives no
-        peak (amplitude <= 0, a width outside (0, the data's extent)).
+        peak (amplitude below half the data's range, a width outside (a quarter sample, the
+        data's extent), the centre outside the data).
     """
     y = np.asarray(data, float)
     if y.size < 3 * y.ndim + 2 or not np.all(np.isfinite(y)):
@@ -77,7 +78,8 @@ def fit_gaussian(data: np.ndarray, voxel_size=1.0) -> dict | None:
         return None
     amp, off, c, s = p[0], p[1], p[2:2 + nd], np.abs(p[2 + nd:])
     extent = np.array(y.shape) * voxel
-    if not (amp > 0 and np.all(s > 0) and np.all(s < extent) and np.all(np.abs(c) < extent / 2)):
+    # a peak: at least half the data's range high, wider than a quarter sample, inside the data
+    if not (amp > 0.5 * np.ptp(y) and np.all(s > voxel / 4) and np.all(s < extent) and np.all(np.abs(c) < extent / 2)):
         return None
     return {"amplitude": float(amp), "offset": float(off), "centre": tuple(map(float, c)),
             "sigma": tuple(map(float, s)), "fwhm": tuple(float(FWHM_PER_SIGMA * v) for v in s)}
