@@ -51,7 +51,7 @@ def test_imported_model_matches_csbdeep_prediction(tmp_path, name):
     out = import_csbdeep(folder, tmp_path / "model")
     config = load_config(out)
     axes = json.loads((folder / "versions.json").read_text())["axes"].lower()
-    got = bigcare.predict(np.load(folder / "input.npy"), out, axes=axes)
+    got = bigcare.predict(np.load(folder / "input.npy"), out, axes=axes, precision="fp32")
     want = _expected(folder)
     assert set(got) == set(want)
     for head, expected in want.items():
@@ -81,7 +81,7 @@ def test_two_channel_model_matches_csbdeep_in_normalised_units(tmp_path):
     x = np.moveaxis(np.load(folder / "input.npy"), -1, 0)  # YXC -> CYX
     lo = np.percentile(x, 2, axis=(1, 2), keepdims=True)
     hi = np.percentile(x, 99.8, axis=(1, 2), keepdims=True)
-    y = load_predictor(str(out)).forward_normalized(normalize(x, lo, hi)[None])["restored"][0]
+    y = load_predictor(str(out), precision="fp32").forward_normalized(normalize(x, lo, hi)[None])["restored"][0]
     assert _rel_err(np.moveaxis(y, 0, -1), np.load(folder / "expected.npy")) < 1e-4
 
 
@@ -91,7 +91,7 @@ def test_imported_3d_model_restores_a_zarr_blockwise_as_csbdeep_predicts(tmp_pat
     x = np.load(folder / "input.npy")  # (8, 20, 28)
     write_volume(tmp_path / "in.ome.zarr", x, chunks=(8, 8, 12))
     bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", model, client=client,
-                    block_shape=(8, 8, 12), device="cpu", progress=False)
+                    block_shape=(8, 8, 12), device="cpu", precision="fp32", progress=False)
     assert _rel_err(read(tmp_path / "out.ome.zarr"), np.load(folder / "expected.npy")) < 1e-4
 
 
@@ -108,7 +108,7 @@ def test_output_heads_are_told_apart_by_keras_creation_order(tmp_path):
             f[new].attrs["weight_names"] = [f"{new}/kernel", f"{new}/bias"]
         f.attrs["layer_names"] = [{heads[0]: "conv2d_9", heads[1]: "conv2d_10"}.get(n, n) for n in names]
     out = import_csbdeep(folder, tmp_path / "m")
-    got = bigcare.predict(np.load(folder / "input.npy"), out, axes="yx")
+    got = bigcare.predict(np.load(folder / "input.npy"), out, axes="yx", precision="fp32")
     assert _rel_err(got["mean"], np.load(folder / "expected_mean.npy")) < 1e-4
 
 
@@ -162,3 +162,29 @@ def test_isotropic_care_imports_as_bigcare_isotropic_kind(tmp_path):
     assert config.kind == "isotropic" and config.isotropic.factor == 4 and config.isotropic.combine == "geometric"
     with pytest.raises(ModelError, match="axes YX"):
         import_csbdeep(DATA / "care3d", tmp_path / "m3", isotropic_factor=4)
+
+
+def test_keras2_layout_under_model_weights_is_read_the_same(tmp_path):
+    # Keras 2 / TF 2.x wrote 'layer/kernel:0' names, and model.save nests them under model_weights/
+    folder = _copy("care3d", tmp_path)
+    src = folder / "weights_best.h5"
+    keras2 = folder / "weights_keras2.h5"
+    with h5py.File(src, "r") as f, h5py.File(keras2, "w") as g:
+        root = g.create_group("model_weights")
+        root.attrs["layer_names"] = f.attrs["layer_names"]
+        g.attrs["keras_version"] = "2.15.0"
+        for name in f.attrs["layer_names"]:
+            name = name.decode() if isinstance(name, bytes) else name
+            if name not in f:
+                continue
+            layer = root.create_group(name)
+            names = [n.decode() if isinstance(n, bytes) else n for n in f[name].attrs["weight_names"]]
+            layer.attrs["weight_names"] = [f"{n}:0".encode() for n in names]
+            for n in names:
+                layer[f"{n}:0"] = f[name][n][()]
+    src.unlink()
+    _edit_config(folder, train_checkpoint="weights_keras2.h5")
+    out = import_csbdeep(folder, tmp_path / "m")
+    assert load_config(out).provenance["keras"]["keras_version"] == "2.15.0"
+    got = bigcare.predict(np.load(folder / "input.npy"), out, axes="zyx", precision="fp32")["restored"]
+    assert _rel_err(got, np.load(folder / "expected.npy")) < 1e-4

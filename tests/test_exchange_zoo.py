@@ -30,7 +30,7 @@ def test_exported_package_restores_blockwise_as_the_bigcare_model(tmp_path, clie
     write_volume(tmp_path / "in.ome.zarr", data, chunks=(8, 16, 16))
     for name, m in (("zoo", package), ("own", model)):
         bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / f"{name}.ome.zarr", m, client=client,
-                        block_shape=(8, 16, 16), device="cpu", progress=False)
+                        block_shape=(8, 16, 16), device="cpu", precision="fp32", progress=False)
     for head in ("mean", "scale"):
         own, zoo = read(tmp_path / "own.ome.zarr", f"{head}/0"), read(tmp_path / "zoo.ome.zarr", f"{head}/0")
         assert np.abs(own - zoo).max() <= 1e-5 * np.abs(own).max(), head
@@ -43,9 +43,9 @@ def test_unpacked_folder_and_torchscript_weights_give_the_same_result(tmp_path, 
         z.extractall(tmp_path / "unpacked")
     assert is_zoo_package(tmp_path / "unpacked") and is_zoo_package(package) and not is_zoo_package(model)
     data = smooth_volume((12, 20, 18)) * 300 + 100
-    want = bigcare.predict(data, model, axes="zyx")
+    want = bigcare.predict(data, model, axes="zyx", precision="fp32")
     for source in (tmp_path / "unpacked", package):
-        got = bigcare.predict(data, source, axes="zyx")
+        got = bigcare.predict(data, source, axes="zyx", precision="fp32")
         np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-6, atol=1e-4)
     scripted = ZooPredictor(package, weights="torchscript")
     assert scripted.weights == "torchscript" and ZooPredictor(package).weights == "pytorch_state_dict"
@@ -122,7 +122,7 @@ def test_hand_built_package_without_halo_gets_a_measured_one_and_runs(tmp_path):
     assert predictor.halo_source == "measured" and predictor.halo == (4, 4) and predictor.align == (4, 4)
     assert (predictor.pmin, predictor.pmax, predictor.outputs) == (2.0, 99.0, ("smooth",))
     data = (np.random.default_rng(2).random((37, 50)) * 1000).astype(np.float32)
-    got = bigcare.predict(data, package, axes="yx")["smooth"]
+    got = bigcare.predict(data, package, axes="yx", precision="fp32")["smooth"]
     lo, hi = np.percentile(data, 2), np.percentile(data, 99)
     from scipy.ndimage import uniform_filter
 
