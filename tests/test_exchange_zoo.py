@@ -55,10 +55,24 @@ def test_unpacked_folder_and_torchscript_weights_give_the_same_result(tmp_path, 
     np.testing.assert_allclose(scripted.predict(data[None], normalizer)["scale"][0], want["scale"], rtol=1e-5, atol=1e-4)
 
 
-def _hand_built(tmp_path, preprocessing=None, halo: int | None = None):
-    """A 2D package made with bioimageio.spec's classes: a 3x3 box-filter net as TorchScript."""
+ARCH = """import torch
+
+
+class Box(torch.nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, size, padding=size // 2)
+
+    def forward(self, x):
+        return self.conv(x)
+"""
+
+
+def _hand_built(tmp_path, preprocessing=None, halo: int | None = None, weights: str = "torchscript"):
+    """A 2D package made with bioimageio.spec's classes: a 3x3 box-filter net (TorchScript or a state dict)."""
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model.v0_5 import (
+        ArchitectureFromFileDescr,
         Author,
         AxisId,
         BatchAxis,
@@ -71,6 +85,7 @@ def _hand_built(tmp_path, preprocessing=None, halo: int | None = None):
         ModelDescr,
         OutputTensorDescr,
         ParameterizedSize,
+        PytorchStateDictWeightsDescr,
         ScaleRangeDescr,
         ScaleRangeKwargs,
         SizeReference,
@@ -88,6 +103,8 @@ def _hand_built(tmp_path, preprocessing=None, halo: int | None = None):
         net.weight.fill_(1 / 9)
         net.bias.fill_(0.5)
     torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    torch.save({"conv." + k: v for k, v in net.state_dict().items()}, tmp_path / "state.pt")
+    (tmp_path / "box_arch.py").write_text(ARCH)
     x = (np.random.default_rng(1).random((1, 1, 32, 32)) * 1000).astype(np.float32)
     lo, hi = np.percentile(x, 2), np.percentile(x, 99)
     with torch.no_grad():
@@ -109,18 +126,22 @@ def _hand_built(tmp_path, preprocessing=None, halo: int | None = None):
                                  test_tensor=FileDescr(source=tmp_path / "in.npy"), preprocessing=pre)],
         outputs=[OutputTensorDescr(id=TensorId("smooth"), axes=[BatchAxis(), ChannelAxis(channel_names=[Identifier("c")])]
                                    + out_axes, test_tensor=FileDescr(source=tmp_path / "out.npy"))],
-        weights=WeightsDescr(torchscript=TorchscriptWeightsDescr(source=tmp_path / "net.pt",
-                                                                pytorch_version=Version("2.0"))),
+        weights=WeightsDescr(torchscript=TorchscriptWeightsDescr(source=tmp_path / "net.pt", pytorch_version=Version("2.0")))
+        if weights == "torchscript" else WeightsDescr(pytorch_state_dict=PytorchStateDictWeightsDescr(
+            source=tmp_path / "state.pt", pytorch_version=Version("2.0"),
+            architecture=ArchitectureFromFileDescr(source=tmp_path / "box_arch.py", callable="Box", kwargs={"size": 3}))),
     )
     return save_bioimageio_package(descr, output_path=tmp_path / "box.zip")
 
 
-def test_hand_built_package_without_halo_gets_a_measured_one_and_runs(tmp_path):
-    package = _hand_built(tmp_path)
+@pytest.mark.parametrize("weights", ["torchscript", "pytorch_state_dict"])
+def test_hand_built_package_without_halo_gets_a_measured_one_and_runs(tmp_path, weights):
+    package = _hand_built(tmp_path, weights=weights)
     with pytest.warns(UserWarning, match="measured by an impulse response: \\(1, 1\\)"):
         predictor = ZooPredictor(package)
     assert predictor.halo_source == "measured" and predictor.halo == (4, 4) and predictor.align == (4, 4)
     assert (predictor.pmin, predictor.pmax, predictor.outputs) == (2.0, 99.0, ("smooth",))
+    assert predictor.weights == weights
     data = (np.random.default_rng(2).random((37, 50)) * 1000).astype(np.float32)
     got = bigcare.predict(data, package, axes="yx", precision="fp32")["smooth"]
     lo, hi = np.percentile(data, 2), np.percentile(data, 99)
