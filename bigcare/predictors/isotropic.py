@@ -59,6 +59,13 @@ class IsotropicPredictor:
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore region ``x`` (C, Z', Y, X) of the Z-upsampled volume, in raw intensities.
 
+        Intensity heads combine the XZ and YZ passes by ``combine`` (mean or geometric mean); a
+        probabilistic model's scale head takes the larger of the two scales, voxel by voxel. That
+        is conservative: each pass saw the volume along a different axial orientation, the two
+        are not independent measurements whose uncertainty would shrink when combined, and the
+        interval must cover the worse of the two views. CSBDeep's probabilistic isotropic
+        prediction does the same (``np.maximum`` of the rotated scales).
+
         Returns
         -------
         dict of str to numpy.ndarray
@@ -74,7 +81,9 @@ class IsotropicPredictor:
         for name in self.outputs:
             a = xz[name].transpose(1, 2, 0, 3)
             b = yz[name].transpose(1, 2, 3, 0)
-            if self.combine == "geometric" and self.net.kinds[name] == "intensity":
+            if self.net.kinds[name] == "scale":  # probabilistic: the larger of the two scales
+                y = np.maximum(a, b)
+            elif self.combine == "geometric" and self.net.kinds[name] == "intensity":
                 y = np.sqrt(np.maximum(a, 0) * np.maximum(b, 0))
             else:
                 y = (a + b) * np.float32(0.5)

@@ -171,7 +171,12 @@ class TrainingConfig(_BatchDraw):
     epochs: int = Field(100, ge=1, description="Epochs.")
     steps_per_epoch: int = Field(100, ge=1, description="Batches per epoch.")
     lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
-    loss: Literal["mae", "mse"] = Field("mae", description="Per-pixel loss.")
+    loss: Literal["mae", "mse", "laplace"] = Field("mae", description="Per-pixel loss; laplace: probabilistic CARE "
+                                                   "(heads mean and scale, trained by the Laplace negative "
+                                                   "log-likelihood).")
+    ensemble: int = Field(1, ge=1, le=32, description="Members to train (model_dir/member_0 ...), differing only in "
+                          "the torch seed and the batch order (seed + member); restore the ensemble folder for a "
+                          "mixture mean, interval and disagreement (needs loss laplace when > 1).")
     device: str | None = Field(None, description="cpu, cuda or cuda:N; default cuda when available.")
     precision: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="Autocast precision; "
                                                               "default bf16 on GPU, fp32 on CPU.")
@@ -254,6 +259,10 @@ class SelfSupervisedConfig(_Strict):
                          struct_radius=self.struct_radius if axis is not None else 0)
 
 
+#: ``network.heads`` of ``loss: laplace`` unless given: the mean gets the residual; the scale is
+#: softplus + 1e-3 (CSBDeep's eps_scale: a floor that keeps log(b) and |y - mu| / b finite).
+LAPLACE_HEADS = ({"name": "mean", "activation": "linear"}, {"name": "scale", "activation": "softplus_eps"})
+
 #: ``network:`` values self-supervised training sets unless given (and then requires).
 _SELF_SUPERVISED_NETWORK = {"residual": False}
 _N2V2_NETWORK = {"pooling": "maxblur", "top_skip": False}
@@ -292,7 +301,17 @@ class TrainConfig(_Strict):
             # a bad or missing patch_shape is reported under data; 3 only lets network validate
             ndim = len(shape) if isinstance(shape, (list, tuple)) and len(shape) in (2, 3) else 3
             values = {**values, "network": {"ndim": ndim, **network}}
-        return cls._self_supervised_defaults(values)
+        return cls._probabilistic_defaults(cls._self_supervised_defaults(values))
+
+    @classmethod
+    def _probabilistic_defaults(cls, values: dict) -> dict:
+        """The mean and scale heads of a Laplace model, where ``network.heads`` is left out."""
+        training, network = values.get("training"), values.get("network")
+        loss = training.loss if isinstance(training, TrainingConfig) else \
+            training.get("loss") if isinstance(training, dict) else None
+        if loss != "laplace" or not isinstance(network, dict) or "heads" in network:
+            return values
+        return {**values, "network": {**network, "heads": [dict(h) for h in LAPLACE_HEADS]}}
 
     @classmethod
     def _self_supervised_defaults(cls, values: dict) -> dict:
@@ -324,8 +343,17 @@ class TrainConfig(_Strict):
         for key in ("n_channel_in", "n_channel_out"):
             if getattr(net, key) != 1:
                 raise ValueError(f"network.{key}: expected {_FROM_DATA[key]}, got {getattr(net, key)}")
-        if len(net.heads) != 1:
+        if self.training.loss == "laplace":
+            acts = [h.activation for h in net.heads]
+            if len(acts) != 2 or acts[0] != "linear" or acts[1] not in ("softplus", "softplus_eps"):
+                raise ValueError(f"network.heads: loss laplace trains a linear mean head and a softplus scale head, "
+                                 f"got {[(h.name, h.activation) for h in net.heads]}; leave network.heads out for "
+                                 f"{LAPLACE_HEADS}")
+        elif len(net.heads) != 1:
             raise ValueError(f"network.heads: training fits one head, got {len(net.heads)}")
+        if self.training.ensemble > 1 and self.training.loss != "laplace":
+            raise ValueError(f"training.ensemble: {self.training.ensemble} members need loss laplace (an ensemble's "
+                             "interval and disagreement are built from each member's Laplace scale)")
         if self.self_supervised is not None:
             if self.isotropic is not None:
                 raise ValueError("self_supervised and isotropic are different methods: give one of them")

@@ -1,12 +1,19 @@
-"""Per-pixel losses for CARE training, optionally over a mask (self-supervised training)."""
+"""Per-pixel losses for CARE training, optionally over a mask (self-supervised training).
+
+``laplace`` is the probabilistic CARE loss (CARE Fig. 5, CSBDeep's ``loss_laplace``): the network
+predicts a Laplace distribution per voxel, mean ``mu`` (its first head) and scale ``b`` (its
+``scale`` head), and the loss is the negative log-likelihood of the target under it.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from bigcare.errors import ConfigError
 
-__all__ = ["LOSSES", "get_loss"]
+__all__ = ["LOSSES", "PROBABILISTIC", "get_loss", "laplace"]
 
 
 def _mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -27,11 +34,26 @@ def mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = No
     return _mean((pred - target) ** 2, mask)
 
 
-LOSSES = {"mae": mae, "mse": mse}
+def laplace(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
+            scale: torch.Tensor) -> torch.Tensor:
+    """Laplace negative log-likelihood ``|y - mu| / b + log(b) + log 2``, over ``mask`` when given.
+
+    ``pred`` is the mean ``mu``, ``scale`` the scale ``b > 0`` (the network's softplus head plus
+    CSBDeep's floor 1e-3, so the log and the division stay finite). Minimised over ``b`` at
+    ``b = |y - mu|``: the scale learns the expected absolute error, and the mean the median.
+    """
+    return _mean((pred - target).abs() / scale + torch.log(scale) + math.log(2.0), mask)
+
+
+LOSSES = {"mae": mae, "mse": mse, "laplace": laplace}
+
+#: losses that also need the network's ``scale`` head (passed as ``scale=``)
+PROBABILISTIC = frozenset({"laplace"})
 
 
 def get_loss(name: str):
-    """The loss function called ``name`` ("mae" or "mse"): ``loss(pred, target, mask=None)``."""
+    """The loss function called ``name`` ("mae", "mse" or "laplace"): ``loss(pred, target, mask=None)``
+    (``laplace`` also takes ``scale=``, see :data:`PROBABILISTIC`)."""
     try:
         return LOSSES[name]
     except KeyError:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from bigcare.errors import ConfigError, ModelError
 from bigcare.models import UNet, load_model, save_model
 from bigcare.models.folder import ModelConfig
-from bigcare.training.losses import get_loss
+from bigcare.training.losses import PROBABILISTIC, get_loss
 
 __all__ = ["fit", "TrainResult"]
 
@@ -101,7 +101,9 @@ def fit(
         Training length (total epochs, including those done before a resume).
     lr : float
         Adam learning rate (CARE: 4e-4); halved when the validation loss stalls for 10 epochs.
-    loss : {"mae", "mse"}
+    loss : {"mae", "mse", "laplace"}
+        ``laplace`` (probabilistic CARE) trains the first head as the mean and the head of kind
+        scale (the second, a softplus head) as the Laplace scale, by the negative log-likelihood.
     device : str
     precision : {"fp32", "bf16", "fp16"}
         Autocast precision of the forward pass (mixed precision; use bf16 on GPUs).
@@ -128,6 +130,12 @@ def fit(
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and str(device).startswith("cuda"))
     val_batches = [tuple(_to_tensor(a, device) for a in batch) for batch in validation]
     first = config.architecture.heads[0].name
+    scale_head = _scale_head(config) if loss in PROBABILISTIC else None
+
+    def evaluate(out: dict, y: torch.Tensor, mask: list) -> torch.Tensor:
+        extra = {} if scale_head is None else {"scale": out[scale_head].float()}
+        return loss_fn(out[first].float(), y, *mask, **extra)
+
     result = TrainResult(model_dir=Path(model_dir) if model_dir else None)
     if resume and result.model_dir is not None and (result.model_dir / "last" / STATE_JSON).exists():
         _resume(result, model, optimizer, scheduler, device)
@@ -144,8 +152,8 @@ def fit(
             x, y, *mask = (_to_tensor(a, device) for a in next(batches))
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, precision):
-                pred = model(x)[first]
-            value = loss_fn(pred.float(), y, *mask)
+                out = model(x)
+            value = evaluate(out, y, mask)
             scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -153,7 +161,7 @@ def fit(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
         with torch.inference_mode(), _autocast(device, precision):
-            val = float(np.mean([loss_fn(model(x)[first].float(), y, *mask).item() for x, y, *mask in val_batches]))
+            val = float(np.mean([evaluate(model(x), y, mask).item() for x, y, *mask in val_batches]))
         scheduler.step(val)
         result.train_loss.append(float(np.mean(losses)))
         result.val_loss.append(val)
@@ -184,6 +192,16 @@ def fit(
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _scale_head(config: ModelConfig) -> str:
+    """The name of the softplus head a probabilistic loss trains as the Laplace scale."""
+    heads = config.architecture.heads
+    scales = [h.name for h in heads[1:] if h.activation in ("softplus", "softplus_eps")]
+    if not scales:
+        raise ConfigError(f"a probabilistic loss needs a scale head (activation softplus or softplus_eps) after "
+                          f"the mean; the network has heads {[h.name for h in heads]}")
+    return scales[0]
 
 
 def _tensorboard(model_dir: Path | None):
