@@ -30,12 +30,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from care_quality import NOISE, nlm
+
 import bigcare
 from bigcare.metrics import nrmse, psnr, ssim
 from bigcare.synth import write_pair
 from bigcare.training import train
-
-from care_quality import NOISE, nlm
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ("n2v", "n2v2")

@@ -247,7 +247,9 @@ def _restore_arguments(p, add_cluster_arguments) -> None:
     p.add_argument("--tile-shape", action=_Sizes, default=None,
                    help="largest write region of one network call per spatial axis [chosen with the blocks]")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N [cuda if available]")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default): bf16 where the workers' device computes it natively (GPUs, CPUs with "
+                   "AVX512_BF16 or AMX), else fp32; fp32 for bit-reproducible results")
     p.add_argument("--output-dtype", default="float32", help="output dtype [float32]")
     p.add_argument("--ngff-version", default="0.5", choices=NGFF_VERSIONS)
     p.add_argument("--overwrite", action="store_true", help="replace an output of another bigcare run")

@@ -11,8 +11,9 @@ from bigcare.errors import ConfigError
 __all__ = ["Precision", "NgffVersion", "DeviceKind", "ClusterKind", "PathLike", "Shape", "PRECISIONS",
            "NGFF_VERSIONS", "CLUSTER_KINDS", "check_choice", "check_device", "device_problem"]
 
-#: Inference precision: full float32, or autocast to bfloat16 / float16.
-Precision = Literal["fp32", "bf16", "fp16"]
+#: Inference precision: ``auto`` (bf16 where the device computes it natively, else fp32; see
+#: :func:`bigcare.predictors.fastpath.resolve_precision`), full float32, or autocast to bfloat16 / float16.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 #: OME-NGFF version written: 0.5 (zarr v3) or 0.4 (zarr v2).
 NgffVersion = Literal["0.5", "0.4"]
 #: The kind of device a predictor runs on (``"cuda:N"`` names one GPU of kind ``"cuda"``).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -238,10 +239,25 @@ def test_identity_predictor_object_copies_the_volume(tmp_path, client):
 def test_bf16_autocast_stays_close_to_fp32(tmp_path):
     model = make_model(tmp_path / "m", n_filter_base=8)
     data = smooth_volume((16, 32, 32))
-    fp32 = bigcare.predict(data, model, axes="zyx")["restored"]
+    fp32 = bigcare.predict(data, model, axes="zyx", precision="fp32")["restored"]
     bf16 = bigcare.predict(data, model, axes="zyx", precision="bf16")["restored"]
     rel_l2 = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
     assert 0 < rel_l2 < 2e-2
+
+
+def test_the_summary_says_which_precision_ran(tmp_path, client, model3d):
+    from bigcare.predictors.fastpath import resolve_precision
+    from bigcare.runs.results import format_summary
+
+    write_volume(tmp_path / "in.ome.zarr", smooth_volume((8, 16, 16)))
+    auto = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "a.ome.zarr", model3d, client=client, progress=False)
+    assert auto.precision == f"auto: {resolve_precision('auto', 'cpu')}"  # the workers share this machine's CPU
+    assert f"precision {auto.precision}" in format_summary(auto)
+    summary = json.loads((tmp_path / "a.ome.zarr" / "bigcare_summary.json").read_text())
+    assert summary["precision"] == auto.precision
+    fp32 = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "b.ome.zarr", model3d, client=client, progress=False,
+                           precision="fp32")
+    assert fp32.precision == "fp32"
 
 
 def test_overwrite_keeps_the_old_output_when_the_new_input_is_unusable(tmp_path, client, model3d):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,17 @@ def test_n2v2_architecture_takes_every_cpu_fast_path(ndim):
     _check_outputs(fp32, ref)
     assert _max_rel(fp32, ref) <= 1e-5
     assert _rel_l2(prepare_model(model, precision="bf16", compile=False)(x), ref) < 2e-2
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    from bigcare.predictors import fastpath
+
+    assert fastpath.resolve_precision("fp32", "cpu") == "fp32" and fastpath.resolve_precision("bf16", "cpu") == "bf16"
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    native = " avx512_bf16" in flags or " amx_bf16" in flags
+    assert fastpath.resolve_precision("auto", "cpu") == ("bf16" if native and torch.backends.mkldnn.is_available() else "fp32")
+    monkeypatch.setattr(fastpath, "native_bf16", lambda device="cpu": False)
+    assert fastpath.resolve_precision("auto", "cpu") == "fp32"
+    model, x = NETS[2]
+    f = prepare_model(model, precision="auto", compile=False)  # resolved: fp32 here now
+    assert _max_rel(f(x), _reference(2)) <= 1e-5

@@ -181,7 +181,7 @@ def test_bigcare_restore_is_only_the_function():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"precision": "x"}, "precision must be one of 'fp32', 'bf16', 'fp16', got 'x'"),
+    ({"precision": "x"}, "precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'x'"),
     ({"device": "gpu"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
 ])
 def test_bad_precision_or_device_is_one_config_error_in_predict_and_restore(tmp_path, kwargs, match):

@@ -128,7 +128,7 @@ def cached_predictor(key: tuple, build: Callable[[], Predictor]) -> Predictor:
     return predictor
 
 
-def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision = "fp32",
+def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision = "auto",
                    expected_hash: str | None = None) -> Predictor:
     """Build (once per process) the predictor a model folder describes.
 
@@ -143,7 +143,8 @@ def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision
     device : str
         ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
     precision : str
-        ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (autocast).
+        ``"auto"`` (default: bf16 where the device computes it natively, else fp32), ``"fp32"``,
+        ``"bf16"`` or ``"fp16"`` (autocast).
     expected_hash : str, optional
         If given, the folder's current hash must match (the model changed under a run
         otherwise) - checked once, on load.

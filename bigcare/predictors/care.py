@@ -12,7 +12,7 @@ from bigcare.models.architecture import divisor, halo
 from bigcare.models.folder import ModelConfig
 from bigcare.models.unet import UNet
 from bigcare.normalization import Normalizer
-from bigcare.predictors.fastpath import prepare_model
+from bigcare.predictors.fastpath import prepare_model, resolve_precision
 from bigcare.types import PRECISIONS, Precision, check_choice
 
 __all__ = ["CAREPredictor"]
@@ -33,6 +33,8 @@ class CAREPredictor:
 
     def __init__(self, model: UNet, config: ModelConfig, *, device: str = "cpu", precision: Precision = "fp32"):
         check_choice("precision", precision, PRECISIONS)
+        # auto: resolved here, in the process (and on the device) that computes
+        precision = resolve_precision(precision, device)  # type: ignore[assignment]
         arch = config.architecture
         self.model = model.to(device).eval()
         # the fastest correct execution measured for this device and precision (channels-last,

@@ -34,6 +34,7 @@ from bigcare.runs.volume import (
     fit_to_cluster,
     measure_volume_run,
     plan_volume_run,
+    precision_on_workers,
     resolve_model,
     start_volume_run,
 )
@@ -167,7 +168,9 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
         devices = cluster_devices(c, device)
+        ran = precision_on_workers(c, device, runs[0].precision) if runs else ""
         for run in runs:  # every check that reads data, before any output is written
+            run.precision_ran = ran
             fit_to_cluster(run, devices)
             measure_volume_run(run, c)
         fs, root = fsspec.core.url_to_fs(normalize_url(output_dir), **(output_storage_options or {}))

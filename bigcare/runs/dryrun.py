@@ -41,7 +41,7 @@ CALL_BYTES_PER_FILTER = 17.0
 
 
 def plan_restore(input: PathLike, output: PathLike, model, *, block_shape: Shape | None = None,
-                 tile_shape: Shape | None = None, device: str | None = None, precision: Precision = "fp32",
+                 tile_shape: Shape | None = None, device: str | None = None, precision: Precision = "auto",
                  workers: int | None = None, threads_per_worker: int | None = None, overwrite: bool = False,
                  ngff_version: NgffVersion = "0.5", output_dtype: str = "float32", pyramid: bool = True,
                  storage_options: dict | None = None, output_storage_options: dict | None = None,
@@ -114,7 +114,7 @@ def describe_plan(run: VolumeRun, workers: int, threads: int) -> dict[str, Any]:
               "replace": "replace the earlier output (another run's, --overwrite)"}[run.state]
     return {
         "input": run.volume.url, "input_shape": list(run.volume.shape), "input_dtype": str(run.volume.dtype),
-        "axes": run.volume.axis_names, "model": run.model.label, "device": run.device, "precision": run.precision,
+        "axes": run.volume.axis_names, "model": run.model.label, "device": run.device, "precision": _precision(run),
         "action": action, "state": run.state,
         "blocks": len(plan), "blocks_to_do": len(plan) - done, "grid": list(plan.grid),
         "block_shape": [plan.block_shape[i] for i in spatial], "tile_shape":
@@ -151,3 +151,13 @@ def format_plan(d: dict[str, Any]) -> str:
                      f"{shape(o['chunks'])}, {o['levels']} level(s)")
     lines.append("  nothing was written (dry run)")
     return "\n".join(lines)
+
+
+def _precision(run) -> str:
+    """The run's precision; ``auto`` with what it becomes on this machine's device."""
+    if run.precision != "auto":
+        return run.precision
+    from bigcare.predictors.fastpath import resolve_precision
+
+    return f"auto: {resolve_precision('auto', run.device)} on this machine"
+

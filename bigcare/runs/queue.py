@@ -72,7 +72,8 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
     for i, run in enumerate(runs):
         results.append(RunResult(outputs=run.images, blocks_total=len(run.plan),
                                  blocks_skipped=len(run.plan) - run.n_todo, blocks_computed=0,
-                                 halo_overhead=run.plan.overhead, input=run.volume.url, cluster=info))
+                                 halo_overhead=run.plan.overhead, input=run.volume.url, cluster=info,
+                                 precision=run.precision_ran or run.precision))
         index[id(run.spec)] = i
     items = ((block, run.spec) for run in runs for block in run.pending())  # made as the window moves
     left = [r.n_todo for r in runs]

@@ -69,6 +69,9 @@ class RunResult:
         ``OUTPUT/bigcare_failures.log`` when blocks failed, else "".
     preview : str
         The before/after PNG, when one was asked for.
+    precision : str
+        The inference precision that ran (``fp32``, ``bf16``, ``fp16``, or ``auto: bf16`` with
+        what the workers resolved ``auto`` to).
     """
 
     outputs: dict[str, str]
@@ -92,6 +95,7 @@ class RunResult:
     tracebacks: list = field(default_factory=list)
     failure_log: str = ""
     preview: str = ""
+    precision: str = ""
 
     @property
     def voxels_per_second(self) -> float:
@@ -130,7 +134,7 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
     ``voxels_per_second``, ``retries``, ``rescheduled``, ``halo_overhead``,
     ``peak_worker_rss_mb``, ``seconds_in`` (read, predict, write: task seconds summed over
     blocks), ``cluster`` (kind, scheduler, workers, threads, dashboard, size: start, peak,
-    end, changes), ``normalization``.
+    end, changes), ``normalization``, ``precision`` (what ran).
     """
     d = result.as_dict()
     return {
@@ -148,7 +152,7 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
         "halo_overhead": round(result.halo_overhead, 4),
         "peak_worker_rss_mb": round(result.peak_worker_rss_mb, 1),
         "seconds_in": {k: round(v, 3) for k, v in result.seconds_in.items()},
-        "cluster": d["cluster"], "normalization": d["normalization"],
+        "cluster": d["cluster"], "normalization": d["normalization"], "precision": result.precision,
     }
 
 
@@ -162,7 +166,8 @@ def format_summary(result, name: str = "") -> str:
         f"{result.voxels_per_second / 1e6:.2f} Mvoxel/s",
         f"  retries {result.retries}, rescheduled after a worker died {result.rescheduled}, "
         f"halo overhead {result.halo_overhead:.2f}x, peak worker RSS {result.peak_worker_rss_mb:.0f} MB",
-        f"  task seconds: read {s['read']:.1f}, predict {s['predict']:.1f}, write {s['write']:.1f}",
+        f"  task seconds: read {s['read']:.1f}, predict {s['predict']:.1f}, write {s['write']:.1f}"
+        + (f"; precision {result.precision}" if result.precision else ""),
     ]
     size = result.cluster.get("size")
     if size:

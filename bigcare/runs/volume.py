@@ -180,6 +180,7 @@ class VolumeRun:
     default_blocks: bool = True  # no block or tile shape was given: the cluster's size may change them
     pyramid: bool = True  # levels 1..n are declared and written; without, only level 0 exists
     nan_fill: float | None = None  # input NaN/inf voxels read as this value (else refused)
+    precision_ran: str = ""  # what the workers made of ``precision`` (see precision_on_workers)
 
     @property
     def n_todo(self) -> int:
@@ -252,7 +253,7 @@ def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool)
 
 
 def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef, *, block_shape: Shape | None = None,
-                    tile_shape: Shape | None = None, devices: int = 1, device: str = "cpu", precision: Precision = "fp32",
+                    tile_shape: Shape | None = None, devices: int = 1, device: str = "cpu", precision: Precision = "auto",
                     overwrite: bool = False, ngff_version: NgffVersion = "0.5", output_dtype: str = "float32",
                     storage_options: dict | None = None, output_storage_options: dict | None = None,
                     torch_threads: int | None = None, pyramid: bool = True,
@@ -341,6 +342,25 @@ def check_device_on_workers(client, device: str, model: ModelRef) -> None:
             f"device {device!r} is not usable on any of the {len(answers)} worker(s) ({worker}: {why}); "
             "use --device cpu, or workers with GPUs; nothing was written"
         )
+
+
+def precision_on_workers(client, device: str, precision: str) -> str:
+    """What ``precision`` becomes on the cluster's workers: itself, or for ``auto`` what each
+    worker's device resolves it to (``auto: bf16``, or ``auto: bf16 on 2 workers, fp32 on 1``)."""
+    if precision != "auto":
+        return precision
+    from bigcare.predictors.fastpath import resolve_precision
+
+    try:
+        answers = list(client.run(resolve_precision, precision, device).values())
+    except Exception:  # noqa: BLE001 - a worker that cannot answer decides for itself when it computes
+        answers = []
+    if not answers:
+        return "auto"
+    counts = {p: answers.count(p) for p in sorted(set(answers))}
+    if len(counts) == 1:
+        return f"auto: {answers[0]}"
+    return "auto: " + ", ".join(f"{p} on {n} worker{'s' * (n > 1)}" for p, n in counts.items())
 
 
 def cluster_devices(client, device: str) -> int:
