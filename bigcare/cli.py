@@ -101,11 +101,16 @@ def _pairs(args) -> list[tuple[str, str]]:
     return list(zip(urls, output_paths(urls, args.output_dir)))
 
 
+def _model(args):
+    """The model of a restore/plan command line: one path, or a list of member paths."""
+    return args.model[0] if len(args.model) == 1 else list(args.model)
+
+
 def _cmd_plan(args) -> int:
     from bigcare.runs.dryrun import format_plan, plan_restore
 
     for inp, out in _pairs(args):
-        plan = plan_restore(inp, out, args.model, block_shape=args.block_shape, tile_shape=args.tile_shape,
+        plan = plan_restore(inp, out, _model(args), block_shape=args.block_shape, tile_shape=args.tile_shape,
                             device=args.device, precision=args.precision, workers=args.workers,
                             overwrite=args.overwrite, ngff_version=args.ngff_version, output_dtype=args.output_dtype,
                             pyramid=args.pyramid, nan_fill=args.nan_fill)
@@ -128,6 +133,7 @@ def _cmd_restore(args) -> int:
                    output_dtype=args.output_dtype, pyramid=args.pyramid, ship_model=args.ship_model,
                    nan_fill=args.nan_fill, progress=not args.quiet,
                    **({"preview": args.preview} if args.preview else {}),
+                   **({"interval": args.interval} if args.interval != 0.9 else {}),
                    **cluster_kwargs(args))
     _pairs(args)  # the paths make sense
     if args.preview and args.output_dir is not None:
@@ -136,11 +142,11 @@ def _cmd_restore(args) -> int:
         if args.output_dir is None:
             from bigcare.runs.restore import restore
 
-            results = [restore(args.paths[0], args.paths[1], args.model, **options)]
+            results = [restore(args.paths[0], args.paths[1], _model(args), **options)]
         else:
             from bigcare.runs.batch import restore_many
 
-            results = restore_many(args.paths, args.output_dir, args.model, **options)
+            results = restore_many(args.paths, args.output_dir, _model(args), **options)
         failed = None
     except BlockError as exc:
         results, failed = getattr(exc, "results", []), exc
@@ -178,7 +184,8 @@ def _cmd_train(args) -> int:
     else:
         result = train(args.config, progress=not args.quiet)
     print(f"trained {result.epochs} epoch(s) ({result.epochs - result.start_epoch} now); best validation loss "
-          f"{min(result.val_loss):.4f} at epoch {result.best_epoch + 1}; model: {result.model_dir}/best")
+          f"{min(result.val_loss):.4f} at epoch {result.best_epoch + 1}; model: {result.model_dir}"
+          f"{'' if result.members else '/best'}{f' (ensemble of {len(result.members)})' if result.members else ''}")
     return 0
 
 
@@ -238,8 +245,12 @@ def _restore_arguments(p, add_cluster_arguments) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="INPUT OUTPUT, or with --output-dir: inputs (paths, fsspec URLs, globs, @list.txt)")
     p.add_argument("-o", "--output-dir", default=None, help="batch mode: write OUTPUT_DIR/<input name> per input")
-    p.add_argument("--model", required=True,
-                   help="model folder (config.json + model.safetensors), or a bioimage.io package (.zip or folder)")
+    p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
+                   help="model folder (config.json + model.safetensors), or a bioimage.io package (.zip or folder); "
+                   "several probabilistic models, or an ensemble folder, restore as an ensemble (outputs mean, "
+                   "lower, upper, disagreement)")
+    p.add_argument("--interval", type=float, default=0.9,
+                   help="an ensemble's central interval level for its lower/upper outputs [0.9]")
     p.add_argument("--no-ship-model", dest="ship_model", action="store_false",
                    help="workers read the model folder by path (shared storage) instead of receiving its bytes once")
     p.add_argument("--block-shape", action=_Sizes, default=None,

@@ -152,7 +152,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     device = check_device(device or default_device())
     urls = expand_inputs(inputs, storage_options)
     outputs = output_paths(urls, output_dir)
-    ref = resolve_model(model, ship_model)
+    ref = resolve_model(model, ship_model, options.pop("interval", 0.9))  # an ensemble's interval level
     options.setdefault("ngff_version", "0.5")
     # no output may be (inside) any input of the batch: locations resolved once, then compared
     resolved_in = [resolved(u) for u in urls]
@@ -180,7 +180,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
             raise OutputError(f"cannot make the output folder {output_dir} ({type(exc).__name__}: {exc})") from None
         for run in runs:
             start_volume_run(run, c)
-        with shipping(c, [ref.payload] if any(r.n_todo for r in runs) else []):
+        with shipping(c, ref.payloads if any(r.n_todo for r in runs) else []):
             results = execute(c, runs, progress=progress)
         for run, result in zip(runs, results):
             finish_volume_run(run, result, c, progress, started=t0)

@@ -116,6 +116,7 @@ def restore(
     dashboard: bool | str = True,
     nan_fill: float | None = None,
     preview: PathLike | None = None,
+    interval: float = 0.9,
 ) -> RunResult:
     """Restore an OME-Zarr volume block by block with a model, on a dask cluster.
 
@@ -131,8 +132,10 @@ def restore(
         name (``output/mean``, ``output/scale``). ``output/bigcare_summary.json`` holds the run
         summary. A path ending in ``.tif`` / ``.tiff`` restores into ``<stem>.ome.zarr`` and then
         writes that as an OME-TIFF (refused before the run beyond ``TIFF_OUTPUT_LIMIT``, 8 GiB).
-    model : str, os.PathLike, ModelPayload or Predictor
-        Model folder (config.json + model.safetensors), a
+    model : str, os.PathLike, list of them, ModelPayload or Predictor
+        Model folder (config.json + model.safetensors); an ensemble of probabilistic models (an
+        ensemble folder, or a list of model folders: outputs ``mean``, ``lower``, ``upper`` and
+        ``disagreement``, see :mod:`bigcare.predictors.ensemble`); a
         :class:`~bigcare.predictors.shipping.ModelPayload`, or a picklable predictor object such as
         :class:`bigcare.predictors.identity.IdentityPredictor` (sent to workers with the run).
     client : distributed.Client, optional
@@ -190,6 +193,9 @@ def restore(
     nan_fill : float, optional
         Read NaN/inf input voxels as this value (recorded in the output's ``bigcare.nan_fill``).
         By default an input holding them is refused (or its blocks that hold them fail by name).
+    interval : float
+        An ensemble's central interval level: its ``lower`` and ``upper`` outputs hold this much of
+        the mixture's mass between them (default 0.9).
     preview : str or os.PathLike, optional
         Write a PNG of XY and XZ slices of the input and every output through the input's busiest
         region, at full resolution, one display window for intensities (:mod:`bigcare.runs.preview`).
@@ -208,7 +214,7 @@ def restore(
     """
     started = time.perf_counter()
     device = check_device(device or default_device())
-    ref = resolve_model(model, ship_model)
+    ref = resolve_model(model, ship_model, interval)
     tiff_out = str(output) if is_tiff(output) else None
     if tiff_out is not None or (not hasattr(input, "levels") and is_tiff(input)):
         input, output = _stage_tiffs(input, output, overwrite, progress)
@@ -224,7 +230,7 @@ def restore(
         run.precision_ran = precision_on_workers(c, device, run.precision)
         fit_to_cluster(run, cluster_devices(c, device))
         start_volume_run(run, c)
-        with shipping(c, [ref.payload] if run.n_todo else []):
+        with shipping(c, ref.payloads if run.n_todo else []):
             (result,) = execute(c, [run], progress=progress)
         finish_volume_run(run, result, c, progress, started=started)
     if result.failed:
@@ -277,19 +283,20 @@ def _export_tiffs(images: dict[str, str], tiff_out: str) -> dict[str, str]:
     return {name: write_tiff(url, f"{stem}_{name}.{suffix}") for name, url in images.items()}
 
 
-def predict(data: np.ndarray, model: PathLike, *, axes: str, device: str = "cpu", precision: Precision = "auto",
-            normalizer: Normalizer | None = None) -> dict[str, np.ndarray]:
+def predict(data: np.ndarray, model: PathLike | list[PathLike], *, axes: str, device: str = "cpu",
+            precision: Precision = "auto", normalizer: Normalizer | None = None,
+            interval: float = 0.9) -> dict[str, np.ndarray]:
     """Restore an in-memory array in one piece (the whole-volume reference for small data).
 
     Parameters
     ----------
     data : numpy.ndarray
         The image, axes given by ``axes`` (e.g. ``"zyx"`` or ``"czyx"``).
-    model : str or os.PathLike
-        Model folder.
+    model : str, os.PathLike or list of them
+        Model folder, or an ensemble (folder or list of model folders) as in :func:`restore`.
     axes : str
         Axis names of ``data``.
-    device, precision : str
+    device, precision, interval
         As in :func:`restore`.
     normalizer : Normalizer, optional
         Percentile statistics; default: computed exactly from ``data``.
@@ -301,7 +308,15 @@ def predict(data: np.ndarray, model: PathLike, *, axes: str, device: str = "cpu"
     """
     axes = axes.lower()
     check_choice("precision", precision, PRECISIONS)
-    predictor = load_predictor(str(model), device=check_device(device), precision=precision)
+    from bigcare.predictors.ensemble import ensemble_paths, resolve_ensemble
+
+    predictor: Predictor
+    if len(ensemble_paths(model) or ()) > 1:
+        predictor = resolve_ensemble(model, ship_model=False, interval=interval).spec.predictor(check_device(device),
+                                                                                               precision)
+    else:
+        one = model[0] if isinstance(model, (list, tuple)) else model
+        predictor = load_predictor(str(one), device=check_device(device), precision=precision)
     types = [default_axis_type(a) or "space" for a in axes]
     layout = AxisLayout.build(axes, types, predictor.spatial_axes, predictor.n_channel_in,
                               predictor.n_channel_out, data.shape, "the array")

@@ -60,6 +60,7 @@ from bigcare.version import __version__
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from bigcare.predictors.ensemble import EnsembleSpec
     from bigcare.predictors.shipping import ModelPayload
 
 __all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
@@ -81,6 +82,9 @@ class ModelRef:
         The model's bytes, sent once to every worker by a worker plugin.
     obj : object or None
         A picklable predictor object (e.g. IdentityPredictor) sent with the run spec.
+    ensemble : EnsembleSpec or None
+        An ensemble (:mod:`bigcare.predictors.ensemble`): how workers build its members;
+        ``members`` holds their bytes when they are sent.
     """
 
     predictor: Predictor
@@ -88,21 +92,33 @@ class ModelRef:
     path: str | None = None
     payload: ModelPayload | None = None
     obj: Predictor | None = None
+    ensemble: EnsembleSpec | None = None
+    members: tuple = ()
+    name: str = ""
 
     @property
     def label(self) -> str:
-        return self.path or (self.payload.source if self.payload is not None else "") or self.hash
+        return self.name or self.path or (self.payload.source if self.payload is not None else "") or self.hash
+
+    @property
+    def payloads(self) -> list:
+        """The model bytes a run sends to its workers (one model's, or every member's)."""
+        return list(self.members) if self.ensemble is not None else [self.payload] if self.payload is not None else []
 
 
-def resolve_model(model, ship_model: bool = True) -> ModelRef:
+def resolve_model(model, ship_model: bool = True, interval: float = 0.9) -> ModelRef:
     """Turn ``model`` into a :class:`ModelRef`: client-side predictor, hash, how workers get it.
 
     Parameters
     ----------
-    model : str, os.PathLike, ModelPayload or predictor object
-        A model folder, a model's bytes, or a picklable predictor (sent with the run spec).
+    model : str, os.PathLike, list of them, ModelPayload or predictor object
+        A model folder, an ensemble (an ensemble folder, or a list of two or more model folders:
+        :mod:`bigcare.predictors.ensemble`), a model's bytes, or a picklable predictor (sent with
+        the run spec).
     ship_model : bool
         For a folder: send its bytes to the workers (True) or let them read the path (False).
+    interval : float
+        An ensemble's central interval level (its ``lower`` / ``upper`` outputs).
 
     Returns
     -------
@@ -114,8 +130,14 @@ def resolve_model(model, ship_model: bool = True) -> ModelRef:
         If the folder is missing or invalid, or a payload's bytes do not match its hash.
     """
     from bigcare.models.folder import model_hash
+    from bigcare.predictors.ensemble import ensemble_paths, resolve_ensemble
     from bigcare.predictors.shipping import ModelPayload
 
+    if len(ensemble_paths(model) or ()) > 1:
+        ens = resolve_ensemble(model, ship_model=ship_model, interval=interval)
+        return ModelRef(ens.predictor, ens.hash, ensemble=ens.spec, members=tuple(ens.payloads), name=ens.label)
+    if isinstance(model, (list, tuple)):
+        model = model[0]  # one model given as a list of one
     if isinstance(model, ModelPayload):
         model.verify()
         return ModelRef(model.build("cpu"), model.hash, payload=model)
@@ -468,14 +490,14 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         run.attrs = stored
         normalizer = Normalizer.from_dict(run.attrs["bigcare"]["normalization"])
     run.normalizer = normalizer
-    shipped = run.model.payload is not None or run.model.obj is not None
+    shipped = run.model.payload is not None or run.model.obj is not None or run.model.ensemble is not None
     run.spec = RunSpec(
         input_url=volume.url, input_path=volume.levels[0].path, input_options=volume.storage_options,
         layout=run.layout, model_path=None if shipped else run.model.path, model_hash=run.model.hash,
         predictor=run.model.obj, device=run.device, precision=run.precision, normalizer=normalizer,
         outputs=tuple((n, u, "0") for n, u in run.images.items()), output_options=options,
         output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
-        torch_threads=run.torch_threads, plan=run.plan, nan_fill=run.nan_fill,
+        torch_threads=run.torch_threads, plan=run.plan, nan_fill=run.nan_fill, ensemble=run.model.ensemble,
     )
     if run.state == "resume":  # a fresh output has no done markers: no need to list them
         run.done = written_chunks(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options)))

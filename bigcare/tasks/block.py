@@ -22,6 +22,7 @@ from bigcare.blocks.zoom import zoom_region
 from bigcare.errors import InputError
 from bigcare.normalization import Normalizer
 from bigcare.predictors.base import Predictor, predict_region
+from bigcare.predictors.ensemble import EnsembleSpec
 from bigcare.store.arrays import open_array
 from bigcare.types import Precision
 
@@ -53,6 +54,7 @@ class RunSpec:
     predictor: Predictor | None = None  # a predictor object sent with the spec instead of a model folder
     plan: BlockPlan | None = None  # the block plan: zoom (methods that change the grid) and tiles
     nan_fill: float | None = None  # NaN/inf input voxels are read as this value; None: they fail the block
+    ensemble: EnsembleSpec | None = None  # an ensemble's members (bigcare.predictors.ensemble), each built once
 
 
 def _set_threads(requested: int | None) -> None:
@@ -90,7 +92,10 @@ def run_block(block: Block, spec: RunSpec) -> dict:
     from bigcare.predictors.base import load_predictor
 
     _set_threads(spec.torch_threads)
-    if spec.predictor is not None:
+    predictor: Predictor
+    if spec.ensemble is not None:
+        predictor = spec.ensemble.predictor(spec.device, spec.precision)
+    elif spec.predictor is not None:
         predictor = spec.predictor
     elif spec.model_path is None:  # the model's bytes were sent to this worker (ModelPlugin)
         from bigcare.predictors.shipping import shipped_predictor

@@ -196,8 +196,10 @@ class PatchStore:
         """The sampler's provenance at writing time."""
         return self._meta["provenance"]
 
-    def batches(self, split: str = "train", *, epochs: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (x, y) batches as :meth:`PatchSampler.batches` does (same order rules and values)."""
+    def batches(self, split: str = "train", *, epochs: int | None = None,
+                order_seed: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (x, y) batches as :meth:`PatchSampler.batches` does (same order rules, values and
+        ``order_seed``)."""
         from bigcare.training.sampling import batch_order
 
         name = _split_name(split)
@@ -215,6 +217,7 @@ class PatchStore:
                                              **store_kwargs(self.url, self.storage_options))[...])
         n_codes = 8 if self._meta["rotations"] else 4 if self._meta["augment"] else 1
         items = ((tuple(refs), idx, codes, scaling[idx])
-                 for idx, codes in batch_order(self.splits[name], batch_size=self.batch_size, seed=self._meta["seed"],
+                 for idx, codes in batch_order(self.splits[name], batch_size=self.batch_size,
+                                               seed=self._meta["seed"] if order_seed is None else order_seed,
                                                epochs=epochs, n_codes=n_codes, shuffle=name == "train"))
         yield from run_tasks(_read_rows, items, in_flight=self.read_ahead + 1, ordered=True)

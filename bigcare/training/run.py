@@ -86,19 +86,24 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         context = contextlib.nullcontext(client)
     with context as c:
         sampler = PatchSampler(client=c, **dict(settings))
-        if data.patch_store:
-            store = sampler.write_patch_store(data.patch_store, overwrite=True)
-            batches = store.batches("train")
-        else:
-            batches = sampler.batches("train")
+        stream = sampler.write_patch_store(data.patch_store, overwrite=True) if data.patch_store else sampler
+
+        def train_batches(order_seed: int):
+            batches = stream.batches("train", order_seed=order_seed)
+            if degradation is not None:
+                batches = degrade_batches(batches, degradation, opt.seed)
+            if blindspot is not None:
+                from bigcare.training.blindspot import blindspot_batches
+
+                batches = blindspot_batches(batches, blindspot, opt.seed)  # type: ignore[assignment]
+            return batches
+
         val_batches = sampler.batches("val", epochs=1)
         if degradation is not None:
-            batches = degrade_batches(batches, degradation, opt.seed)
             val_batches = degrade_batches(val_batches, degradation, opt.seed + 1)
         if blindspot is not None:
             from bigcare.training.blindspot import blindspot_batches
 
-            batches = blindspot_batches(batches, blindspot, opt.seed)  # type: ignore[assignment]
             val_batches = blindspot_batches(val_batches, blindspot, opt.seed + 1)  # type: ignore[assignment]
         validation = list(val_batches)  # masked once (self-supervised): the same hidden voxels every epoch
         provenance = {
@@ -110,11 +115,17 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         }
         # prediction normalizes with the middle of the per-sample percentile ranges used in training
         normalization = Normalization(pmin=sum(data.pmin_range) / 2, pmax=sum(data.pmax_range) / 2)
+        if opt.loss == "laplace":  # said where users read it: the model folder's config
+            from bigcare.models.ensemble import LIMITS
+
+            provenance["limits"] = LIMITS
         kind = {} if iso is None else {"kind": "isotropic", "isotropic": iso}
         model_config = ModelConfig(axes="ZYX"[-ndim:], architecture=arch, normalization=normalization,
                                    provenance=provenance, **kind)
         torch.manual_seed(opt.seed)
         model = UNet(arch)
+        if opt.ensemble > 1:
+            return _train_ensemble(cfg, model_config, train_batches, validation, device, precision, progress)
         if progress:
             what = (f"isotropic (factor {iso.factor:g}) 2D" if iso else
                     f"{ndim}D {str(method).upper().replace('STRUCTN2V', 'structN2V')}" if method else
@@ -122,10 +133,44 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
             print(f"training a {what} U-Net ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                   f"{len(sampler.train_positions)} training / {len(sampler.val_positions)} validation patches, "
                   f"{device} {precision}", flush=True)
-        return fit(model, model_config, batches, validation=validation, epochs=opt.epochs,
+        return fit(model, model_config, train_batches(opt.seed), validation=validation, epochs=opt.epochs,
                    steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
                    precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
                    tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
+
+
+def _train_ensemble(cfg: TrainConfig, model_config: ModelConfig, train_batches, validation, device: str,
+                    precision: str, progress: bool) -> TrainResult:
+    """Members 0 .. M-1 into ``model_dir/member_k`` (seed and batch order ``seed + k``), then ensemble.json.
+
+    Member 0 is the model a plain training with this config would give. The patch positions and
+    the train/validation split are the same for every member (drawn once, from ``seed``).
+    """
+    from pathlib import Path
+
+    from bigcare.models.ensemble import EnsembleConfig, save_ensemble
+
+    opt, root = cfg.training, Path(cfg.model_dir)
+    results = []
+    for k in range(opt.ensemble):
+        seed = opt.seed + k
+        torch.manual_seed(seed)
+        model = UNet(cfg.network)
+        if progress:
+            print(f"ensemble member {k + 1}/{opt.ensemble} (seed {seed})", flush=True)
+        results.append(fit(model, model_config, train_batches(seed), validation=validation, epochs=opt.epochs,
+                           steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
+                           precision=precision, model_dir=root / f"member_{k}", resume=opt.resume,
+                           tensorboard=opt.tensorboard, seed=seed, progress=progress))
+    save_ensemble(root, EnsembleConfig(members=[f"member_{k}/best" for k in range(opt.ensemble)],
+                                       provenance={"seeds": [opt.seed + k for k in range(opt.ensemble)],
+                                                   "best_val_loss": [min(r.val_loss) for r in results]}))
+    result = TrainResult(train_loss=[float(sum(v) / len(v)) for v in zip(*(r.train_loss for r in results))],
+                         val_loss=[float(sum(v) / len(v)) for v in zip(*(r.val_loss for r in results))],
+                         lr=results[0].lr, best_epoch=results[0].best_epoch, start_epoch=results[0].start_epoch,
+                         seconds=sum(r.seconds for r in results), model_dir=root)
+    result.members = results
+    return result
 
 
 def _check_model_dir_apart(cfg: TrainConfig) -> None:

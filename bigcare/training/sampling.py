@@ -306,7 +306,8 @@ class PatchSampler:
 
     # --- streaming -------------------------------------------------------------------------------
 
-    def batches(self, split: str = "train", *, epochs: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(self, split: str = "train", *, epochs: int | None = None,
+                order_seed: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream normalized (input, target) batches.
 
         Each task reads several batches (at least ``TASK_PATCHES`` patches: the per-task cost
@@ -327,6 +328,10 @@ class PatchSampler:
             possibly smaller.
         epochs : int, optional
             Passes over the positions; default endless for ``"train"``, one for ``"val"``.
+        order_seed : int, optional
+            Seed of the batch order and the augmentation codes; default ``seed``. Ensemble
+            members differ in it alone: the positions and the train/validation split come from
+            ``seed`` and stay the same.
 
         Yields
         ------
@@ -338,7 +343,8 @@ class PatchSampler:
             raise ConfigError(f"epochs: expected None or an integer >= 0, got {epochs!r}")
         _ = self.tables  # statistics before the first task
         n_codes = 8 if self.rotations else 4 if self.augment else 1
-        order = batch_order(len(positions), batch_size=self.batch_size, seed=self.seed, epochs=epochs,
+        order = batch_order(len(positions), batch_size=self.batch_size,
+                            seed=self.seed if order_seed is None else order_seed, epochs=epochs,
                             n_codes=n_codes, shuffle=split == "train")
         per_task = max(1, -(-TASK_PATCHES // self.batch_size))
         pending: collections.deque = collections.deque()  # (scaling, batch sizes) of the tasks in flight

@@ -48,6 +48,7 @@ class TrainResult:
     start_epoch: int = 0
     seconds: float = 0.0
     model_dir: Path | None = None
+    members: list[TrainResult] = field(default_factory=list)  # an ensemble's (model_dir holds ensemble.json)
 
     @property
     def epochs(self) -> int:
