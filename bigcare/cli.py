@@ -211,6 +211,17 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _cmd_register(args) -> int:
+    from bigcare.register import register_pair
+
+    record = register_pair(args.low, args.high, args.out, search=args.search, tile=None if args.tile == 0 else args.tile,
+                           overwrite=args.overwrite)
+    print(f"registered {args.low} onto {args.high}: scale {record['scale']:.4f} (guess {record['scale_guess']:.4f}), "
+          f"local field up to {record['field_max_high_pixels']:.2f} px, correlation {record['correlation']:.3f}; "
+          f"wrote {args.out}/input.ome.zarr and {args.out}/target.ome.zarr")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from bigcare.runs.info import info
 
@@ -386,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", default="CC-BY-4.0", help="SPDX license of the weights [CC-BY-4.0]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("register", help="align a low- and a high-resolution image of one field of view (GAN/CARE pairs)",
+                       description="Global scale + shift by cross-correlation (the scale guess is the ratio of the "
+                       "voxel sizes), then a local field from tile-wise template matching. Writes OUT/input.ome.zarr "
+                       "(LOW resampled onto HIGH's grid) and OUT/target.ome.zarr, cropped to the overlap, and "
+                       "OUT/registration.json.")
+    p.add_argument("low", help="low-resolution OME-Zarr image (YX or ZYX)")
+    p.add_argument("high", help="high-resolution OME-Zarr image of the same field of view")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--search", type=float, default=0.1, help="relative scale range searched around the guess [0.1]")
+    p.add_argument("--tile", type=int, default=64, help="tile of the local refinement in high pixels; 0: none [64]")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output images")
+    p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("info", help="print axes, shape, dtype, chunks, scales and pyramid of an OME-Zarr image")
     p.add_argument("path", help="OME-Zarr image (path or fsspec URL)")
