@@ -103,6 +103,13 @@ def _pairs(args) -> list[tuple[str, str]]:
 
 def _model(args):
     """The model of a restore/plan command line: one path, or a list of member paths."""
+    if getattr(args, "backend", "torch") == "openvino":  # the network through OpenVINO on CPU
+        from bigcare.errors import ConfigError
+        from bigcare.exchange.openvino import OpenVINOPredictor
+
+        if len(args.model) != 1:
+            raise ConfigError(f"--backend openvino runs one model folder, got {len(args.model)}")
+        return OpenVINOPredictor(args.model[0], precision=args.precision)
     return args.model[0] if len(args.model) == 1 else list(args.model)
 
 
@@ -272,6 +279,9 @@ def _restore_arguments(p, add_cluster_arguments) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default): bf16 where the workers' device computes it natively (GPUs, CPUs with "
                    "AVX512_BF16 or AMX), else fp32; fp32 for bit-reproducible results")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="run the network with torch, or with OpenVINO on CPU (1.6-1.7x torch on the project's "
+                   "CPU; needs bigcare[openvino]; workers read the model folder by path) [torch]")
     p.add_argument("--output-dtype", default="float32", help="output dtype [float32]")
     p.add_argument("--ngff-version", default="0.5", choices=NGFF_VERSIONS)
     p.add_argument("--overwrite", action="store_true", help="replace an output of another bigcare run")

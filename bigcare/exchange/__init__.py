@@ -13,6 +13,8 @@
   (:func:`export_bioimageio`; ``bigcare export MODEL OUT.zip``).
 - ``unet_arch.py``: the U-Net as one torch-only file, the packages' architecture source.
 - ``zoo.py``: a bioimage.io package as a predictor (:class:`ZooPredictor`; ``restore --model X.zip``).
+- ``openvino.py``: a model folder whose network runs in OpenVINO on CPU (:class:`OpenVINOPredictor`;
+  ``restore --backend openvino``).
 
 Names are imported on first use (h5py, torch and bioimageio load only when needed).
 """
@@ -28,6 +30,7 @@ _LAZY = {
     "check_package": "bigcare.exchange.bioimageio",
     "ZooPredictor": "bigcare.exchange.zoo",
     "is_zoo_package": "bigcare.exchange.zoo",
+    "OpenVINOPredictor": "bigcare.exchange.openvino",
 }
 
 __all__ = list(_LAZY)

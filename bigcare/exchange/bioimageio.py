@@ -237,7 +237,7 @@ def _package_network(source: pathlib.Path, kwargs: dict[str, Any]):
     return module.BigcareUNet(**kwargs)
 
 
-def _export_onnx(net, test_input: np.ndarray, heads: list[str], path: pathlib.Path) -> None:
+def _export_onnx(net, test_input: np.ndarray, heads: list[str], path) -> None:
     import torch
 
     nd = test_input.ndim - 2
@@ -245,7 +245,8 @@ def _export_onnx(net, test_input: np.ndarray, heads: list[str], path: pathlib.Pa
     dynamic.update({h: {0: "batch", **{2 + i: f"s{i}" for i in range(nd)}} for h in heads})
     with warnings.catch_warnings():  # the TorchScript-based exporter: deprecated, but needs no onnxscript
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.from_numpy(test_input),), str(path), dynamo=False, input_names=[INPUT_ID],
+        target = str(path) if isinstance(path, pathlib.Path) else path  # a path or a writable file object
+        torch.onnx.export(net, (torch.from_numpy(test_input),), target, dynamo=False, input_names=[INPUT_ID],
                           output_names=heads, dynamic_axes=dynamic, opset_version=ONNX_OPSET)
 
 
