@@ -14,6 +14,7 @@ against torch fp32 over max |torch fp32|.
 
     python benchmarks/onnx_backend.py                 # ~2 min on 2 cores
     python benchmarks/onnx_backend.py --shape 32 64 64 --repeats 2
+    python benchmarks/onnx_backend.py --restore       # whole restores, torch vs OpenVINO, ~6 min
 
 The last line is JSON.
 """
@@ -86,13 +87,62 @@ def build(threads: int, shape: tuple[int, ...], workdir: Path) -> tuple[dict, np
     return runs, x
 
 
+def bench_restore(args) -> None:
+    """Whole ``bigcare.restore`` calls, OME-Zarr to OME-Zarr: torch vs OpenVINO, fp32 and bf16.
+
+    One uint16 volume (benchmarks/engine.py's synthetic cells), the default 3D net (random
+    weights), one fresh LocalCluster (1 worker x ``--threads`` threads) per variant, default
+    blocks, no pyramid; the time counts the whole call (percentiles, model load, blocks).
+    """
+    from distributed import Client, LocalCluster
+
+    import bigcare
+    from benchmarks.engine import make_volume, save_unet
+    from bigcare.exchange.openvino import OpenVINOPredictor
+
+    shape = tuple(args.restore_shape)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        make_volume(t / "in.ome.zarr", shape, (shape[0], shape[1], shape[2] // 2))
+        model = save_unet(t / "model", n_filter_base=32)
+        for precision in ("fp32", "bf16"):
+            for backend in ("torch", "openvino"):
+                m = model if backend == "torch" else OpenVINOPredictor(model, precision=precision)
+                with LocalCluster(n_workers=1, threads_per_worker=args.threads, dashboard_address=None) as cluster, \
+                        Client(cluster) as client:
+                    t0 = time.perf_counter()
+                    run = bigcare.restore(t / "in.ome.zarr", t / f"{backend}_{precision}.ome.zarr", m, client=client,
+                                          device="cpu", precision=precision, pyramid=False, progress=False)
+                    sec = time.perf_counter() - t0
+                rows[f"{backend} {precision}"] = {"s": round(sec, 2), "Mvox_s": round(float(np.prod(shape)) / sec / 1e6, 3),
+                                                  "blocks": run.blocks_total, "load": round(os.getloadavg()[0], 1)}
+                print(f"{backend} {precision}", rows[f"{backend} {precision}"], flush=True)
+        import zarr
+
+        ref = np.asarray(zarr.open_array(str(t / "torch_fp32.ome.zarr"), path="0")[...])
+        for name in rows:
+            got = np.asarray(zarr.open_array(str(t / (name.replace(" ", "_") + ".ome.zarr")), path="0")[...])
+            rows[name]["max_rel_err_vs_torch_fp32"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+    print("| variant | whole restore s | Mvoxel/s | x torch same precision | max rel. error vs torch fp32 |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        base = rows["torch " + name.split()[1]]["Mvox_s"]
+        print(f"| {name} | {r['s']} | {r['Mvox_s']} | {r['Mvox_s'] / base:.2f} | {r['max_rel_err_vs_torch_fp32']:.1e} |")
+    print(json.dumps({"shape": shape, "threads": args.threads, "rows": rows, "date": time.strftime("%Y-%m-%d")}))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=(48, 128, 128))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--restore", action="store_true", help="whole restore calls instead (torch vs OpenVINO)")
+    p.add_argument("--restore-shape", type=int, nargs=3, default=(64, 256, 256))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.restore:
+        return bench_restore(args)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         runs, x = build(args.threads, tuple(args.shape), Path(tmp))
