@@ -60,11 +60,18 @@ class UNetConfig(Schema):
     )
     n_conv_per_depth: int = Field(2, ge=1, le=8, description="Convolutions per level and block.")
     pool: int = Field(2, ge=2, le=4, description="Max-pooling / upsampling factor per level.")
-    pooling: Literal["max", "maxblur"] = Field(
+    pooling: Literal["max", "maxblur", "avg"] = Field(
         "max",
-        description="Downsampling: 'max' pooling (CARE), or 'maxblur' (N2V2: a stride-1 max over "
-        "2 voxels, then a [1, 2, 1] blur with stride 2, against checkerboard artefacts; pool 2 only).",
+        description="Downsampling: 'max' pooling (CARE), 'maxblur' (N2V2: a stride-1 max over "
+        "2 voxels, then a [1, 2, 1] blur with stride 2, against checkerboard artefacts; pool 2 only), "
+        "or 'avg' pooling (the GAN generator of Wang et al. 2019).",
     )
+    activation: Literal["relu", "leaky_relu"] = Field(
+        "relu", description="Activation after every convolution: ReLU (CARE) or LeakyReLU with slope 0.1 "
+        "(the GAN generator of Wang et al. 2019).")
+    block_residual: bool = Field(
+        False, description="Each down block adds its input, zero-padded to the block's channels, to its "
+        "output (the residual blocks of Wang et al. 2019's generator); the receptive field is unchanged.")
     top_skip: bool = Field(
         True,
         description="Skip connection at full resolution; N2V2 drops it (false), so the output cannot "

@@ -11,7 +11,9 @@ feeds the ``cat`` one level above, the skip connection feeds it from the left)::
 
 Every conv is ``kernel_size`` wide with 'same' zero padding and ReLU; pooling is max pooling by
 ``pool`` (or N2V2's max-blur pooling, ``pooling="maxblur"``); upsampling is nearest-neighbour by
-``pool``. N2V2 also drops the level-0 skip connection (``top_skip=False``). Each head is a 1x1 conv to
+``pool``. N2V2 also drops the level-0 skip connection (``top_skip=False``). The GAN generator of
+Wang et al. 2019 (:func:`bigcare.training.gan.generator_config`) uses average pooling, LeakyReLU(0.1)
+and residual down blocks (``pooling="avg"``, ``activation="leaky_relu"``, ``block_residual=True``). Each head is a 1x1 conv to
 ``n_channel_out`` channels; with ``residual`` the input is added to the first head's linear
 output before its activation (as in CSBDeep's ``custom_unet``).
 
@@ -58,13 +60,21 @@ def _max_blur_pool(x: Tensor) -> Tensor:
     return conv(pooled, kernel, padding=1, stride=2, groups=x.shape[1])
 
 
-def _convs(ndim: int, channels: list[int], kernel_size: int) -> torch.nn.Sequential:
+def _convs(ndim: int, channels: list[int], kernel_size: int, activation: str = "relu") -> torch.nn.Sequential:
     conv = torch.nn.Conv2d if ndim == 2 else torch.nn.Conv3d
     layers: list[torch.nn.Module] = []
     for c_in, c_out in zip(channels[:-1], channels[1:]):
-        # in-place ReLU: one full-resolution tensor less alive per layer (no parameters change)
-        layers += [conv(c_in, c_out, kernel_size, padding=kernel_size // 2), torch.nn.ReLU(inplace=True)]
+        # in-place activation: one full-resolution tensor less alive per layer (no parameters change)
+        act = torch.nn.LeakyReLU(0.1, inplace=True) if activation == "leaky_relu" else torch.nn.ReLU(inplace=True)
+        layers += [conv(c_in, c_out, kernel_size, padding=kernel_size // 2), act]
     return torch.nn.Sequential(*layers)
+
+
+def _padded(x: Tensor, channels: int) -> Tensor:
+    """``x`` with zero channels appended up to ``channels`` (a residual across a widening block)."""
+    if x.shape[1] >= channels:
+        return x[:, :channels]
+    return F.pad(x, (0, 0) * (x.ndim - 2) + (0, channels - x.shape[1]))
 
 
 class UNet(torch.nn.Module):
@@ -91,22 +101,24 @@ class UNet(torch.nn.Module):
         self.down = torch.nn.ModuleList()
         ch = c.n_channel_in
         for level in range(c.depth):
-            self.down.append(_convs(c.ndim, [ch] + [nf * 2**level] * n, k))
+            self.down.append(_convs(c.ndim, [ch] + [nf * 2**level] * n, k, c.activation))
             ch = nf * 2**level
         self.middle = _convs(
-            c.ndim, [ch] + [nf * 2**c.depth] * (n - 1) + [nf * 2 ** max(0, c.depth - 1)], k
+            c.ndim, [ch] + [nf * 2**c.depth] * (n - 1) + [nf * 2 ** max(0, c.depth - 1)], k, c.activation
         )
         ch = nf * 2 ** max(0, c.depth - 1)
         up = []
         for level in reversed(range(c.depth)):
             ch_in = ch + (nf * 2**level if level > 0 or c.top_skip else 0)  # upsampled + skip
             ch = nf * 2 ** max(0, level - 1)
-            up.append(_convs(c.ndim, [ch_in] + [nf * 2**level] * (n - 1) + [ch], k))
+            up.append(_convs(c.ndim, [ch_in] + [nf * 2**level] * (n - 1) + [ch], k, c.activation))
         self.up = torch.nn.ModuleList(reversed(up))  # self.up[level]
         conv = torch.nn.Conv2d if c.ndim == 2 else torch.nn.Conv3d
         self.heads = torch.nn.ModuleDict({h.name: conv(ch, c.n_channel_out, 1) for h in c.heads})
         max_pool = F.max_pool2d if c.ndim == 2 else F.max_pool3d
-        self._pool = _max_blur_pool if c.pooling == "maxblur" else (lambda t: max_pool(t, c.pool))
+        avg_pool = F.avg_pool2d if c.ndim == 2 else F.avg_pool3d
+        self._pool = (_max_blur_pool if c.pooling == "maxblur" else (lambda t: avg_pool(t, c.pool))
+                      if c.pooling == "avg" else (lambda t: max_pool(t, c.pool)))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Run the network.
@@ -148,7 +160,8 @@ class UNet(torch.nn.Module):
         skips = []
         h = x
         for level in range(c.depth):
-            h = self.down[level](h)
+            # Wang et al.'s residual block: the block's input, zero-padded to its channels, is added
+            h = self.down[level](h) + _padded(h, c.n_filter_base * 2**level) if c.block_residual else self.down[level](h)
             skips.append(h)
             h = self._pool(h)
         h = self.middle(h)
