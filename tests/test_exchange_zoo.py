@@ -68,7 +68,8 @@ class Box(torch.nn.Module):
 """
 
 
-def _hand_built(tmp_path, preprocessing=None, halo: int | None = None, weights: str = "torchscript"):
+def _hand_built(tmp_path, preprocessing=None, halo: int | None = None, weights: str = "torchscript",
+                postprocessing=None, test_output=None):
     """A 2D package made with bioimageio.spec's classes: a 3x3 box-filter net (TorchScript or a state dict)."""
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model.v0_5 import (
@@ -110,7 +111,7 @@ def _hand_built(tmp_path, preprocessing=None, halo: int | None = None, weights: 
     with torch.no_grad():
         y = net(torch.from_numpy((x - lo) / (hi - lo + 1e-6))).numpy()
     np.save(tmp_path / "in.npy", x)
-    np.save(tmp_path / "out.npy", y)
+    np.save(tmp_path / "out.npy", y if test_output is None else test_output(x, net))
     yx = [AxisId("y"), AxisId("x")]
     pre = preprocessing if preprocessing is not None else [
         ScaleRangeDescr(kwargs=ScaleRangeKwargs(axes=yx, min_percentile=2, max_percentile=99))]
@@ -125,7 +126,8 @@ def _hand_built(tmp_path, preprocessing=None, halo: int | None = None, weights: 
                                  + [SpaceInputAxis(id=a, size=ParameterizedSize(min=16, step=4)) for a in yx],
                                  test_tensor=FileDescr(source=tmp_path / "in.npy"), preprocessing=pre)],
         outputs=[OutputTensorDescr(id=TensorId("smooth"), axes=[BatchAxis(), ChannelAxis(channel_names=[Identifier("c")])]
-                                   + out_axes, test_tensor=FileDescr(source=tmp_path / "out.npy"))],
+                                   + out_axes, test_tensor=FileDescr(source=tmp_path / "out.npy"),
+                                   postprocessing=postprocessing or [])],
         weights=WeightsDescr(torchscript=TorchscriptWeightsDescr(source=tmp_path / "net.pt", pytorch_version=Version("2.0")))
         if weights == "torchscript" else WeightsDescr(pytorch_state_dict=PytorchStateDictWeightsDescr(
             source=tmp_path / "state.pt", pytorch_version=Version("2.0"),
@@ -169,3 +171,29 @@ def test_preprocessing_bigcare_cannot_reproduce_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "zero_mean_unit_variance" in err and "Traceback" not in err
     assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_careamics_style_fixed_normalisation_is_reproduced(tmp_path):
+    # CAREamics exports normalise with the training set's mean/std and map back with scale_linear
+    from bioimageio.spec.model.v0_5 import (
+        FixedZeroMeanUnitVarianceDescr,
+        FixedZeroMeanUnitVarianceKwargs,
+        ScaleLinearDescr,
+        ScaleLinearKwargs,
+    )
+
+    mean, std = 480.0, 250.0
+
+    def expected(x, net):
+        with torch.no_grad():
+            return net(torch.from_numpy((x - mean) / (std + 1e-6))).numpy() * std + mean
+
+    package = _hand_built(
+        tmp_path, preprocessing=[FixedZeroMeanUnitVarianceDescr(kwargs=FixedZeroMeanUnitVarianceKwargs(mean=mean, std=std))],
+        postprocessing=[ScaleLinearDescr(kwargs=ScaleLinearKwargs(gain=std, offset=mean))], halo=1, test_output=expected)
+    data = (np.random.default_rng(3).random((36, 44)) * 1000).astype(np.float32)
+    got = bigcare.predict(data, package, axes="yx", precision="fp32")["smooth"]
+    from scipy.ndimage import uniform_filter
+
+    want = (uniform_filter((data - mean) / (std + 1e-6), size=3, mode="constant") + 0.5) * std + mean
+    np.testing.assert_allclose(got[1:-1, 1:-1], want[1:-1, 1:-1], rtol=1e-5, atol=1e-3)

@@ -20,8 +20,10 @@ Which weights run, in this order:
    imported through bioimageio.core: code again), tensors through ``torch.load(weights_only=True)``.
 
 Preprocessing bigcare reproduces: ``scale_range`` over all spatial axes per channel (the engine's
-percentiles, sampled on volumes over 2**24 voxels) and ``ensure_dtype`` float32; postprocessing:
-``ensure_dtype`` only. Anything else is refused, naming the operation. Outputs come back as the
+percentiles, sampled on volumes over 2**24 voxels), then any fixed per-channel affine steps
+(``fixed_zero_mean_unit_variance``, ``scale_linear``: CAREamics exports normalise so), and
+``ensure_dtype`` float32; postprocessing: fixed affine steps and ``ensure_dtype``. Anything else
+(statistics of the data other than percentiles, clip, sigmoid, ...) is refused, naming it. Outputs come back as the
 package gives them, except for packages bigcare exported, whose ``config.bigcare.outputs`` says how
 to map them back to intensities. The workers read the package from its path (shared storage on a
 multi-node cluster).
@@ -84,6 +86,26 @@ def _load_description(source: str, io_checks: bool):
     return descr
 
 
+def _fixed_affine(step, n_channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(gain, offset) per channel of a data-independent affine step, as bioimageio.core applies it; else None.
+
+    ``fixed_zero_mean_unit_variance``: ``(x - mean) / (std + 1e-6)``; ``scale_linear``:
+    ``x * gain + offset``; scalars, or one value per channel (``axis: channel``).
+    """
+    kw = step.kwargs
+    if step.id == "fixed_zero_mean_unit_variance":
+        mean, std = np.asarray(kw.mean, float), np.asarray(kw.std, float)
+        gain, offset = 1 / (std + 1e-6), -mean / (std + 1e-6)
+    elif step.id == "scale_linear":
+        gain, offset = np.asarray(kw.gain, float), np.asarray(kw.offset, float)
+    else:
+        return None
+    axis = getattr(kw, "axis", None)
+    if gain.ndim and (str(axis) != "channel" or gain.size not in (1, n_channels)):
+        return None  # along a spatial axis, or a count that fits no channel axis
+    return np.broadcast_to(gain, (n_channels,)).copy(), np.broadcast_to(offset, (n_channels,)).copy()
+
+
 def _parse(descr, source: str) -> dict[str, Any]:
     """The plain-data facts a predictor needs; ModelError for anything bigcare cannot run."""
     from bioimageio.spec.model.v0_5 import ParameterizedSize
@@ -111,23 +133,38 @@ def _parse(descr, source: str) -> dict[str, Any]:
             raise ModelError(f"{source}: input axis {ax.id!s} of type {ax.type!r} cannot be run blockwise by "
                              "bigcare (it runs batch, channel and z/y/x space axes)")
     meta.update(normalize=False, pmin=1.0, pmax=99.8, eps=1e-20)
+    pre = (np.ones(meta["n_in"]), np.zeros(meta["n_in"]))
     for step in inp.preprocessing:
         if step.id == "ensure_dtype" and str(step.kwargs.dtype) == "float32":
             continue
         axes = {str(a) for a in (step.kwargs.axes or ())} if step.id == "scale_range" else set()
         ok_ref = step.id == "scale_range" and step.kwargs.reference_tensor in (None, inp.id)
-        if step.id == "scale_range" and ok_ref and set(meta["spatial"]) <= axes <= set(meta["spatial"]) | {"batch"}:
+        first = not meta["normalize"] and not (np.any(pre[0] != 1) or np.any(pre[1] != 0))
+        if step.id == "scale_range" and ok_ref and first and set(meta["spatial"]) <= axes <= set(meta["spatial"]) | {"batch"}:
             meta.update(normalize=True, pmin=float(step.kwargs.min_percentile),
                         pmax=float(step.kwargs.max_percentile), eps=float(step.kwargs.eps))
             continue
+        affine = _fixed_affine(step, meta["n_in"])
+        if affine is not None:
+            pre = (affine[0] * pre[0], affine[0] * pre[1] + affine[1])
+            continue
         raise ModelError(f"{source}: preprocessing {step.id!r} ({step.kwargs}) cannot be reproduced by bigcare, "
-                         "which normalises by percentiles over all spatial axes of each channel (scale_range)")
-    outputs, halo, n_out = [], [0] * len(meta["spatial"]), set()
+                         "which normalises by percentiles over all spatial axes of each channel (scale_range) "
+                         "and applies fixed per-channel affine steps (fixed_zero_mean_unit_variance, scale_linear)")
+    meta["pre"] = [pre[0].tolist(), pre[1].tolist()]
+    outputs, halo, n_out, post = [], [0] * len(meta["spatial"]), set(), {}
     for out in descr.outputs:
+        n_ch = next((len(ax.channel_names) for ax in out.axes if ax.type == "channel"), 1)
+        g, o = np.ones(n_ch), np.zeros(n_ch)
         for step in out.postprocessing:
-            if not (step.id == "ensure_dtype" and str(step.kwargs.dtype) == "float32"):
+            if step.id == "ensure_dtype" and str(step.kwargs.dtype) == "float32":
+                continue
+            affine = _fixed_affine(step, n_ch)
+            if affine is None:
                 raise ModelError(f"{source}: postprocessing {step.id!r} of output {out.id!s} is not supported by "
-                                 "bigcare (only ensure_dtype float32)")
+                                 "bigcare (only fixed per-channel affine steps and ensure_dtype float32)")
+            g, o = affine[0] * g, affine[0] * o + affine[1]
+        post[str(out.id)] = [g.tolist(), o.tolist()]
         spatial = ""
         for ax in out.axes:
             if ax.type == "channel":
@@ -150,7 +187,7 @@ def _parse(descr, source: str) -> dict[str, Any]:
         raise ModelError(f"{source}: outputs have different channel counts {sorted(n_out)}; bigcare needs one")
     bigcare = (descr.config.model_dump().get("bigcare") or {}) if descr.config is not None else {}
     meta.update(outputs=outputs, n_out=n_out.pop() if n_out else 1, halo=halo, kinds=bigcare.get("outputs", {}),
-                bigcare_config=bigcare.get("model_config"))
+                bigcare_config=bigcare.get("model_config"), post=post)
     if meta["bigcare_config"] is not None:
         # bigcare's packages state min > 2 * halo because the spec asks it; the U-Net runs on any
         # multiple of step, and padding small regions up to min would change them near their edges
@@ -318,8 +355,13 @@ class ZooPredictor:
         if x.shape[0] != self.n_channel_in:
             raise ModelError(f"{self.source} expects {self.n_channel_in} input channel(s), the region has {x.shape[0]}")
         xn = normalizer.normalize(x) if self.meta["normalize"] else x.astype(np.float32)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        gain, offset = (np.asarray(v, np.float32).reshape(shape) for v in self.meta.get("pre", ([1.0], [0.0])))
+        xn = (xn * gain + offset).astype(np.float32, copy=False)
         out = {}
         for name, y in self.forward_normalized(xn).items():
+            g, o = self.meta.get("post", {}).get(name, ([1.0], [0.0]))
+            y = y * np.asarray(g, np.float32).reshape(shape) + np.asarray(o, np.float32).reshape(shape)
             kind = self.meta["kinds"].get(name, "raw")
             if kind == "intensity":
                 y = normalizer.denormalize(y)
