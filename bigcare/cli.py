@@ -440,6 +440,17 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         print(f"bigcare {args.command}: interrupted; finished blocks are kept, run the same command again to "
+    p = sub.add_parser("calibrate", help="coverage of a probabilistic model's (or ensemble's) intervals on held-out pairs",
+                       description="Predict held-out (input, ground truth) pairs (each read whole: give crops), measure "
+                       "the coverage of the central intervals at 10%%..90%% and the expected calibration error; write "
+                       "calibration.json and calibration.png into the model folder. --recalibrate fits one factor for "
+                       "every scale and stores it in the model (every later restore applies it).")
+    p.add_argument("model", nargs="+", help="probabilistic model folder, ensemble folder, or member folders")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="INPUT GROUND_TRUTH pairs (OME-Zarr)")
+    p.add_argument("--recalibrate", action="store_true", help="fit and store one scale factor")
+    p.add_argument("--device", default=None, help="cpu or cuda [cpu]")
+    p.set_defaults(func=_cmd_calibrate)
+
               "resume", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     finally:

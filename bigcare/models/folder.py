@@ -35,6 +35,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "Normalization",
     "IsotropicConfig",
+    "Calibration",
     "ModelConfig",
     "save_model",
     "load_config",
@@ -72,6 +73,15 @@ class IsotropicConfig(Schema):
                                 "degraded with (for the record).")
 
 
+class Calibration(Schema):
+    """A recalibration of a probabilistic model's scale (``bigcare calibrate --recalibrate``)."""
+
+    scale_factor: float = Field(gt=0, description="Every predicted scale is multiplied by it (in normalized "
+                                "units: the closed-form Laplace NLL fit mean(|y - mu| / b) on held-out pairs).")
+    pairs: list[list[str]] = Field(default_factory=list, description="The held-out (input, ground truth) pairs "
+                                   "it was fitted on (for the record).")
+
+
 class ModelConfig(Schema):
     """Everything needed to rebuild and use a model, stored as ``config.json``."""
 
@@ -91,6 +101,8 @@ class ModelConfig(Schema):
         default_factory=Normalization, description="Input percentile normalization."
     )
     isotropic: IsotropicConfig | None = Field(None, description="Only for kind 'isotropic'.")
+    calibration: Calibration | None = Field(None, description="Probabilistic models: the recalibration every "
+                                            "restore applies to the scale head (none: factor 1).")
     provenance: dict[str, Any] = Field(
         default_factory=dict,
         description="Training data, patch shape, epochs, losses, versions, date (free form).",
@@ -123,7 +135,8 @@ class ModelConfig(Schema):
 def canonical_json(config: ModelConfig) -> str:
     # a CARE model's JSON has no "isotropic" key at all, so its hash is what it was before the
     # isotropic kind existed
-    exclude = {"isotropic"} if config.isotropic is None else None
+    # (nor a "calibration" key before one is fitted)
+    exclude = {k for k in ("isotropic", "calibration") if getattr(config, k) is None}
     return json.dumps(config.model_dump(mode="json", exclude=exclude), sort_keys=True, separators=(",", ":"))
 
 

@@ -58,6 +58,8 @@ class CAREPredictor:
         # heads are scales (only rescaled, not shifted); sigmoid heads stay as predicted
         self.kinds = {h.name: ("intensity" if h.activation in ("linear", "relu") else
                                 "scale" if h.activation in ("softplus", "softplus_eps") else "raw") for h in arch.heads}
+        # a recalibrated probabilistic model (bigcare calibrate --recalibrate): its scales times the factor
+        self.scale_factor = config.calibration.scale_factor if config.calibration is not None else 1.0
 
     def forward_normalized(self, xn: np.ndarray, max_voxels: int | None = None) -> dict[str, np.ndarray]:
         """Run the network on normalized regions ``xn`` of shape (B, C, *spatial).
@@ -93,6 +95,8 @@ class CAREPredictor:
                 raw = self._run(tensor)
             for name in self.outputs:
                 out[name][a:a + step] = raw[name][crop].float().cpu().numpy()
+                if self.scale_factor != 1.0 and self.kinds[name] == "scale":
+                    out[name][a:a + step] *= np.float32(self.scale_factor)
         return out
 
     def denormalize(self, name: str, y: np.ndarray, normalizer: Normalizer) -> np.ndarray:

@@ -315,8 +315,13 @@ def predict(data: np.ndarray, model: PathLike | list[PathLike], *, axes: str, de
         predictor = resolve_ensemble(model, ship_model=False, interval=interval).spec.predictor(check_device(device),
                                                                                                precision)
     else:
+        from bigcare.exchange.zoo import is_zoo_package
+        from bigcare.models.folder import model_hash
+
         one = model[0] if isinstance(model, (list, tuple)) else model
-        predictor = load_predictor(str(one), device=check_device(device), precision=precision)
+        # keyed by the hash: a model folder changed in place (e.g. recalibrated) is built anew
+        mhash = None if is_zoo_package(one) else model_hash(one)
+        predictor = load_predictor(str(one), device=check_device(device), precision=precision, expected_hash=mhash)
     types = [default_axis_type(a) or "space" for a in axes]
     layout = AxisLayout.build(axes, types, predictor.spatial_axes, predictor.n_channel_in,
                               predictor.n_channel_out, data.shape, "the array")
