@@ -229,6 +229,25 @@ def _cmd_register(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from bigcare.errors import ConfigError
+    from bigcare.runs.calibrate import calibrate
+
+    if len(args.data) % 2:
+        raise ConfigError(f"--data takes pairs: INPUT GROUND_TRUTH [INPUT GROUND_TRUTH ...], got {len(args.data)} path(s)")
+    pairs = list(zip(args.data[::2], args.data[1::2]))
+    report = calibrate(_model(args), pairs, recalibrate=args.recalibrate, device=args.device or "cpu")
+    print("level     " + " ".join(f"{a:5.0%}" for a in report["levels"]))
+    print("coverage  " + " ".join(f"{c:5.1%}" for c in report["coverage"]) + f"   ECE {report['ece']:.3f}")
+    if args.recalibrate:
+        print("after     " + " ".join(f"{c:5.1%}" for c in report["coverage_after"]) +
+              f"   ECE {report['ece_after']:.3f}  (scale x{report['scale_factor']:.4g}, stored "
+              f"{report['stored_scale_factor']:.4g}: every later restore applies it)")
+    print(f"{report['voxels']:,} voxels of {len(pairs)} pair(s)" +
+          (f"; wrote {report['json']} and {report.get('png', '')}" if "json" in report else ""))
+    return 0
+
+
 def _cmd_info(args) -> int:
     from bigcare.runs.info import info
 
@@ -421,6 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output images")
     p.set_defaults(func=_cmd_register)
 
+    p = sub.add_parser("calibrate", help="coverage of a probabilistic model's (or ensemble's) intervals on held-out pairs",
+                       description="Predict held-out (input, ground truth) pairs (each read whole: give crops), measure "
+                       "the coverage of the central intervals at 10%%..90%% and the expected calibration error; write "
+                       "calibration.json and calibration.png into the model folder. --recalibrate fits one factor for "
+                       "every scale and stores it in the model (every later restore applies it).")
+    p.add_argument("model", nargs="+", help="probabilistic model folder, ensemble folder, or member folders")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="INPUT GROUND_TRUTH pairs (OME-Zarr)")
+    p.add_argument("--recalibrate", action="store_true", help="fit and store one scale factor")
+    p.add_argument("--device", default=None, help="cpu or cuda [cpu]")
+    p.set_defaults(func=_cmd_calibrate)
+
     p = sub.add_parser("info", help="print axes, shape, dtype, chunks, scales and pyramid of an OME-Zarr image")
     p.add_argument("path", help="OME-Zarr image (path or fsspec URL)")
     p.set_defaults(func=_cmd_info)
@@ -440,17 +470,6 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         print(f"bigcare {args.command}: interrupted; finished blocks are kept, run the same command again to "
-    p = sub.add_parser("calibrate", help="coverage of a probabilistic model's (or ensemble's) intervals on held-out pairs",
-                       description="Predict held-out (input, ground truth) pairs (each read whole: give crops), measure "
-                       "the coverage of the central intervals at 10%%..90%% and the expected calibration error; write "
-                       "calibration.json and calibration.png into the model folder. --recalibrate fits one factor for "
-                       "every scale and stores it in the model (every later restore applies it).")
-    p.add_argument("model", nargs="+", help="probabilistic model folder, ensemble folder, or member folders")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="INPUT GROUND_TRUTH pairs (OME-Zarr)")
-    p.add_argument("--recalibrate", action="store_true", help="fit and store one scale factor")
-    p.add_argument("--device", default=None, help="cpu or cuda [cpu]")
-    p.set_defaults(func=_cmd_calibrate)
-
               "resume", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
