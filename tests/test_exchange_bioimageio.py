@@ -113,3 +113,14 @@ def test_export_command_writes_a_package_and_exits_2_on_bad_model(tmp_path, caps
     assert not (tmp_path / "x.zip").exists()
     test_input = np.load(zipfile.ZipFile(tmp_path / "m2.zip").open("test_input.npy"))
     assert test_input.dtype == np.float32 and test_input.shape[:2] == (1, 1)
+
+
+def test_export_refuses_architecture_options_the_packaged_unet_lacks(tmp_path):
+    from bigcare.models import save_model
+    from bigcare.models.folder import ModelConfig
+
+    arch = UNetConfig(ndim=2, depth=1, n_filter_base=2, kernel_size=3, pooling="maxblur", top_skip=False)
+    save_model(tmp_path / "n2v2", UNet(arch), ModelConfig(axes="YX", architecture=arch))
+    with pytest.raises(ModelError, match="pooling = 'maxblur', top_skip = False.*cannot be exported"):
+        export_bioimageio(tmp_path / "n2v2", tmp_path / "n2v2.zip")
+    assert not (tmp_path / "n2v2.zip").exists()

@@ -146,10 +146,7 @@ def export_bioimageio(model: str | os.PathLike, out: str | os.PathLike, *, name:
     if config.kind != "care":
         raise ModelError(f"model {model} is of kind {config.kind!r}: a bioimage.io package describes one network on "
                          "one grid, so only kind 'care' models can be exported")
-    for field, plain in (("pooling", "max"), ("top_skip", True)):
-        if getattr(arch, field, plain) != plain:
-            raise ModelError(f"model {model}: architecture.{field} = {getattr(arch, field)!r} is not exported yet "
-                             f"(the packaged architecture is CSBDeep's U-Net, {field} {plain!r})")
+    check_packaged_options(arch, f"model {model}")
     h, d = halo(arch), divisor(arch)
     min_size = d * (-(-(2 * h + 1) // d))
     if test_input is None:
@@ -214,6 +211,24 @@ def export_bioimageio(model: str | os.PathLike, out: str | os.PathLike, *, name:
             raise
         os.replace(tmp_zip, out)
     return out
+
+
+#: the UNetConfig fields bigcare_unet.py takes; every other field must keep its default (CSBDeep's U-Net)
+PACKAGED_FIELDS = {"ndim", "depth", "n_filter_base", "kernel_size", "n_conv_per_depth", "pool", "n_channel_in",
+                   "n_channel_out", "residual", "heads"}
+
+
+def check_packaged_options(arch, where: str) -> None:
+    """ModelError naming each architecture option the packaged U-Net (CSBDeep's) does not have.
+
+    New UNetConfig options (N2V2's blur pooling, the GAN generator's LeakyReLU, ...) are refused
+    until ``unet_arch.py`` learns them, rather than exported as a different network.
+    """
+    unsupported = [f"{name} = {getattr(arch, name)!r}" for name, field in type(arch).model_fields.items()
+                   if name not in PACKAGED_FIELDS and getattr(arch, name) != field.get_default(call_default_factory=True)]
+    if unsupported:
+        raise ModelError(f"{where}: architecture option(s) {', '.join(unsupported)} are not in the packaged "
+                         "U-Net (CSBDeep's CARE network); such models run in bigcare but cannot be exported yet")
 
 
 def require_bioimageio() -> None:

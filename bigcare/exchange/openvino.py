@@ -100,9 +100,9 @@ class OpenVINOPredictor:
         from bigcare.predictors.base import MEMBERS, load_predictor
 
         self.model = str(pathlib.Path(model).resolve())
-        arch = load_config(self.model).architecture
-        if getattr(arch, "pooling", "max") != "max" or not getattr(arch, "top_skip", True):
-            raise ModelError(f"model {model}: the OpenVINO backend runs CSBDeep's U-Net (max pooling, top skip)")
+        from bigcare.exchange.bioimageio import check_packaged_options
+
+        check_packaged_options(load_config(self.model).architecture, f"model {model} (OpenVINO backend)")
         self.hint = _hint(precision)
         self.precision = "bf16" if self.hint == "bf16" else "fp32"
         self.hash = model_hash(self.model)
