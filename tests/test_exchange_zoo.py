@@ -197,3 +197,25 @@ def test_careamics_style_fixed_normalisation_is_reproduced(tmp_path):
 
     want = (uniform_filter((data - mean) / (std + 1e-6), size=3, mode="constant") + 0.5) * std + mean
     np.testing.assert_allclose(got[1:-1, 1:-1], want[1:-1, 1:-1], rtol=1e-5, atol=1e-3)
+
+
+def test_recalibrated_scale_travels_as_scale_linear_and_round_trips(tmp_path):
+    import json
+
+    model = make_model(tmp_path / "m", ndim=2, depth=1, n_filter_base=4, kernel_size=3,
+                       heads=[{"name": "mean"}, {"name": "scale", "activation": "softplus_eps"}])
+    config = json.loads((model / "config.json").read_text())
+    config["calibration"] = {"scale_factor": 1.7}
+    (model / "config.json").write_text(json.dumps(config))
+    package = export_bioimageio(model, tmp_path / "m.zip")
+    import yaml
+
+    rdf = yaml.safe_load(zipfile.ZipFile(package).read("rdf.yaml"))
+    scale = next(o for o in rdf["outputs"] if o["id"] == "scale")
+    assert [(s["id"], s["kwargs"]["gain"]) for s in scale["postprocessing"] if s["id"] == "scale_linear"] == [
+        ("scale_linear", 1.7)]
+    data = smooth_volume((40, 36)) * 300 + 100
+    want = bigcare.predict(data, model, axes="yx", precision="fp32")
+    got = bigcare.predict(data, package, axes="yx", precision="fp32")
+    for head in ("mean", "scale"):
+        np.testing.assert_allclose(got[head], want[head], rtol=1e-5, atol=1e-4 * np.abs(want[head]).max())

@@ -50,6 +50,12 @@ def _output_kind(activation: str) -> str:
     return "intensity" if activation in ("linear", "relu") else "scale" if activation.startswith("softplus") else "raw"
 
 
+def _scale_factor(config) -> float:
+    """The recalibration factor of a probabilistic model's scale (``bigcare calibrate``), 1 when none."""
+    calibration = getattr(config, "calibration", None)
+    return float(calibration.scale_factor) if calibration is not None else 1.0
+
+
 def _test_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """A smooth, positive float32 image (camera-like offset and range), deterministic."""
     from scipy.ndimage import gaussian_filter
@@ -181,6 +187,8 @@ def export_bioimageio(model: str | os.PathLike, out: str | os.PathLike, *, name:
         xn = ((test_input - lo) / (hi - lo + 1e-20)).astype(np.float32)
         with torch.no_grad():
             ys = [y.numpy() for y in package_net(torch.from_numpy(xn))]
+        factor = _scale_factor(config)  # a recalibrated scale: the package's scale_linear postprocessing
+        ys = [y * np.float32(factor) if kinds[h] == "scale" else y for h, y in zip(kinds, ys)]
         import tifffile
 
         np.save(work / "test_input.npy", test_input)
@@ -285,6 +293,8 @@ def _describe(work: pathlib.Path, config, *, name, description, authors, license
         OutputTensorDescr,
         ParameterizedSize,
         PytorchStateDictWeightsDescr,
+        ScaleLinearDescr,
+        ScaleLinearKwargs,
         ScaleRangeDescr,
         ScaleRangeKwargs,
         SizeReference,
@@ -317,6 +327,8 @@ def _describe(work: pathlib.Path, config, *, name, description, authors, license
            for a in spatial],
         test_tensor=FileDescr(source=work / f"test_{head}.npy"),
         sample_tensor=FileDescr(source=work / f"sample_{head}.tif"),
+        postprocessing=[ScaleLinearDescr(kwargs=ScaleLinearKwargs(gain=_scale_factor(config)))]
+        if kind == "scale" and _scale_factor(config) != 1.0 else [],
     ) for head, kind in kinds.items()]
     torch_version = Version(torch.__version__.split("+")[0])
     weights = WeightsDescr(
