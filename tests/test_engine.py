@@ -146,10 +146,11 @@ def test_several_named_outputs_are_written_as_images(tmp_path, client):
     data = smooth_volume((12, 32, 32))
     write_volume(tmp_path / "in.ome.zarr", data, chunks=(12, 16, 16))
     out = tmp_path / "out.zarr"
-    bigcare.restore(tmp_path / "in.ome.zarr", out, model, client=client, progress=False)
+    result = bigcare.restore(tmp_path / "in.ome.zarr", out, model, client=client, progress=False)
     whole = bigcare.predict(data, model, axes="zyx")
+    assert result.outputs == {"mean": f"{out}/0", "scale": f"{out}/1"}  # series of a bioformats2raw root
     for name in ("mean", "scale"):
-        vol = open_volume(out / name)
+        vol = open_volume(result.outputs[name])
         np.testing.assert_allclose(np.asarray(vol.array()[...]), whole[name], atol=1e-5)
     assert (whole["scale"] > 0).all()
 

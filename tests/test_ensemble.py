@@ -85,15 +85,15 @@ def test_ensemble_restore_blockwise_equals_whole_volume_and_builds_each_member_o
     assert sorted(set(made.values()) - {0}) == [3]  # a worker that ran blocks built each member once
     assert result.blocks_computed == 12
     assert sorted(result.outputs) == ["disagreement", "lower", "mean", "upper"]
-    bigcare.restore(src, str(tmp_path / "whole.ome.zarr"), members, client=client, block_shape=(16, 32, 48),
-                    progress=False, precision="fp32")
+    whole_run = bigcare.restore(src, str(tmp_path / "whole.ome.zarr"), members, client=client, block_shape=(16, 32, 48),
+                                progress=False, precision="fp32")
     ref = bigcare.predict(data, members, axes="zyx", precision="fp32")
     for name in ("mean", "lower", "upper", "disagreement"):
-        blocks, whole = read(tmp_path / "blocks.ome.zarr" / name), read(tmp_path / "whole.ome.zarr" / name)
+        blocks, whole = read(result.outputs[name]), read(whole_run.outputs[name])
         assert np.abs(blocks - whole).max() <= 1e-5 and np.abs(blocks - ref[name]).max() <= 1e-5
-    d = read(tmp_path / "blocks.ome.zarr" / "disagreement")
+    d = read(result.outputs["disagreement"])
     assert 0 <= d.min() and d.max() <= 1 and d.max() > 0
-    lower, mean, upper = (read(tmp_path / "blocks.ome.zarr" / n) for n in ("lower", "mean", "upper"))
+    lower, mean, upper = (read(result.outputs[n]) for n in ("lower", "mean", "upper"))
     assert (lower <= upper).all() and np.mean((lower <= mean) & (mean <= upper)) > 0.9
 
 

@@ -34,8 +34,8 @@ def test_info_of_a_multi_output_group_lists_its_images(tmp_path, client, capsys)
     bigcare.restore(src.url, tmp_path / "out.ome.zarr", model, client=client, device="cpu", progress=False)
     assert main(["info", str(tmp_path / "out.ome.zarr")]) == 0
     text = capsys.readouterr().out
-    assert "images:   mean, scale" in text and "state:    complete" in text
-    assert text.count("url:      ") == 3 and "out.ome.zarr/scale" in text
+    assert "images:   mean (0), scale (1)" in text and "state:    complete" in text
+    assert text.count("url:      ") == 3 and "\nscale:\nurl:      " in text and "out.ome.zarr/1" in text
 
 
 def test_info_names_shards_and_offsets(tmp_path):

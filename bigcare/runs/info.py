@@ -5,7 +5,8 @@ offset (:func:`bigcare.store.convert.describe`). For an image bigcare wrote, als
 (complete, or how many blocks of the run are done: an output whose run failed or was cut short
 must not look like a normal image), the model and the bigcare version that made it, and for a
 conversion its source. For the root of a multi-output run (``mean`` and ``scale`` images in one
-group), the same for each image. Reads metadata and the listing of the done markers only.
+group: a bioformats2raw-layout root whose series 0, 1, ... its ``bigcare.images`` attribute
+names), the same for each image. Reads metadata and the listing of the done markers only.
 """
 
 from __future__ import annotations
@@ -83,12 +84,19 @@ def info(url: str, storage_options: dict | None = None) -> str:
     attrs: dict[str, Any] = dict(group.attrs)
     ours = attrs.get("bigcare")
     names = [str(n) for n in ours.get("outputs") or []] if isinstance(ours, dict) else []
+    # name -> path: a bioformats2raw-layout root keeps its images as series 0, 1, ... (older outputs: by name)
+    paths = dict(ours.get("images") or {}) if isinstance(ours, dict) else {}
+    if not names:  # another tool's bioformats2raw root: its series, by path
+        layout = attrs.get("ome", attrs)
+        names = [str(p) for p in layout.get("series") or []] if layout.get("bioformats2raw.layout") == 3 else []
     if not names:
         raise error
-    parts = [f"url:      {url}", *run_state(url, attrs, storage_options), f"images:   {', '.join(names)}"]
+    parts = [f"url:      {url}", *run_state(url, attrs, storage_options),
+             f"images:   {', '.join(n if paths.get(n, n) == n else f'{n} ({paths[n]})' for n in names)}"]
     for name in names:
         try:
-            parts.append("\n" + _with_state(open_volume(f"{url.rstrip('/')}/{name}", storage_options=storage_options)))
+            volume = open_volume(f"{url.rstrip('/')}/{paths.get(name, name)}", storage_options=storage_options)
+            parts.append(f"\n{name}:\n" + _with_state(volume) if paths.get(name, name) != name else "\n" + _with_state(volume))
         except InputError as exc:
             parts.append(f"\n{name}: {exc}")
     return "\n".join(parts)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import fsspec
 import numpy as np
 import zarr
 
@@ -105,8 +106,10 @@ def create_outputs(run: VolumeRun) -> None:
     images = run.images
     single = len(images) == 1
     if not single:
-        zarr.open_group(mode="w", zarr_format=3 if run.ngff_version == "0.5" else 2, attributes=run.attrs,
-                        **store_kwargs(run.output, options))
+        root = zarr.open_group(mode="w", zarr_format=3 if run.ngff_version == "0.5" else 2,
+                               attributes={**run.attrs, **series_attrs(images, run.ngff_version)},
+                               **store_kwargs(run.output, options))
+        write_ome_xml(root, run.output, options, images, geometry, run.output_dtype)
     kinds = getattr(run.model.predictor, "kinds", {})
     for name, url in images.items():
         create_volume(
@@ -121,6 +124,39 @@ def create_outputs(run: VolumeRun) -> None:
     # named dimensions (zarr v3) so generic tools (xarray) take the output group with the marker in it
     names = [f"{a}_block" for a in run.volume.axis_names] if run.ngff_version == "0.5" else None
     root.create_array(MARKER, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0, dimension_names=names)
+
+
+def series_attrs(images: dict[str, str], ngff_version: str) -> dict:
+    """The root attributes that list a multi-output run's images: NGFF's bioformats2raw layout 3.
+
+    The images are the series ``0, 1, ...`` (the layout numbers them; ``bigcare.images`` maps
+    the names); ``series`` lists their paths. ome-zarr-models validates the root as a
+    ``BioFormats2Raw`` group and lists its images; ome-zarr-py's ``find_multiscales`` lists them
+    with their names from ``OME/METADATA.ome.xml`` (:func:`write_ome_xml`).
+    """
+    layout = {"bioformats2raw.layout": 3, "series": [u.rsplit("/", 1)[1] for u in images.values()]}
+    return {"ome": {"version": "0.5", **layout}} if ngff_version == "0.5" else layout
+
+
+def write_ome_xml(root, url: str, options: dict | None, images: dict[str, str], geometry: OutputGeometry,
+                  dtype: str) -> None:
+    """``OME/METADATA.ome.xml`` of a bioformats2raw-layout root: one Image per series, named by its output."""
+    from xml.sax.saxutils import quoteattr
+
+    sizes = {a.name: n for a, n in zip(geometry.axes, geometry.shape)}
+    kind = {"f": "float", "u": "uint", "i": "int"}[np.dtype(dtype).kind]
+    pixel_type = "float" if kind == "float" and np.dtype(dtype).itemsize == 4 else \
+        "double" if kind == "float" else f"{kind}{8 * np.dtype(dtype).itemsize}"
+    body = "".join(
+        f'<Image ID="Image:{i}" Name={quoteattr(name)}><Pixels ID="Pixels:{i}" DimensionOrder="XYZCT" '
+        f'Type="{pixel_type}" SizeX="{sizes.get("x", 1)}" SizeY="{sizes.get("y", 1)}" SizeZ="{sizes.get("z", 1)}" '
+        f'SizeC="{sizes.get("c", 1)}" SizeT="{sizes.get("t", 1)}"><MetadataOnly/></Pixels></Image>'
+        for i, name in enumerate(images))
+    xml = ('<?xml version="1.0" encoding="UTF-8"?>\n<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+           f'Creator="bigcare">{body}</OME>\n')
+    root.create_group("OME", attributes={"series": [u.rsplit("/", 1)[1] for u in images.values()]})
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    fs.pipe(f"{path.rstrip('/')}/OME/METADATA.ome.xml", xml.encode())
 
 
 #: Regions hashed for an input's fingerprint, and their largest extent per axis.

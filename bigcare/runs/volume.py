@@ -219,11 +219,16 @@ class VolumeRun:
 
     @property
     def images(self) -> dict[str, str]:
-        """Output image URL per named output."""
+        """Output image URL per named output.
+
+        Several outputs are the series ``0, 1, ...`` of a bioformats2raw-layout root (the layout
+        NGFF readers list images by: :func:`bigcare.runs.outputs.create_outputs`); the root's
+        ``bigcare.images`` attribute maps each name to its path.
+        """
         names = self.model.predictor.outputs
         if len(names) == 1:
             return {names[0]: self.output}
-        return {n: f"{self.output.rstrip('/')}/{n}" for n in names}
+        return {n: f"{self.output.rstrip('/')}/{i}" for i, n in enumerate(names)}
 
 
 def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str,
@@ -237,6 +242,8 @@ def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, p
         ident["pyramid"] = False
     if nan_fill is not None:  # likewise
         ident["nan_fill"] = nan_fill
+    if len(list(outputs)) > 1:  # images in series 0, 1, ...: an output of the named-folder layout does not resume
+        ident["images"] = "bioformats2raw"
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -480,6 +487,8 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
             "plan": run.plan.as_dict(), "normalization": normalizer.as_dict(), "complete": False,
             "input_fingerprint": fingerprint,
         }}
+        if len(run.images) > 1:  # name -> path of each image in the root
+            run.attrs["bigcare"]["images"] = {n: u.rsplit("/", 1)[1] for n, u in run.images.items()}
         if run.nan_fill is not None:  # provenance: these outputs saw NaN/inf input voxels as this value
             run.attrs["bigcare"]["nan_fill"] = run.nan_fill
         try:
