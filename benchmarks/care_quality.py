@@ -44,7 +44,7 @@ def nlm(noisy: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, float]:
     return best[1], best[2]
 
 
-def main():
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/bigcare-care-quality")
     parser.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128))
@@ -54,7 +54,11 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--filters", type=int, default=16)
     parser.add_argument("--reuse", action="store_true", help="reuse the data and model of an earlier run in --out")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (the test suite runs it): no figures")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.shape, args.train_volumes, args.test_volumes = (16, 96, 96), 1, 1
+        args.epochs, args.steps, args.filters = 1, 1, 2
     out = Path(args.out)
     timings = {}
 
@@ -69,13 +73,14 @@ def main():
         "model_dir": str(out / "model"),
         "data": {"sources": [{"input": str(out / f"train_in_{k}.ome.zarr"), "target": str(out / f"train_gt_{k}.ome.zarr")}
                              for k in range(args.train_volumes)],
-                 "patch_shape": [16, 64, 64], "n_patches": 512},
+                 "patch_shape": [8, 32, 32] if args.smoke else [16, 64, 64], "n_patches": 16 if args.smoke else 512},
         "network": {"depth": 2, "n_filter_base": args.filters},
-        "training": {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch_size": 8, "resume": False},
+        "training": {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch_size": 2 if args.smoke else 8,
+                     "resume": False},
     }
     t = time.perf_counter()
     config["training"]["resume"] = args.reuse  # with --reuse: nothing left to train, loads last/
-    result = train(config, progress=True)
+    result = train(config, progress=not args.smoke)
     timings["train_s"] = time.perf_counter() - t
 
     rows = []
@@ -103,6 +108,7 @@ def main():
         print(f"{name:<16}{summary[name]['nrmse']:>8.4f}{summary[name]['ssim']:>8.4f}")
     beats = summary["care"]["nrmse"] < summary["nlm"]["nrmse"] and summary["care"]["ssim"] > summary["nlm"]["ssim"]
     print(f"CARE beats NLM on both: {beats}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -248,6 +248,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="32x128x128 and 56x104x104, 2 rounds")
+    p.add_argument("--smoke", action="store_true", help="seconds: 16x64x64, two eager variants, one round, no RSS")
     p.add_argument("--volume", type=int, nargs=3, default=(64, 256, 256))
     p.add_argument("--block", type=int, nargs=3, default=(112, 208, 208))
     p.add_argument("--variants", nargs="+", default=None, help="subset of variant names")
@@ -266,6 +267,9 @@ def main(argv=None):
         return time_child(args)
     if args.quick:
         args.volume, args.block, args.repeats = (32, 128, 128), (56, 104, 104), min(args.repeats, 2)
+    if args.smoke:  # a rename breaks the test suite, not a measurement months later
+        args.volume, args.repeats, args.no_block, args.no_rss = (16, 64, 64), 1, True, True
+        args.variants = args.variants or ["bf16 channels_last"]
     variants = dict(VARIANTS, **(CUDA_EXTRA if args.device.startswith("cuda") else {}))
     if args.variants:
         every = {**VARIANTS, **CUDA_EXTRA, **OTHER}

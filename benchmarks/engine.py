@@ -61,7 +61,7 @@ def bench_copy(tmp: Path, args) -> dict:
 
     import bigcare
 
-    shape, chunks = (128, 1024, 1024), (64, 256, 256)
+    shape, chunks = ((32, 128, 128), (16, 64, 64)) if args.smoke else ((128, 1024, 1024), (64, 256, 256))
     make_volume(tmp / "in.ome.zarr", shape, chunks)
     from bigcare.predictors.identity import IdentityPredictor
 
@@ -172,9 +172,10 @@ def bench_rss(tmp: Path, args) -> dict:
     from bigcare.blocks.plan import plan_blocks
 
     model = save_unet(tmp / "small_model", n_filter_base=2)
-    block, chunks = (32, 128, 128), (32, 128, 128)
+    block = chunks = (16, 32, 32) if args.smoke else (32, 128, 128)
+    sizes = (((48, 96, 96)), (96, 192, 192)) if args.smoke else ((96, 384, 384), (192, 768, 768))
     rows = {}
-    for label, shape in (("1x", (96, 384, 384)), ("8x", (192, 768, 768))):
+    for label, shape in zip(("1x", "8x"), sizes):
         make_volume(tmp / f"rss_{label}.ome.zarr", shape, chunks)
         with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster, \
                 Client(cluster) as client:
@@ -190,14 +191,17 @@ def bench_rss(tmp: Path, args) -> dict:
     return rows
 
 
-def main():
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["copy", "care", "rss", "cpu-goal", "all"])
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (the test suite runs it): no figures")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--care-shape", type=int, nargs=3, default=(64, 256, 256))
     parser.add_argument("--tmp", default=None, help="scratch folder (default: a temporary one)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.care_shape = (16, 64, 64)
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bigcare-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     benches = {"copy": bench_copy, "care": bench_care, "rss": bench_rss, "cpu-goal": bench_cpu_goal}
@@ -212,6 +216,7 @@ def main():
         if not args.tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=2, default=str))
+    return results
 
 
 if __name__ == "__main__":

@@ -83,21 +83,24 @@ def rl_best(up: np.ndarray, gt: np.ndarray, checkpoints=(5, 10, 20, 40)) -> tupl
     return best[1], best[2]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="512^3 and ~1500 nuclei (GPU)")
     ap.add_argument("--shape", type=int, nargs=3, default=None, help="phantom Z Y X on the isotropic grid "
                     "(default 512 512 512 full, 96 512 512 reduced)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default 6000 full, 1200 reduced)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (the test suite runs it): no figures")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--reuse", action="store_true", help="keep the model and restored volume already in "
                     "--workdir (recompute the baselines and the table only)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.shape, args.steps = args.shape or (32, 160, 160), args.steps or 2
     shape = tuple(args.shape or ((512,) * 3 if args.full else (96, 512, 512)))
     n_nuclei = int(round(1500 * np.prod(shape) / 512**3))
     steps = args.steps or (6000 if args.full else 1200)
-    epochs = 20 if args.full else 12
+    epochs = 20 if args.full else 1 if args.smoke else 12
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bigcare_iso_"))
     t0 = time.perf_counter()
     gt, data = make_data(shape, n_nuclei)
@@ -110,10 +113,11 @@ def main(argv=None) -> None:
 
     config = {
         "model_dir": str(work / "model"),
-        "data": {"sources": [{"input": url}], "patch_shape": [64, 64] if args.full else [48, 48], "n_patches": 4000 if args.full else 1600,
+        "data": {"sources": [{"input": url}], "patch_shape": [64, 64] if args.full else [48, 48],
+                 "n_patches": 4000 if args.full else 32 if args.smoke else 1600,
                  "foreground_threshold": 0.2},
-        "network": {"depth": 2, "n_filter_base": 32 if args.full else 16, "kernel_size": 3},
-        "training": {"epochs": epochs, "steps_per_epoch": steps // epochs, "batch_size": 16, "device": args.device,
+        "network": {"depth": 2, "n_filter_base": 32 if args.full else 2 if args.smoke else 16, "kernel_size": 3},
+        "training": {"epochs": epochs, "steps_per_epoch": steps // epochs, "batch_size": 2 if args.smoke else 16, "device": args.device,
                      "resume": False},
         "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": SIGMA_XY, "sigma_z": SIGMA_Z}},
     }
@@ -151,6 +155,7 @@ def main(argv=None) -> None:
     gain = table[3]["psnr"] - table[0]["psnr"]
     print(f"\nbigcare gain over the (linearly upsampled) input: {gain:+.2f} dB (IsoNet-2, Table 1: +9.27 dB); "
           f"beats Richardson-Lucy: {table[3]['psnr'] > table[2]['psnr']}")
+    return table
 
 
 if __name__ == "__main__":

@@ -168,7 +168,8 @@ def _stream(sampler, n_batches: int, warmup: int = 10) -> dict:
     dt, cpu = time.perf_counter() - t0, _cpu_seconds(procs) - c0
     it.close()
     n = n_batches * sampler.batch_size
-    return {"patches_per_s": n / dt, "patches_per_cpu_s": n / cpu, "load_avg_1min": os.getloadavg()[0]}
+    return {"patches_per_s": n / dt, "patches_per_cpu_s": n / cpu if cpu > 0 else float("nan"),
+            "load_avg_1min": os.getloadavg()[0]}
 
 
 def profile_task(sampler: PatchSampler, tasks: int = 16) -> dict:
@@ -383,7 +384,7 @@ def memory(args) -> dict:
     return results
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", nargs="?", default="all", choices=["all", "throughput", "memory", "_rss"])
     parser.add_argument("--data", default="/tmp/bigcare-bench", help="folder for the generated data (kept, reused)")
@@ -399,6 +400,7 @@ def main(argv=None) -> None:
     parser.add_argument("--store-patches", type=int, default=2048, help="patches written to the patch store")
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=[2, 16], help="memory: dataset sizes (GB, pair)")
     parser.add_argument("--quick", action="store_true", help="small sizes: throughput 64x512x512, memory 0.25 and 1 GB")
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (the test suite runs it): no figures")
     parser.add_argument("--x"), parser.add_argument("--y")
     args = parser.parse_args(argv)
     if args.batches is None:
@@ -408,12 +410,15 @@ def main(argv=None) -> None:
         return
     if args.quick:
         args.shape, args.sizes_gb, args.batches, args.patches, args.store_patches = (64, 512, 512), [0.25, 1], 60, 2000, 512
+    if args.smoke:
+        args.shape, args.sizes_gb, args.batches, args.patches, args.store_patches = (32, 256, 256), [0.01, 0.02], 4, 200, 32
     figures = {}
     if args.what in ("all", "throughput"):
         figures["throughput"] = throughput(args)
     if args.what in ("all", "memory"):
         figures["memory"] = memory(args)
     print(json.dumps(figures))
+    return figures
 
 
 if __name__ == "__main__":

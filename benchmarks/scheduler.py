@@ -151,7 +151,8 @@ def run_execute(client, plan, blocks, spec, out, fn, progress):
     # a fresh run key each call: execute() names the task keys after its first 8 characters
     run = SimpleNamespace(images={"restored": out}, plan=_Plan(len(blocks), plan.overhead), n_todo=len(blocks),
                           pending=lambda: iter(blocks), run_key=uuid.uuid4().hex,
-                          volume=SimpleNamespace(url=spec.input_url), spec=spec, device="cpu")
+                          volume=SimpleNamespace(url=spec.input_url), spec=spec, device="cpu",
+                          precision="fp32", precision_ran="")
     original, ex.run_block = ex.run_block, fn
     try:
         t0 = time.perf_counter()

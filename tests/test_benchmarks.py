@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,3 +51,36 @@ def test_the_self_supervised_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch)
     if "skipped" not in report["llsm"]:  # the shared data lie beside the checkout
         assert set(report["llsm"]["n2v"]["residual_lag1"]) == {"z", "y", "x"}
         assert Path(report["llsm"]["png"]).exists()
+
+
+def _import(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop(name, None)
+    return __import__(name)
+
+
+@pytest.mark.slow
+def test_the_engine_and_cpu_path_benchmarks_run_in_smoke_mode(tmp_path, monkeypatch, capsys):
+    engine = _import("engine", monkeypatch)
+    results = engine.main(["all", "--smoke", "--tmp", str(tmp_path / "engine")])
+    assert {"copy", "care", "rss", "cpu-goal"} <= set(results) and results["rss"]["8x"]["blocks"] > 1
+    cpu_paths = _import("cpu_paths", monkeypatch)
+    cpu_paths.main(["--smoke"])
+    assert "bf16 channels_last:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_quality_benchmarks_run_in_smoke_mode(tmp_path, monkeypatch):
+    care_quality = _import("care_quality", monkeypatch)
+    summary = care_quality.main(["--smoke", "--out", str(tmp_path / "care")])
+    assert set(summary) == {"input", "nlm", "care"}
+    isotropic = _import("isotropic_synthetic", monkeypatch)
+    table = isotropic.main(["--smoke", "--workdir", str(tmp_path / "iso")])
+    assert [r["method"] for r in table][-2:] == ["bigcare isotropic", "ground truth"]
+
+
+@pytest.mark.slow
+def test_the_sampling_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
+    sampling = _import("sampling", monkeypatch)
+    figures = sampling.main(["--smoke", "--data", str(tmp_path / "sampling")])
+    assert {"throughput", "memory"} <= set(figures)
