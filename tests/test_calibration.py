@@ -104,3 +104,5 @@ def test_calibrating_an_ensemble_stores_its_factor_in_ensemble_json(tmp_path, he
     after = bigcare.predict(data, tmp_path / "ens", axes="zyx", precision="fp32")
     width = (after["upper"] - after["lower"]).mean() / (before["upper"] - before["lower"]).mean()
     assert (width > 1) == (report["scale_factor"] > 1)
+    again = calibrate(tmp_path / "ens", [(inp, gt)], plot=False)  # measured with the stored factor
+    assert np.allclose(again["coverage"], report["coverage_after"], atol=2e-3)

@@ -137,3 +137,25 @@ def test_training_an_ensemble_differs_only_in_seed_and_order_and_restores_from_i
                  "--interval", "0.8", "--workers", "1"]) == 0
     assert set(json.loads((out / "zarr.json").read_text())["attributes"]["bigcare"]["outputs"]) == {
         "mean", "lower", "upper", "disagreement"}
+
+
+def test_summary_reports_disagreement_fractions_and_interval_width_and_preview_draws_d(tmp_path, client, members):
+    import matplotlib.image as mpimg
+
+    from bigcare.runs.results import format_summary
+
+    data = smooth_volume((16, 32, 48))
+    src = write_volume(str(tmp_path / "in.ome.zarr"), data, chunks=(8, 16, 16)).url
+    out = tmp_path / "out.ome.zarr"
+    result = bigcare.restore(src, str(out), members, client=client, block_shape=(8, 16, 16), progress=False,
+                             precision="fp32", preview=tmp_path / "p.png")
+    rel = json.loads((out / "bigcare_summary.json").read_text())["reliability"]
+    d = read(result.outputs["disagreement"])
+    width = read(result.outputs["upper"]) - read(result.outputs["lower"])
+    assert rel["voxels"] == d.size and rel["interval"] == 0.9
+    assert rel["mean_interval_width"] == pytest.approx(float(width.mean()), rel=1e-5)
+    assert rel["mean_disagreement"] == pytest.approx(float(d.mean()), rel=1e-5)
+    assert rel["fraction_disagreement_above"]["0.1"] == pytest.approx(float(np.mean(d > 0.1)))
+    assert "reliability: mean 90% interval width" in format_summary(result)
+    image = mpimg.imread(tmp_path / "p.png")
+    assert image.shape[1] > image.shape[0] * 2  # input, 4 outputs and the D histogram side by side

@@ -213,3 +213,52 @@ def resolve_ensemble(model, *, ship_model: bool = True, interval: float = 0.9) -
                         interval=predictor.interval, scale_factor=scale_factor)
     label = str(folder) if folder is not None else "ensemble of " + ", ".join(paths)
     return ResolvedEnsemble(predictor, ensemble_hash(hashes, scale_factor, predictor.interval), spec, payloads, label)
+
+
+#: D thresholds the run summary counts voxels above
+D_THRESHOLDS = (0.1, 0.25, 0.5)
+
+
+def block_reliability(outputs: dict[str, np.ndarray], kinds: dict[str, str], interval: float = 0.9) -> dict | None:
+    """Sums over one block's written outputs for the run summary (None for a model without readouts).
+
+    An ensemble: voxels, sum of its interval width (``upper - lower``), sum of D and the count of
+    voxels with D above each of :data:`D_THRESHOLDS`. A single probabilistic model: voxels and
+    the sum of its 90% interval width, ``2 b log 10``.
+    """
+    if "disagreement" in outputs and "lower" in outputs and "upper" in outputs:
+        d = outputs["disagreement"]
+        width = outputs["upper"].astype(np.float64) - outputs["lower"]
+        return {"voxels": int(d.size), "interval": interval, "width_sum": float(width.sum()),
+                "d_sum": float(d.sum(dtype=np.float64)), "d_above": [int(np.count_nonzero(d > t)) for t in D_THRESHOLDS]}
+    scales = [n for n, k in kinds.items() if k == "scale" and n in outputs]
+    if scales:
+        b = outputs[scales[0]]
+        return {"voxels": int(b.size), "interval": 0.9, "width_sum": float(2 * math.log(10) * b.sum(dtype=np.float64))}
+    return None
+
+
+def merge_reliability(total: dict, block: dict | None) -> None:
+    """Add one block's :func:`block_reliability` into a run's running sums (in place)."""
+    if not block:
+        return
+    for key, value in block.items():
+        if key == "interval":
+            total[key] = value
+        elif isinstance(value, list):
+            total[key] = [a + b for a, b in zip(total.get(key, [0] * len(value)), value)]
+        else:
+            total[key] = total.get(key, 0) + value
+
+
+def reliability_summary(total: dict) -> dict:
+    """The summary's ``reliability`` entry from the run's sums: mean interval width, mean D and the
+    fraction of voxels above each D threshold (over the blocks this run computed)."""
+    if not total.get("voxels"):
+        return {}
+    n = total["voxels"]
+    out = {"voxels": n, "interval": total.get("interval", 0.9), "mean_interval_width": total["width_sum"] / n}
+    if "d_sum" in total:
+        out["mean_disagreement"] = total["d_sum"] / n
+        out["fraction_disagreement_above"] = {str(t): c / n for t, c in zip(D_THRESHOLDS, total["d_above"])}
+    return out

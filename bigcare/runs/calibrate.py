@@ -120,6 +120,8 @@ class _Members:
         for name in MEMBERS:
             setattr(self, name, getattr(predictor, name))
         self.members = predictor.members if isinstance(predictor, EnsemblePredictor) else [predictor]
+        # an ensemble's recalibration multiplies every member's scale (a single model's is inside it)
+        self.factor = predictor.scale_factor if isinstance(predictor, EnsemblePredictor) else 1.0
         self.heads = [_scale_head(m, "the model") for m in self.members]
         self.outputs = tuple(f"{p}{k}" for k in range(len(self.members)) for p in ("mu", "b"))
 
@@ -127,7 +129,7 @@ class _Members:
         out = {}
         for k, (member, (mean, scale)) in enumerate(zip(self.members, self.heads)):
             got = member.predict(x, normalizer)
-            out[f"mu{k}"], out[f"b{k}"] = got[mean], got[scale]
+            out[f"mu{k}"], out[f"b{k}"] = got[mean], got[scale] * np.float32(self.factor)
         return out
 
 

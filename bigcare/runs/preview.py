@@ -6,7 +6,9 @@ XY and XZ slices through it are cut at full resolution, a crop of ``crop`` voxel
 the whole field of view, from the input and from each restored image. Every intensity panel
 shares one display window (the input crop's 1 / 99.8 percentiles: the outputs are in the input's
 units), so brighter or darker means brighter or darker; other outputs (a scale, a probability)
-get their own window. XZ panels are drawn at the physical aspect ratio. Reads a few crops only.
+get their own window: a scale in viridis, an ensemble's disagreement D in magma on its fixed [0, 1]
+scale, beside a histogram of D over a small pyramid level. XZ panels are drawn at the physical
+aspect ratio. Reads a few crops (and for D one small level) only.
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ def _slices(volume: Volume, centre_um: tuple[float, ...], crop: int) -> tuple[np
     return np.asarray(arr[tuple(xy)], np.float32), np.asarray(arr[tuple(xz)], np.float32)
 
 
+#: the histogram of D reads the finest pyramid level of at most this many voxels
+HISTOGRAM_VOXELS = 1 << 22
+
+
+def _disagreement_histogram(fig, column, volume: Volume) -> None:
+    """D's histogram over a whole pyramid level (the finest small enough), in the last column."""
+    level = next((k for k, lv in enumerate(volume.levels) if int(np.prod(lv.shape)) <= HISTOGRAM_VOXELS),
+                 len(volume.levels) - 1)
+    d = np.asarray(volume.array(level)[...], np.float32).ravel()
+    ax = column[0]
+    ax.hist(d[np.isfinite(d)], bins=50, range=(0, 1), color="tab:purple", log=True)
+    ax.set_title(f"disagreement D, level {level} ({d.size:,} voxels)", fontsize=9)
+    ax.set_xlabel("D (0: members agree, 1: disjoint)", fontsize=8)
+    for ax in column[1:]:
+        ax.axis("off")
+
+
 def write_preview(input_url: str, outputs: dict[str, str], png: str | os.PathLike, *, crop: int = 256,
                   kinds: dict[str, str] | None = None, storage_options: dict | None = None) -> Path:
     """Write the before/after PNG of a restore (see the module docstring); returns its path."""
@@ -93,19 +112,28 @@ def write_preview(input_url: str, outputs: dict[str, str], png: str | os.PathLik
     finite = cut[0][3][np.isfinite(cut[0][3])]
     lo, hi = np.percentile(finite, [1, 99.8]) if finite.size else (0.0, 1.0)
     rows = 2 if cut[0][4] is not None else 1
-    fig, axes = plt.subplots(rows, len(cut), figsize=(3.2 * len(cut), 3.4 * rows), squeeze=False)
+    histogram = "disagreement" in outputs
+    fig, axes = plt.subplots(rows, len(cut) + histogram, figsize=(3.2 * (len(cut) + histogram), 3.4 * rows),
+                             squeeze=False)
     for j, (name, kind, vol, xy, xz) in enumerate(cut):
-        window = (lo, hi) if kind == "intensity" else tuple(np.percentile(xy[np.isfinite(xy)], [1, 99.8]))
-        axes[0, j].imshow(xy, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+        window = (lo, hi) if kind == "intensity" else (0.0, 1.0) if name == "disagreement" else \
+            tuple(np.percentile(xy[np.isfinite(xy)], [1, 99.8]))
+        # reliability readouts in colour (D on its fixed [0, 1] scale), so they are not read as intensities
+        cmap = "magma" if name == "disagreement" else "viridis" if kind == "scale" else "gray"
+        image = axes[0, j].imshow(xy, cmap=cmap, vmin=window[0], vmax=window[1], interpolation="nearest")
+        if cmap != "gray":
+            fig.colorbar(image, ax=axes[0, j], fraction=0.046, pad=0.02)
         axes[0, j].set_title(f"{name}: XY" + (f" (z = {centre_um[0]:.1f})" if xz is not None else ""), fontsize=9)
         if xz is not None:
             s = [vol.scale[i] for i in _spatial(vol)]
-            axes[1, j].imshow(xz, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest",
+            axes[1, j].imshow(xz, cmap=cmap, vmin=window[0], vmax=window[1], interpolation="nearest",
                               aspect=s[0] / s[2])
             axes[1, j].set_title(f"{name}: XZ (y = {centre_um[1]:.1f})", fontsize=9)
-    for ax in axes.ravel():
+    for ax in axes[:, :len(cut)].ravel():
         ax.set_xticks([])
         ax.set_yticks([])
+    if histogram:
+        _disagreement_histogram(fig, axes[:, -1], open_volume(outputs["disagreement"], storage_options=storage_options))
     fig.suptitle(f"{Path(input_url).name}: crop of {crop} voxels around {tuple(point)}, one window for intensities",
                  fontsize=9)
     fig.tight_layout()

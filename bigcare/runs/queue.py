@@ -21,6 +21,7 @@ import traceback
 from tqdm.auto import tqdm
 
 from bigcare.errors import BlockError
+from bigcare.predictors.ensemble import merge_reliability
 from bigcare.runs.results import RunResult, cluster_info
 from bigcare.tasks.block import run_block
 from bigcare.tasks.cluster_size import ClusterSize
@@ -106,6 +107,7 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
                 result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, status["peak_rss_mb"])
                 for part in ("read", "predict", "write"):
                     result.seconds_in[part] += status[f"{part}_s"]
+                merge_reliability(result.reliability, status.get("reliability"))
             else:
                 message = f"{type(out.error).__name__}: {out.error}"
                 result.failed.append((block.index, block.write, message))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from bigcare.predictors.ensemble import reliability_summary
 from bigcare.version import __version__
 
 __all__ = ["RunResult", "cluster_info", "SUMMARY_NAME", "FAILURE_LOG_NAME", "BATCH_SUMMARY_NAME", "summary_dict",
@@ -96,6 +97,7 @@ class RunResult:
     failure_log: str = ""
     preview: str = ""
     precision: str = ""
+    reliability: dict = field(default_factory=dict)  # sums of block_reliability over this run's blocks
 
     @property
     def voxels_per_second(self) -> float:
@@ -134,7 +136,9 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
     ``voxels_per_second``, ``retries``, ``rescheduled``, ``halo_overhead``,
     ``peak_worker_rss_mb``, ``seconds_in`` (read, predict, write: task seconds summed over
     blocks), ``cluster`` (kind, scheduler, workers, threads, dashboard, size: start, peak,
-    end, changes), ``normalization``, ``precision`` (what ran).
+    end, changes), ``normalization``, ``precision`` (what ran); for probabilistic models and
+    ensembles ``reliability`` (mean interval width, mean D, fraction of voxels with D above 0.1,
+    0.25, 0.5, over the blocks this run computed: :func:`~bigcare.predictors.ensemble.reliability_summary`).
     """
     d = result.as_dict()
     return {
@@ -153,6 +157,7 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
         "peak_worker_rss_mb": round(result.peak_worker_rss_mb, 1),
         "seconds_in": {k: round(v, 3) for k, v in result.seconds_in.items()},
         "cluster": d["cluster"], "normalization": d["normalization"], "precision": result.precision,
+        **({"reliability": reliability_summary(result.reliability)} if result.reliability else {}),
     }
 
 
@@ -173,6 +178,11 @@ def format_summary(result, name: str = "") -> str:
     if size:
         lines.append(f"  cluster: {result.cluster.get('kind', '?')}, workers {size['start']} at the start, "
                      f"{size['peak']} at most, {size['end']} at the end")
+    rel = reliability_summary(result.reliability) if result.reliability else {}
+    if rel:
+        above = rel.get("fraction_disagreement_above", {})
+        lines.append(f"  reliability: mean {rel['interval']:.0%} interval width {rel['mean_interval_width']:.4g}"
+                     + (f", mean D {rel['mean_disagreement']:.3f}, D > 0.5 in {above['0.5']:.2%} of voxels" if above else ""))
     for name, path in result.tiff.items():
         lines.append(f"  TIFF{' ' + name if len(result.tiff) > 1 else ''}: {path}")
     if result.summary_path:

@@ -139,15 +139,22 @@ def run_block(block: Block, spec: RunSpec) -> dict:
                 results[name][offset] = _cast(predictions[name][crop], dtype)
     t2 = time.perf_counter()
     target = layout.out_slices(block.write)
+    written = {name: results[name] if results is not None else _cast(predictions[name][crop], dtype)
+               for name, _, _ in spec.outputs}
     for name, url, path in spec.outputs:
         dest = open_array(url, path, "r+", spec.output_options, token=spec.run_key)
-        dest[target] = results[name] if results is not None else _cast(predictions[name][crop], dtype)
+        dest[target] = written[name]
     marker = open_array(spec.marker_url, MARKER, "r+", spec.output_options, token=spec.run_key)
     marker[block.index] = 1
     t3 = time.perf_counter()
+    from bigcare.predictors.ensemble import block_reliability
+
     return {"index": block.index, "voxels": block.write_voxels,
             "read_s": read_s, "predict_s": predict_s, "write_s": t3 - t2,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(),
+            # sums of the reliability readouts (probabilistic models, ensembles) for the run summary
+            "reliability": block_reliability(written, getattr(predictor, "kinds", None) or {},
+                                             getattr(predictor, "interval", 0.9))}
 
 
 def peak_rss_mb() -> float:
