@@ -84,3 +84,14 @@ def test_the_sampling_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
     sampling = _import("sampling", monkeypatch)
     figures = sampling.main(["--smoke", "--data", str(tmp_path / "sampling")])
     assert {"throughput", "memory"} <= set(figures)
+
+
+@pytest.mark.slow
+def test_the_reliability_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
+    reliability = _import("reliability", monkeypatch)
+    report = reliability.main(["--smoke", "--out", str(tmp_path / "rel")])
+    assert json.loads((tmp_path / "rel" / "reliability.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["calibration"]) == {"single", "ensemble"}
+    for readout in report["calibration"].values():  # recalibration changes what is measured
+        assert readout["coverage_after"] != readout["coverage_before"]
+    assert 0 <= report["disagreement"]["mean_d_in_distribution"] <= 1
