@@ -147,7 +147,6 @@ class OpenVINOPredictor:
         predictor = build_predictor(net, config, device="cpu", precision="fp32")
         care = getattr(predictor, "net", predictor)  # an isotropic predictor wraps a CARE one
         care._run = _Compiled(buffer.getvalue(), list(self.outputs), self.hint)
-        torch.set_grad_enabled(False)
         return predictor
 
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
