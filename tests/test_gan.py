@@ -111,3 +111,72 @@ def test_a_few_gan_steps_save_a_generator_that_loads_and_restores_blockwise(tmp_
                     block_shape=(160, 144), client=client, progress=False)
     blocks, whole = read(tmp_path / "blocks.ome.zarr"), read(tmp_path / "whole.ome.zarr")
     assert np.isfinite(blocks).all() and np.abs(blocks - whole).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    from bigcare.synth.write import write_kind
+
+    root = tmp_path_factory.mktemp("gan_pairs")
+    write_kind(root, "tubules+granules", (96, 96), count=2, psf={"kind": "gaussian", "fwhm": 0.25}, chunks=(48, 48))
+    return root
+
+
+def gan_config(root, model_dir, **training):
+    return {"model_dir": str(model_dir),
+            "data": {"sources": [{"input": str(root / "noisy_0.ome.zarr"), "target": str(root / "clean_0.ome.zarr")}],
+                     "patch_shape": [32, 32], "n_patches": 16},
+            "network": {"n_filter_base": 4, "depth": 2},
+            "training": {"method": "gan", "epochs": 2, "steps_per_epoch": 2, "batch_size": 2, **training}}
+
+
+def test_training_config_method_gan_trains_a_generator_that_restore_applies(pairs, tmp_path, client):
+    result = bigcare.train(gan_config(pairs, tmp_path / "m", **{"lambda": 3.0, "nu": 0.5}), client=client,
+                           progress=False)
+    assert result.epochs == 2 and len(result.val_loss) == 2 and np.isfinite(result.val_loss).all()
+    model, cfg = load_model(tmp_path / "m" / "best")
+    arch = cfg.architecture
+    assert (arch.pooling, arch.activation, arch.block_residual, arch.n_conv_per_depth, arch.depth) == \
+        ("avg", "leaky_relu", True, 3, 2)
+    assert cfg.provenance["training"] | {"lambda": 3.0, "nu": 0.5, "method": "gan"} == cfg.provenance["training"]
+    assert cfg.provenance["config"]["training"]["lambda"] == 3.0
+    assert (tmp_path / "m" / "last" / "discriminator.safetensors").is_file()
+    bigcare.restore(pairs / "noisy_1.ome.zarr", tmp_path / "out.ome.zarr", tmp_path / "m" / "best",
+                    block_shape=(48, 48), client=client, progress=False)
+    out = read(tmp_path / "out.ome.zarr")
+    assert out.shape == (96, 96) and np.isfinite(out).all() and out.std() > 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"training": {"lambda": 2.0}}, r"training.lambda: is read by training.method gan only"),
+    ({"training": {"nu": 0.1, "method": "care"}}, r"training.nu: is read by training.method gan only"),
+    ({"training": {"method": "gan", "lambda": -1}}, r"training.lambda: Input should be greater than or equal to 0"),
+    ({"training": {"method": "gan", "lambda_": 1}}, r"training.lambda_: unknown key"),
+    ({"training": {"method": "gan", "loss": "mae"}}, r"training.method gan: its generator loss is fixed"),
+    ({"training": {"method": "gan"}, "network": {"pooling": "max"}}, r"network.pooling: training.method gan"),
+    ({"training": {"method": "gan"}, "network": {"activation": "relu"}}, r"network.activation: training.method gan"),
+    ({"training": {"method": "gan"}, "self_supervised": {"method": "n2v"}}, "different methods"),
+    ({"training": {"method": "gan"}, "data": {"sources": ["a.ome.zarr"], "patch_shape": [32, 32]}},
+     "learns from input/target pairs"),
+    ({"training": {"method": "gans"}}, r"training.method: Input should be 'care' or 'gan'"),
+])
+def test_gan_config_errors_name_the_key(tmp_path, change, message):
+    from bigcare.errors import ConfigError
+    from bigcare.training import load_train_config
+
+    config = {**gan_config(tmp_path, tmp_path / "m"), **change}
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(config)
+
+
+def test_gan_config_defaults_are_wangs_and_a_dumped_config_reads_back(tmp_path):
+    from bigcare.training import load_train_config
+
+    cfg = load_train_config({**gan_config(tmp_path, tmp_path / "m"), "network": {}})
+    assert (cfg.network.depth, cfg.network.kernel_size, cfg.network.n_filter_base) == (4, 3, 32)
+    assert (cfg.training.lr, cfg.training.lr_discriminator, cfg.training.lambda_, cfg.training.nu) == \
+        (1e-4, 1e-5, 1.0, 1.0)
+    assert load_train_config(cfg.model_dump(mode="json")) == cfg
+    care = load_train_config({**gan_config(tmp_path, tmp_path / "m"), "training": {}})
+    assert care.training.method == "care" and care.training.lr == 4e-4 and care.network.pooling == "max"
+    assert load_train_config(care.model_dump(mode="json")) == care

@@ -32,6 +32,12 @@ give them as sources without targets and a ``self_supervised`` section::
       patch_shape: [16, 64, 64]
     self_supervised: {method: n2v2}        # n2v | n2v2 | structn2v (+ struct_axis: x)
 
+The super-resolution GAN of Wang et al. 2019 trains on the same input/target pairs as CARE, with
+``training.method: gan``; the generator (a residual U-Net, :func:`~bigcare.training.gan.generator_config`)
+is an ordinary model folder that ``bigcare restore`` applies::
+
+    training: {method: gan, lambda: 1.0, nu: 1.0, epochs: 100, steps_per_epoch: 100}
+
 One schema per object: ``data.sources[]`` is :class:`~bigcare.training.sources.Source`; the
 sampling keys of ``data:`` and ``training:`` are :class:`SamplingConfig`'s, the keyword arguments
 of :class:`~bigcare.training.sampling.PatchSampler`; ``network:`` is the model's own
@@ -162,12 +168,21 @@ _FROM_DATA = {"ndim": "len(data.patch_shape)", "n_channel_in": "1 (one input cha
               "n_channel_out": "1 (one target channel per source)"}
 
 
-class TrainingConfig(_BatchDraw):
+class TrainingConfig(_BatchDraw, serialize_by_alias=True):
     """The optimisation (CARE: Adam at 4e-4, MAE, halve the rate after 10 stalled epochs).
 
     ``seed``, ``batch_size`` and ``read_ahead`` are the sampler's (see :class:`SamplingConfig`).
+    ``method: gan`` trains Wang et al.'s GAN instead (:func:`~bigcare.training.gan.fit_gan`):
+    ``epochs * steps_per_epoch`` generator + discriminator steps, the validation MSE checked
+    after each epoch; ``lr`` is the generator's (default 1e-4 there), ``lr_discriminator`` the
+    discriminator's, ``lambda`` and ``nu`` weigh the MSE and SSIM terms of the generator loss.
     """
 
+    method: Literal["care", "gan"] = Field("care", description="care (a per-pixel loss) or gan (Wang et al. "
+                                           "2019: adversarial + lambda * MSE + nu * SSIM loss).")
+    lambda_: float = Field(1.0, alias="lambda", ge=0, description="gan: weight of the MSE term of the generator loss.")
+    nu: float = Field(1.0, ge=0, description="gan: weight of the -log((1 + SSIM) / 2) term of the generator loss.")
+    lr_discriminator: float = Field(1e-5, gt=0, description="gan: the discriminator's Adam learning rate.")
     epochs: int = Field(100, ge=1, description="Epochs.")
     steps_per_epoch: int = Field(100, ge=1, description="Batches per epoch.")
     lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
@@ -267,6 +282,14 @@ LAPLACE_HEADS = ({"name": "mean", "activation": "linear"}, {"name": "scale", "ac
 _SELF_SUPERVISED_NETWORK = {"residual": False}
 _N2V2_NETWORK = {"pooling": "maxblur", "top_skip": False}
 
+#: ``network:`` of ``training.method: gan``: Wang et al.'s generator blocks (required) and its
+#: size (defaults, see :func:`~bigcare.training.gan.generator_config`).
+_GAN_NETWORK = {"pooling": "avg", "activation": "leaky_relu", "block_residual": True}
+_GAN_NETWORK_DEFAULTS = {"depth": 4, "kernel_size": 3, "n_conv_per_depth": 3}
+#: ``training:`` keys that only ``method: gan`` reads.
+_GAN_ONLY = ("lambda", "nu", "lr_discriminator")
+_GAN_ONLY_DEFAULT = {f.alias or k: f.default for k, f in TrainingConfig.model_fields.items() if (f.alias or k) in _GAN_ONLY}
+
 
 class TrainConfig(_Strict):
     """Everything ``bigcare train`` needs.
@@ -301,7 +324,27 @@ class TrainConfig(_Strict):
             # a bad or missing patch_shape is reported under data; 3 only lets network validate
             ndim = len(shape) if isinstance(shape, (list, tuple)) and len(shape) in (2, 3) else 3
             values = {**values, "network": {"ndim": ndim, **network}}
-        return cls._probabilistic_defaults(cls._self_supervised_defaults(values))
+        return cls._gan_defaults(cls._probabilistic_defaults(cls._self_supervised_defaults(values)))
+
+    @classmethod
+    def _gan_defaults(cls, values: dict) -> dict:
+        """The generator network and learning rate of ``training.method: gan``, where left out."""
+        training, network = values.get("training"), values.get("network")
+        if not isinstance(training, dict) or not isinstance(network, dict):
+            return values
+        if training.get("method") != "gan":
+            # a default value is let through: a dumped config (provenance) reads back
+            given = [k for k in _GAN_ONLY if k in training and training[k] != _GAN_ONLY_DEFAULT[k]]
+            if given:
+                raise ValueError(f"training.{given[0]}: is read by training.method gan only "
+                                 f"(method is {training.get('method', 'care')!r})")
+            return values
+        for key, value in _GAN_NETWORK.items():
+            if key in network and network[key] != value:
+                raise ValueError(f"network.{key}: training.method gan trains Wang et al.'s generator, which needs "
+                                 f"{value!r}; leave it out")
+        training = {"lr": 1e-4, "loss": "mse", **training}
+        return {**values, "network": {**_GAN_NETWORK_DEFAULTS, **_GAN_NETWORK, **network}, "training": training}
 
     @classmethod
     def _probabilistic_defaults(cls, values: dict) -> dict:
@@ -354,6 +397,16 @@ class TrainConfig(_Strict):
         if self.training.ensemble > 1 and self.training.loss != "laplace":
             raise ValueError(f"training.ensemble: {self.training.ensemble} members need loss laplace (an ensemble's "
                              "interval and disagreement are built from each member's Laplace scale)")
+        if self.training.method == "gan":
+            other = "self_supervised" if self.self_supervised else "isotropic" if self.isotropic else None
+            if other:
+                raise ValueError(f"training.method gan and {other} are different methods: give one of them")
+            if self.training.loss != "mse" or self.training.ensemble > 1:
+                raise ValueError("training.method gan: its generator loss is fixed (adversarial + lambda * MSE + "
+                                 "nu * SSIM): leave training.loss and training.ensemble out")
+            if any(s.target is None and s.target_channel is None for s in data.sources):
+                raise ValueError("training.method gan learns from input/target pairs: give every data.sources "
+                                 "entry a 'target' (or 'target_channel')")
         if self.self_supervised is not None:
             if self.isotropic is not None:
                 raise ValueError("self_supervised and isotropic are different methods: give one of them")
@@ -431,7 +484,8 @@ def describe_schema() -> str:
         return model, model is not None and getattr(ann, "__origin__", None) is list
 
     def walk(model, prefix):
-        for name, field in model.model_fields.items():
+        for key, field in model.model_fields.items():
+            name = field.alias or key  # training.lambda, not lambda_
             ann = field.annotation
             sub, listed = section(field)
             default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"

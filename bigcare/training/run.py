@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import platform
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +32,8 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
     With an ``isotropic`` section, a 2D isotropic-restoration network is trained on the lateral
     slices of the source volume, degraded by the PSF (:mod:`bigcare.training.isotropic`). With a
     ``self_supervised`` section, a denoising network is trained on the noisy sources alone, with
-    blind-spot masking (:mod:`bigcare.training.blindspot`: Noise2Void, N2V2, structN2V).
+    blind-spot masking (:mod:`bigcare.training.blindspot`: Noise2Void, N2V2, structN2V). With
+    ``training.method: gan``, Wang et al.'s GAN (:mod:`bigcare.training.gan`) on the pairs.
 
     Parameters
     ----------
@@ -63,6 +65,8 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         raise ConfigError(f"training.device {device!r} is not usable on this machine ({why}); set training.device: cpu "
                           "or train on a machine with a GPU; nothing was written")
     precision = cfg.training.precision or ("bf16" if device.startswith("cuda") else "fp32")
+    if cfg.training.method == "gan":  # fit_gan runs without autocast; the provenance says so
+        precision = "fp32"
     data, arch, opt = cfg.data, cfg.network, cfg.training  # arch: the model's own UNetConfig
     ndim = arch.ndim
     sources = list(data.sources)
@@ -124,6 +128,8 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
                                    provenance=provenance, **kind)
         torch.manual_seed(opt.seed)
         model = UNet(arch)
+        if opt.method == "gan":
+            return _train_gan(cfg, model, model_config, train_batches(opt.seed), validation, device, progress)
         if opt.ensemble > 1:
             return _train_ensemble(cfg, model_config, train_batches, validation, device, precision, progress)
         if progress:
@@ -137,6 +143,36 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
                    steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
                    precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
                    tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
+
+
+def _train_gan(cfg: TrainConfig, generator: UNet, model_config: ModelConfig, batches, validation, device: str,
+               progress: bool) -> TrainResult:
+    """Wang et al.'s GAN on the sampler's batches (:func:`~bigcare.training.gan.fit_gan`), fp32.
+
+    An "epoch" is ``steps_per_epoch`` iterations, after which the validation MSE picks
+    ``model_dir/best``. The GAN starts afresh (``training.resume`` is not read).
+    """
+    from bigcare.training.gan import Discriminator, fit_gan
+
+    opt, arch = cfg.training, cfg.network
+    discriminator = Discriminator(arch.ndim, n_filter_base=arch.n_filter_base)
+    if progress:
+        print(f"training a {arch.ndim}D GAN (generator {sum(p.numel() for p in generator.parameters()):,}, "
+              f"discriminator {sum(p.numel() for p in discriminator.parameters()):,} parameters; lambda "
+              f"{opt.lambda_:g}, nu {opt.nu:g}), {device} fp32", flush=True)
+    steps = opt.epochs * opt.steps_per_epoch
+    history = fit_gan(generator, discriminator, model_config, batches, steps=steps, lam=opt.lambda_, nu=opt.nu,
+                      lr_generator=opt.lr, lr_discriminator=opt.lr_discriminator, validation=validation,
+                      every=opt.steps_per_epoch, device=device, model_dir=cfg.model_dir, seed=opt.seed)
+    per_epoch = [history["generator_loss"][e * opt.steps_per_epoch:(e + 1) * opt.steps_per_epoch]
+                 for e in range(opt.epochs)]
+    val = history["val_mse"]
+    if progress:
+        print(f"GAN done: validation MSE {val[0]:.4g} -> {val[-1]:.4g} (best {min(val):.4g}), "
+              f"{history['seconds']:.0f} s", flush=True)
+    return TrainResult(train_loss=[sum(v) / len(v) for v in per_epoch], val_loss=val, lr=[opt.lr] * opt.epochs,
+                       best_epoch=min(range(len(val)), key=val.__getitem__), seconds=history["seconds"],
+                       model_dir=Path(cfg.model_dir))
 
 
 def _train_ensemble(cfg: TrainConfig, model_config: ModelConfig, train_batches, validation, device: str,
