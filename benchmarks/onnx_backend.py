@@ -15,6 +15,7 @@ against torch fp32 over max |torch fp32|.
     python benchmarks/onnx_backend.py                 # ~2 min on 2 cores
     python benchmarks/onnx_backend.py --shape 32 64 64 --repeats 2
     python benchmarks/onnx_backend.py --restore       # whole restores, torch vs OpenVINO, ~6 min
+    python benchmarks/onnx_backend.py --smoke         # seconds (tests/test_exchange_openvino.py)
 
 The last line is JSON.
 """
@@ -139,7 +140,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--restore", action="store_true", help="whole restore calls instead (torch vs OpenVINO)")
     p.add_argument("--restore-shape", type=int, nargs=3, default=(64, 256, 256))
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, one round: checks the script runs (tests)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.shape, args.repeats, args.restore_shape = (16, 32, 32), 1, (16, 64, 64)
     torch.set_num_threads(args.threads)
     if args.restore:
         return bench_restore(args)

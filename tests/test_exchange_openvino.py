@@ -55,3 +55,17 @@ def test_restore_command_takes_backend_openvino(tmp_path, capsys):
     assert main(["restore", str(tmp_path / "in.ome.zarr"), str(tmp_path / "o2.ome.zarr"), "--model", str(model),
                  str(model), "--backend", "openvino", "-q"]) == 2
     assert "runs one model folder" in capsys.readouterr().err
+
+
+def test_the_runtime_benchmark_runs_in_smoke_mode(monkeypatch, capsys):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("onnx_backend", None)
+    import onnx_backend
+
+    onnx_backend.main(["--smoke"])
+    out = capsys.readouterr().out
+    for runtime in ("torch fp32", "torch bf16", "onnxruntime fp32", "openvino fp32"):
+        assert f"| {runtime} |" in out
