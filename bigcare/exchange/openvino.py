@@ -122,8 +122,6 @@ class OpenVINOPredictor:
             return built
 
     def _build(self):
-        import torch
-
         from bigcare.exchange.bioimageio import _export_onnx
         from bigcare.exchange.unet_arch import BigcareUNet
         from bigcare.models.architecture import divisor
