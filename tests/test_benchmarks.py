@@ -95,3 +95,14 @@ def test_the_reliability_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
     for readout in report["calibration"].values():  # recalibration changes what is measured
         assert readout["coverage_after"] != readout["coverage_before"]
     assert 0 <= report["disagreement"]["mean_d_in_distribution"] <= 1
+
+
+@pytest.mark.slow
+def test_the_subdiffraction_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
+    subdiffraction = _import("subdiffraction", monkeypatch)
+    report = subdiffraction.main(["--smoke", "--out", str(tmp_path / "sd")])
+    assert json.loads((tmp_path / "sd" / "subdiffraction.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["methods"]) == {"input", "rl", "care", "gan"}
+    assert report["rl_iterations"] in (2, 4) and report["truth"]["false_positive_maxima"] == 0
+    for row in report["methods"].values():
+        assert row["n_profiles"] > 0 and row["fwhm_um"] > 0 and 0 <= row["false_positive_maxima"] <= row["maxima"]
