@@ -67,6 +67,8 @@ def synthetic(args, out: Path, client) -> dict:
     n = args.train_volumes + args.test_volumes
     for k in range(n):
         split = "train" if k < args.train_volumes else "test"
+        if args.reuse and (out / f"{split}_gt_{k}.ome.zarr").exists():
+            continue
         write_pair(out / f"{split}_in_{k}.ome.zarr", out / f"{split}_gt_{k}.ome.zarr", args.shape,
                    chunks=(16, 64, 64), seed=1000 + 17 * k, **NOISE)
     inputs = [str(out / f"train_in_{k}.ome.zarr") for k in range(args.train_volumes)]
@@ -74,6 +76,9 @@ def synthetic(args, out: Path, client) -> dict:
     timings, models = {}, {}
     for name in ("care", *METHODS):
         t = time.perf_counter()
+        if args.reuse and (out / name / "best").exists():  # trained by an earlier run with these arguments
+            models[name] = {"reused": str(out / name / "best")}
+            continue
         if name == "care":
             cfg = config(out / name, pairs, args)
         else:
@@ -176,6 +181,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--struct-radius", type=int, default=2)
     parser.add_argument("--part", choices=("all", "synthetic", "llsm"), default="all")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; no figures to read")
+    parser.add_argument("--reuse", action="store_true", help="keep the data and the trained models (best/) already in "
+                        "--out (evaluate again)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.train_volumes, args.test_volumes = (16, 96, 96), 1, 1
