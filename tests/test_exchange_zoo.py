@@ -35,6 +35,15 @@ def test_exported_package_restores_blockwise_as_the_bigcare_model(tmp_path, clie
         own, zoo = read(runs["own"].outputs[head]), read(runs["zoo"].outputs[head])
         assert np.abs(own - zoo).max() <= 1e-5 * np.abs(own).max(), head
     assert np.abs(read(runs["own"].outputs["mean"]) - data).max() > 1.0  # the network did something
+    assert runs["zoo"].precision == "fp32"
+
+
+def test_a_package_says_it_runs_in_fp32_whatever_precision_asks(tmp_path, client, exported):
+    _, package = exported
+    write_volume(tmp_path / "in.ome.zarr", smooth_volume((8, 16, 16)) * 300 + 100)
+    run = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "z.ome.zarr", package, client=client, device="cpu",
+                          precision="auto", progress=False)
+    assert run.precision.startswith("fp32 (the model runs in fp32")
 
 
 def test_unpacked_folder_and_torchscript_weights_give_the_same_result(tmp_path, exported):

@@ -218,6 +218,8 @@ class ZooPredictor:
 
     zoom = None
     factor = None
+    #: packages run in float32 whatever the run's precision (the summary says so)
+    fixed_precision = "fp32"
 
     def __init__(self, source: str | os.PathLike, device: str = "auto", weights: str | None = None):
         from bigcare.exchange.bioimageio import require_bioimageio

@@ -168,7 +168,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
         devices = cluster_devices(c, device)
-        ran = precision_on_workers(c, device, runs[0].precision) if runs else ""
+        ran = precision_on_workers(c, device, runs[0].precision, ref.predictor) if runs else ""
         for run in runs:  # every check that reads data, before any output is written
             run.precision_ran = ran
             fit_to_cluster(run, devices)

@@ -227,7 +227,7 @@ def restore(
         check_tiff_output(output_geometry(run).shape, output_dtype, len(run.images))
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
-        run.precision_ran = precision_on_workers(c, device, run.precision)
+        run.precision_ran = precision_on_workers(c, device, run.precision, ref.predictor)
         fit_to_cluster(run, cluster_devices(c, device))
         start_volume_run(run, c)
         with shipping(c, ref.payloads if run.n_todo else []):

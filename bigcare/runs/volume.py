@@ -373,9 +373,13 @@ def check_device_on_workers(client, device: str, model: ModelRef) -> None:
         )
 
 
-def precision_on_workers(client, device: str, precision: str) -> str:
+def precision_on_workers(client, device: str, precision: str, predictor=None) -> str:
     """What ``precision`` becomes on the cluster's workers: itself, or for ``auto`` what each
-    worker's device resolves it to (``auto: bf16``, or ``auto: bf16 on 2 workers, fp32 on 1``)."""
+    worker's device resolves it to (``auto: bf16``, or ``auto: bf16 on 2 workers, fp32 on 1``);
+    a predictor with a ``fixed_precision`` (a bioimage.io package) runs in that one."""
+    fixed = getattr(predictor, "fixed_precision", None)
+    if fixed:
+        return f"{fixed} (the model runs in {fixed} whatever --precision says)" if precision != fixed else fixed
     if precision != "auto":
         return precision
     from bigcare.predictors.fastpath import resolve_precision
