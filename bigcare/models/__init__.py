@@ -5,6 +5,7 @@
 - ``unet.py``: the CARE U-Net in PyTorch (:class:`UNet`).
 - ``folder.py``: a model is a folder, ``config.json`` (:class:`ModelConfig`) +
   ``model.safetensors``; :func:`save_model`, :func:`load_model`, :func:`model_hash`.
+- ``ensemble.py``: an ensemble folder, ``ensemble.json`` listing member model folders.
 
 Names are imported on first use, so configs and hashes need no torch.
 """

@@ -9,6 +9,8 @@ the whole-volume prediction.
   process), :func:`predict_region` (the one place a predictor meets a region);
 - ``care.py`` (CARE U-Nets, 2D/3D), ``isotropic.py`` (2D net over XZ and YZ slices),
   ``identity.py`` (output = input: checks a cluster without a network);
+- ``ensemble.py`` (M probabilistic members in one pass) and ``mixture.py`` (their Laplace
+  mixture's mean, interval and disagreement, in torch);
 - ``fastpath.py``: the fastest correct execution per device and precision;
 - ``shipping.py``: a model's bytes sent to every worker once (no shared storage needed).
 

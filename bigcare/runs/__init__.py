@@ -6,5 +6,6 @@
 - ``outputs.py``: the output images, their geometry and done markers; the input's fingerprint;
 - ``dryrun.py``, ``info.py``, ``preview.py``, ``tiff.py``: bigcare plan, bigcare info, --preview, TIFF in and out;
 - ``queue.py``: every block of every run through the task runner;
-- ``results.py``: :class:`RunResult` and the summaries written next to the outputs.
+- ``results.py``: :class:`RunResult` and the summaries written next to the outputs;
+- ``calibrate.py``: bigcare calibrate (coverage, ECE and the recalibration of probabilistic models).
 """
