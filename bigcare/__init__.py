@@ -39,6 +39,9 @@ Glossary (one word per concept, used everywhere in code, docs and messages):
 - **normalize**: percentile normalization ``(x - lo) / (hi - lo + eps)``; **normalizer**: its
   ``lo``/``hi`` per channel.
 - **predictor**: what maps one region to named outputs; **model**: a folder (config + weights).
+- **ensemble**: M probabilistic (Laplace) models restored as one mixture; its **disagreement** D
+  is the members' average KL divergence to the mixture over log M, in [0, 1]; **calibration**: how
+  often the ground truth falls inside the predicted intervals (``bigcare calibrate``).
 - **volume**: an OME-Zarr image as bigcare opens it (:class:`~bigcare.store.volume.Volume`:
   axes, levels, scale; never its voxels); ``create_volume`` writes one, metadata first.
 - **engine**: the restore machinery as a whole (``runs/`` driving ``tasks/`` over ``blocks/`` and
