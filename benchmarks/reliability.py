@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--shape", type=int, nargs=3, default=(24, 96, 96))
     parser.add_argument("--train-volumes", type=int, default=3)
     parser.add_argument("--members", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--filters", type=int, default=8)
     parser.add_argument("--patch", type=int, nargs=3, default=(16, 32, 32))
