@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("high", help="high-resolution OME-Zarr image of the same field of view")
     p.add_argument("out", help="output folder")
     p.add_argument("--search", type=float, default=0.1, help="relative scale range searched around the guess [0.1]")
-    p.add_argument("--tile", type=int, default=64, help="tile of the local refinement in high pixels; 0: none [64]")
+    p.add_argument("--tile", type=int, default=96, help="tile of the local refinement in high pixels; 0: none [96]")
     p.add_argument("--overwrite", action="store_true", help="replace existing output images")
     p.set_defaults(func=_cmd_register)
 

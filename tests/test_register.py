@@ -50,17 +50,18 @@ def test_register_recovers_a_known_shift_and_scale_to_a_fifth_of_a_pixel():
     err = _residual(reg, true, margin=8)
     assert np.percentile(err, 95) < 0.2
     assert reg.correlation > 0.9
-    # the local refinement adds noise of its own (measured: 0.2 px rms, 0.28 px 95th percentile)
-    assert np.sqrt(np.mean(_residual(register(low, high, scale=2.0, tile=64), true) ** 2)) < 0.25
+    # the local refinement adds noise of its own (measured with the default tiles: 0.16 px rms)
+    assert np.sqrt(np.mean(_residual(register(low, high, scale=2.0), true) ** 2)) < 0.2
 
 
-def test_local_refinement_takes_out_most_of_a_smooth_warp():
-    low, high, true = _pair(warp=1.0)
+@pytest.mark.parametrize("seed", [4, 7, 11])
+def test_local_refinement_brings_a_smooth_warp_under_a_fifth_of_a_pixel(seed):
+    low, high, true = _pair(warp=1.0, seed=seed)
     global_only = _residual(register(low, high, scale=2.0, tile=None), true)
-    refined = _residual(register(low, high, scale=2.0, tile=64), true)
+    refined = _residual(register(low, high, scale=2.0), true)  # default tiles 96, 96, 48
     assert np.sqrt(np.mean(global_only**2)) > 1.0
-    # measured 0.22 px rms (from 1.3): the goal of 0.2 px is met for shift + scale, not yet for a warp
-    assert np.sqrt(np.mean(refined**2)) < 0.3
+    # measured 0.187, 0.155, 0.190 px rms (from 1.3); tiles 64, 64 gave 0.222, 0.155, 0.209
+    assert np.sqrt(np.mean(refined**2)) < 0.2
 
 
 def test_register_refuses_images_it_cannot_register():
