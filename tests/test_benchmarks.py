@@ -106,3 +106,4 @@ def test_the_subdiffraction_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
     assert report["rl_iterations"] in (2, 4) and report["truth"]["false_positive_maxima"] == 0
     for row in report["methods"].values():
         assert row["n_profiles"] > 0 and row["fwhm_um"] > 0 and 0 <= row["false_positive_maxima"] <= row["maxima"]
+        assert row["frc_um"] > 0.07  # about Nyquist (2 px of 0.04 um) at the finest
