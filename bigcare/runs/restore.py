@@ -129,7 +129,8 @@ def restore(
     output : str or os.PathLike
         Where to write. A model with one output writes one OME-Zarr image there; a model with
         several named outputs (e.g. ``mean`` and ``scale``) writes a group holding one image per
-        name (``output/mean``, ``output/scale``). ``output/bigcare_summary.json`` holds the run
+        name, as the series ``output/0``, ``output/1``, ... of a bioformats2raw-layout root that
+        names them (``RunResult.outputs`` maps each name to its image). ``output/bigcare_summary.json`` holds the run
         summary. A path ending in ``.tif`` / ``.tiff`` restores into ``<stem>.ome.zarr`` and then
         writes that as an OME-TIFF (refused before the run beyond ``TIFF_OUTPUT_LIMIT``, 8 GiB).
     model : str, os.PathLike, list of them, ModelPayload or Predictor
