@@ -188,21 +188,26 @@ def test_n2v2_without_top_skip_has_fewer_parameters_and_needs_pool_2():
         UNetConfig(ndim=2, pooling="maxblur", pool=3)
 
 
-@pytest.mark.parametrize("top_skip", [True, False])
-def test_blockwise_n2v2_prediction_with_halo_matches_whole_image(top_skip):
-    cfg = UNetConfig(ndim=2, depth=2, kernel_size=3, n_filter_base=4, pooling="maxblur", top_skip=top_skip)
-    torch.manual_seed(3)
+def _assert_blockwise_equals_whole(cfg: UNetConfig, shape: tuple[int, int], blocks, seed: int) -> None:
+    """2D blocks (y0, x0, by, bx) read with the halo, cropped, equal the whole image's prediction."""
+    torch.manual_seed(seed)
     net = UNet(cfg).double().eval()
     h = halo(cfg)
-    img = torch.randn(1, 1, 128, 96, dtype=torch.float64)
+    img = torch.randn(1, 1, *shape, dtype=torch.float64)
     with torch.no_grad():
         whole = net(img)["restored"]
-        for y0, x0, by, bx in [(48, 32, 32, 32), (0, 64, 16, 32), (96, 0, 32, 16)]:
+        for y0, x0, by, bx in blocks:
             ry0, rx0 = max(0, y0 - h), max(0, x0 - h)
-            ry1, rx1 = min(128, y0 + by + h), min(96, x0 + bx + h)
+            ry1, rx1 = min(shape[0], y0 + by + h), min(shape[1], x0 + bx + h)
             block = net(img[..., ry0:ry1, rx0:rx1])["restored"]
             crop = block[..., y0 - ry0 : y0 - ry0 + by, x0 - rx0 : x0 - rx0 + bx]
             torch.testing.assert_close(crop, whole[..., y0 : y0 + by, x0 : x0 + bx], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("top_skip", [True, False])
+def test_blockwise_n2v2_prediction_with_halo_matches_whole_image(top_skip):
+    cfg = UNetConfig(ndim=2, depth=2, kernel_size=3, n_filter_base=4, pooling="maxblur", top_skip=top_skip)
+    _assert_blockwise_equals_whole(cfg, (128, 96), [(48, 32, 32, 32), (0, 64, 16, 32), (96, 0, 32, 16)], seed=3)
 
 
 def test_receptive_extents_with_pool_3_and_three_convs():
@@ -235,19 +240,7 @@ def test_random_weights_never_reach_beyond_receptive_radius(ndim, depth, kernel_
 
 def test_blockwise_prediction_with_halo_matches_whole_image():
     cfg = UNetConfig(ndim=2, depth=2, kernel_size=3, n_filter_base=4)
-    torch.manual_seed(2)
-    net = UNet(cfg).double().eval()
-    h = halo(cfg)
-    img = torch.randn(1, 1, 96, 80, dtype=torch.float64)
-    with torch.no_grad():
-        whole = net(img)["restored"]
-        for y0, x0, by, bx in [(32, 16, 32, 32), (0, 48, 16, 32), (64, 0, 32, 16)]:
-            ry0, rx0 = max(0, y0 - h), max(0, x0 - h)
-            ry1, rx1 = min(96, y0 + by + h), min(80, x0 + bx + h)
-            block = net(img[..., ry0:ry1, rx0:rx1])["restored"]
-            crop = block[..., y0 - ry0 : y0 - ry0 + by, x0 - rx0 : x0 - rx0 + bx]
-            expected = whole[..., y0 : y0 + by, x0 : x0 + bx]
-            torch.testing.assert_close(crop, expected, atol=1e-10, rtol=0)
+    _assert_blockwise_equals_whole(cfg, (96, 80), [(32, 16, 32, 32), (0, 48, 16, 32), (64, 0, 32, 16)], seed=2)
 
 
 def test_blockwise_prediction_with_too_small_halo_differs():
