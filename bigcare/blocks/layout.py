@@ -23,15 +23,18 @@ class AxisLayout:
         The predictor's spatial axes, e.g. ``"zyx"``.
     n_channel_out : int
         Channels per output.
+    drop : str
+        Spatial axes the outputs lack (a projection model's ``"z"``); default none.
     """
 
     in_axes: str
     spatial: str
     n_channel_out: int
+    drop: str = ""
 
     @classmethod
     def build(cls, in_axes: str, axis_types: list, spatial: str, n_in: int, n_out: int,
-              shape: tuple, name: str) -> AxisLayout:
+              shape: tuple, name: str, drop: str = "") -> AxisLayout:
         """Check that a volume fits a predictor and return the layout; raises ModelMismatchError."""
         vol_spatial = "".join(a for a, t in zip(in_axes, axis_types) if t == "space")
         if sorted(vol_spatial) != sorted(spatial):
@@ -47,7 +50,7 @@ class AxisLayout:
                 f"the model expects {n_in} input channel(s), {name} has {have} "
                 f"(axes {in_axes.upper()!r}, shape {shape})"
             )
-        return cls(in_axes, spatial, n_out)
+        return cls(in_axes, spatial, n_out, drop)
 
     @property
     def batch(self) -> str:
@@ -60,10 +63,11 @@ class AxisLayout:
 
     @property
     def out_axes(self) -> str:
-        if "c" in self.in_axes or self.n_channel_out == 1:
-            return self.in_axes
-        first_spatial = min(self.in_axes.index(a) for a in self.spatial)
-        return self.in_axes[:first_spatial] + "c" + self.in_axes[first_spatial:]
+        kept = "".join(a for a in self.in_axes if a not in self.drop)
+        if "c" in kept or self.n_channel_out == 1:
+            return kept
+        first_spatial = min(kept.index(a) for a in self.spatial if a not in self.drop)
+        return kept[:first_spatial] + "c" + kept[first_spatial:]
 
     def out_shape(self, in_shape: tuple) -> tuple:
         sizes = dict(zip(self.in_axes, in_shape), c=self.n_channel_out)
@@ -76,7 +80,7 @@ class AxisLayout:
         return region.transpose([src.index(a) for a in self.core])
 
     def from_core(self, y: np.ndarray) -> np.ndarray:
-        core = self.core
+        core = "".join(a for a in self.core if a not in self.drop)  # y lacks the dropped axes
         if "c" not in self.out_axes:
             y = y.squeeze(core.index("c"))
             core = core.replace("c", "")

@@ -157,6 +157,10 @@ def plan_restoration(volume: Volume, predictor: Predictor, layout: AxisLayout, b
     align = tuple(predictor.align[layout.spatial.index(a)] if s else 1 for a, s in zip(axes, spatial))
     block = _spatial_block(volume, layout, block_shape)
     tile = _spatial_block(volume, layout, tile_shape)
+    if layout.drop:  # axes the output lacks (a projection's Z): every block and tile spans them whole
+        chunks, block, tile = ([n if a in layout.drop else v for a, n, v in zip(axes, shape, t)] if t else t
+                               for t in (chunks, block, tile))
+        chunks = tuple(chunks)
     if block is None:
         cap = CALL_VOXELS["cuda" if str(device).startswith("cuda") else "cpu"]
         block = default_block_shape(shape, chunks, spatial, halo, cap, overhead_goal=OVERHEAD_GOAL)

@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bigcare.errors import ModelError, ModelMismatchError, OutputError, format_validation_error
 from bigcare.models.architecture import UNetConfig
+from bigcare.models.projection_arch import ProjectionNetConfig
 from bigcare.schema import Schema
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: configs need none
@@ -35,9 +36,12 @@ __all__ = [
     "WEIGHTS_NAME",
     "Normalization",
     "IsotropicConfig",
+    "ProjectionConfig",
+    "UpsamplingConfig",
     "Calibration",
     "ModelConfig",
     "save_model",
+    "build_network",
     "load_config",
     "load_model",
     "model_hash",
@@ -73,6 +77,22 @@ class IsotropicConfig(Schema):
                                 "degraded with (for the record).")
 
 
+class ProjectionConfig(Schema):
+    """How a surface-projection model (CARE Fig. 2) maps a stack to a 2D image: its output drops ``axis``."""
+
+    axis: Literal["z"] = Field("z", description="The axis projected away; every block spans it whole.")
+    output_axes: Literal["YX"] = Field("YX", description="Spatial axes of the output (the input's minus axis).")
+    network: ProjectionNetConfig = Field(default_factory=ProjectionNetConfig,
+                                         description="The 3D projection sub-network (Z-softmax weights).")
+
+
+class UpsamplingConfig(Schema):
+    """How an upsampling model (CSBDeep's UpsamplingCARE) is applied: Z upsampled, then the 3D network."""
+
+    factor: float = Field(gt=1, le=64, description="Z is upsampled by it (node-aligned linear, "
+                          "bigcare.blocks.zoom) before the network; the output's Z voxel size is the input's / factor.")
+
+
 class Calibration(Schema):
     """A recalibration of a probabilistic model's scale (``bigcare calibrate --recalibrate``)."""
 
@@ -89,9 +109,10 @@ class ModelConfig(Schema):
         "bigcare-model", description="Marks the folder as a bigcare model."
     )
     format_version: Literal[1] = Field(1, description="Version of this folder format.")
-    kind: Literal["care", "isotropic"] = Field(
-        "care", description="The restoration method: 'care' (same grid) or 'isotropic' (a 2D "
-        "network applied to XZ and YZ slices of a Z-upsampled volume).")
+    kind: Literal["care", "isotropic", "projection", "upsampling"] = Field(
+        "care", description="The restoration method: 'care' (same grid), 'isotropic' (a 2D "
+        "network applied to XZ and YZ slices of a Z-upsampled volume), 'projection' (a ZYX stack to a 2D "
+        "YX image: the output drops Z) or 'upsampling' (a 3D network on the Z-upsampled volume).")
     axes: str = Field(
         description="Spatial axes of the network, upper case ('ZYX' or 'YX'); one per "
         "architecture.ndim."
@@ -101,6 +122,9 @@ class ModelConfig(Schema):
         default_factory=Normalization, description="Input percentile normalization."
     )
     isotropic: IsotropicConfig | None = Field(None, description="Only for kind 'isotropic'.")
+    projection: ProjectionConfig | None = Field(None, description="Only for kind 'projection'; "
+                                                "architecture is then its 2D CARE sub-network.")
+    upsampling: UpsamplingConfig | None = Field(None, description="Only for kind 'upsampling'.")
     calibration: Calibration | None = Field(None, description="Probabilistic models: the recalibration every "
                                             "restore applies to the scale head (none: factor 1).")
     provenance: dict[str, Any] = Field(
@@ -120,6 +144,14 @@ class ModelConfig(Schema):
 
     @model_validator(mode="after")
     def _check_ndim(self) -> ModelConfig:
+        for kind in ("projection", "upsampling"):
+            if (self.kind == kind) != (getattr(self, kind) is not None):
+                raise ValueError(f"kind {kind!r} needs a {kind!r} section, and only it may have one")
+        if self.kind == "projection":
+            if self.axes != "ZYX" or self.architecture.ndim != 2:
+                raise ValueError(f"a projection model takes 'ZYX' stacks into a 2D CARE network (architecture.ndim 2), "
+                                 f"got axes {self.axes!r}, ndim {self.architecture.ndim}")
+            return self
         if len(self.axes) != self.architecture.ndim:
             raise ValueError(
                 f"axes {self.axes!r} has {len(self.axes)} axes but architecture.ndim is "
@@ -136,7 +168,7 @@ def canonical_json(config: ModelConfig) -> str:
     # a CARE model's JSON has no "isotropic" key at all, so its hash is what it was before the
     # isotropic kind existed
     # (nor a "calibration" key before one is fitted)
-    exclude = {k for k in ("isotropic", "calibration") if getattr(config, k) is None}
+    exclude = {k for k in ("isotropic", "calibration", "projection", "upsampling") if getattr(config, k) is None}
     return json.dumps(config.model_dump(mode="json", exclude=exclude), sort_keys=True, separators=(",", ":"))
 
 
@@ -292,13 +324,11 @@ def load_model(
         missing or not a safetensors file, or they do not match the architecture (the
         message names the tensor and both shapes).
     """
-    from bigcare.models.unet import UNet
-
     config = load_config(path)
     wfile = pathlib.Path(path) / WEIGHTS_NAME
     tensors = _read_weights(wfile)
     check_finite_weights(tensors, str(wfile))
-    model = UNet(config.architecture)
+    model = build_network(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -319,6 +349,18 @@ def load_model(
             raise ModelError(f"{wfile}: tensor {name!r} has dtype {got.dtype}, expected float")
     model.load_state_dict(tensors)
     return model.to(device).eval(), config
+
+
+def build_network(config: ModelConfig) -> UNet:
+    """The untrained network a config describes: a :class:`UNet`, or for kind 'projection' a
+    :class:`~bigcare.models.projection.ProjectionCARENet` (whose ``config`` is ``architecture``)."""
+    if config.projection is not None:
+        from bigcare.models.projection import ProjectionCARENet
+
+        return ProjectionCARENet(config.architecture, config.projection.network)  # type: ignore[return-value]
+    from bigcare.models.unet import UNet
+
+    return UNet(config.architecture)
 
 
 def model_hash(path: str | os.PathLike) -> str:

@@ -107,6 +107,12 @@ def build_predictor(model, config, *, device: str = "cpu", precision: Precision 
     """The predictor of a loaded network, chosen by its config's ``kind``."""
     from bigcare.predictors.care import CAREPredictor
 
+    if config.kind in ("projection", "upsampling"):
+        from bigcare.predictors.projection import ProjectionPredictor, UpsamplingPredictor
+
+        if config.kind == "projection":
+            return ProjectionPredictor(model, config, device=device, precision=precision)
+        return UpsamplingPredictor(CAREPredictor(model, config, device=device, precision=precision))
     net = CAREPredictor(model, config, device=device, precision=precision)
     if config.kind == "isotropic":
         from bigcare.predictors.isotropic import IsotropicPredictor
@@ -183,7 +189,8 @@ def predict_region(predictor: Predictor, layout: AxisLayout, region: np.ndarray,
     """
     x = layout.to_core(region)
     nb = len(layout.batch)
-    results = {name: np.empty(x.shape[:nb] + (layout.n_channel_out,) + x.shape[nb + 1:], np.float32)
+    spatial = tuple(n for a, n in zip(layout.spatial, x.shape[nb + 1:]) if a not in layout.drop)
+    results = {name: np.empty(x.shape[:nb] + (layout.n_channel_out,) + spatial, np.float32)
                for name in predictor.outputs}
     for b in np.ndindex(*x.shape[:nb]):
         for name, y in predictor.predict(x[b], normalizer).items():

@@ -31,6 +31,11 @@ class CAREPredictor:
     whole-volume prediction.
     """
 
+    #: Spatial axes the network's outputs lack (a projection model's "z"); none for CARE.
+    drop_axes = ""
+    #: prepare_model's channels_last (None: its measured default; False for networks mixing 2D and 3D layers).
+    channels_last: bool | None = None
+
     def __init__(self, model: UNet, config: ModelConfig, *, device: str = "cpu", precision: Precision = "fp32"):
         check_choice("precision", precision, PRECISIONS)
         # auto: resolved here, in the process (and on the device) that computes
@@ -39,7 +44,7 @@ class CAREPredictor:
         self.model = model.to(device).eval()
         # the fastest correct execution measured for this device and precision (channels-last,
         # oneDNN convolutions on CPU, cuDNN autotuning on GPU, autocast): bigcare.predictors.fastpath
-        self._run = prepare_model(self.model, device=device, precision=precision)
+        self._run = prepare_model(self.model, device=device, precision=precision, channels_last=self.channels_last)
         self.config = config
         self.device = torch.device(device)
         self.precision = precision
@@ -84,8 +89,9 @@ class CAREPredictor:
             xn = np.pad(xn, pads, mode="reflect")
         per_item = int(np.prod(xn.shape[1:]))
         step = len(xn) if max_voxels is None else max(1, max_voxels // per_item)
-        crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)
-        out = {name: np.empty((len(xn), self.n_channel_out) + tuple(spatial), np.float32) for name in self.outputs}
+        kept = tuple(n for a, n in zip(self.spatial_axes, spatial) if a not in self.drop_axes)
+        crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in kept)
+        out = {name: np.empty((len(xn), self.n_channel_out) + kept, np.float32) for name in self.outputs}
         for a in range(0, len(xn), step):
             tensor = torch.from_numpy(np.ascontiguousarray(xn[a:a + step], dtype=np.float32))
             if self.device.type == "cuda":  # page-locked, so the copy to the GPU is asynchronous

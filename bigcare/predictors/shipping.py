@@ -104,8 +104,7 @@ class ModelPayload:
         from pydantic import ValidationError
         from safetensors.torch import load as load_safetensors
 
-        from bigcare.models.folder import ModelConfig, check_finite_weights
-        from bigcare.models.unet import UNet
+        from bigcare.models.folder import ModelConfig, build_network, check_finite_weights
         from bigcare.predictors.base import build_predictor
 
         self.verify()
@@ -115,7 +114,7 @@ class ModelPayload:
         except (ValidationError, ValueError) as exc:
             raise ModelError(f"model sent from {self.source or 'the client'} is unusable: {exc}") from None
         check_finite_weights(tensors, f"model sent from {self.source or 'the client'}")
-        model = UNet(config.architecture)
+        model = build_network(config)
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:

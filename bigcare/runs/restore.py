@@ -325,7 +325,7 @@ def predict(data: np.ndarray, model: PathLike | list[PathLike], *, axes: str, de
         predictor = load_predictor(str(one), device=check_device(device), precision=precision, expected_hash=mhash)
     types = [default_axis_type(a) or "space" for a in axes]
     layout = AxisLayout.build(axes, types, predictor.spatial_axes, predictor.n_channel_in,
-                              predictor.n_channel_out, data.shape, "the array")
+                              predictor.n_channel_out, data.shape, "the array", drop=getattr(predictor, "drop_axes", ""))
     if normalizer is None:
         normalizer = array_normalizer(data, axes.find("c") if "c" in axes else None,
                                       predictor.pmin, predictor.pmax, name="the array")

@@ -333,8 +333,11 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     check_writable(output)
     predictor = model.predictor
     layout = AxisLayout.build(volume.axis_names, [a.kind for a in volume.axes], predictor.spatial_axes,
-                              predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url)
+                              predictor.n_channel_in, predictor.n_channel_out, volume.shape, volume.url,
+                              drop=getattr(predictor, "drop_axes", ""))
     _check_anisotropy(volume, predictor)
+    if hasattr(predictor, "check_volume"):  # e.g. a projection: a stack deeper than one call holds
+        predictor.check_volume(dict(zip(volume.axis_names, volume.shape)), device, volume.url)
     chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape, devices)
     run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision, pyramid, nan_fill)
     state = _output_state(output, output_storage_options, run_key, overwrite)
