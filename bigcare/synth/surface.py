@@ -31,7 +31,7 @@ from bigcare.synth.space import as_region
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["Surface", "surface_sample"]
+__all__ = ["Surface", "surface_sample", "write_surface"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +148,34 @@ def surface_sample(shape: Sequence[int], *, seed: int = 0, surface: Surface | No
               for name, p, r in (("noisy", photons, read_noise), ("high_snr", 100 * photons, read_noise / 10))}
     return {**stacks, "texture": surface.texture(shape, seed), "height": surface.height(shape, seed),
             "clean": clean(structures, shape, (1.0, 1.0, 1.0), seed=seed)}  # type: ignore[list-item]
+
+
+def write_surface(folder, shape: Sequence[int], *, seed: int = 0, chunks: Sequence[int] | None = None,
+                  voxel_size: Sequence[float] = (1.0, 0.5, 0.5), ngff_version: str = "0.5",
+                  **sample) -> dict[str, str]:
+    """Write one :func:`surface_sample` as OME-Zarr images in ``folder``; return their paths.
+
+    ``noisy.ome.zarr`` and ``high_snr.ome.zarr`` (ZYX stacks, uint16 after scaling by 1000),
+    ``texture.ome.zarr`` (YX, the ground truth, float32) and ``height.npy``. ``sample`` goes to
+    :func:`surface_sample`.
+    """
+    import pathlib
+
+    from bigcare.store.axes import Axis
+    from bigcare.store.write import write_array
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    s = surface_sample(shape, seed=seed, **sample)
+    axes = tuple(Axis.named(a, "micrometer") for a in "zyx")
+    chunks = tuple(chunks or shape)
+    paths = {}
+    for name in ("noisy", "high_snr"):
+        data = np.clip(np.rint(s[name] * 1000 + 100), 0, 65535).astype(np.uint16)
+        paths[name] = str(folder / f"{name}.ome.zarr")
+        write_array(paths[name], data, chunks=chunks, scale=tuple(voxel_size), axes=axes, ngff_version=ngff_version)
+    paths["texture"] = str(folder / "texture.ome.zarr")
+    write_array(paths["texture"], s["texture"], chunks=chunks[1:], scale=tuple(voxel_size)[1:], axes=axes[1:],
+                ngff_version=ngff_version)
+    np.save(folder / "height.npy", s["height"])
+    return paths

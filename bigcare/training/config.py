@@ -57,7 +57,14 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from bigcare.errors import ConfigError, format_validation_error
 from bigcare.models.architecture import UNetConfig, divisor
-from bigcare.training.method_config import IsotropicTrainConfig, PSFConfig, SelfSupervisedConfig, _Strict
+from bigcare.training.method_config import (
+    IsotropicTrainConfig,
+    ProjectionTrainConfig,
+    PSFConfig,
+    SelfSupervisedConfig,
+    UpsamplingTrainConfig,
+    _Strict,
+)
 from bigcare.training.sources import Source
 
 __all__ = ["TrainConfig", "DataConfig", "SamplingConfig", "TrainingConfig", "ClusterConfig",
@@ -240,6 +247,10 @@ class TrainConfig(_Strict):
     isotropic: IsotropicTrainConfig | None = Field(None, description="Isotropic restoration (see above).")
     self_supervised: SelfSupervisedConfig | None = Field(None, description="Noise2Void-style denoising from "
                                                          "noisy volumes alone (see above).")
+    projection: ProjectionTrainConfig | None = Field(None, description="Surface projection CARE: ZYX stacks "
+                                                     "to 2D targets (bigcare.training.projection).")
+    upsampling: UpsamplingTrainConfig | None = Field(None, description="Upsampling CARE: Z-subsampled "
+                                                     "sources as inputs (bigcare.training.projection).")
 
     @model_validator(mode="before")
     @classmethod
@@ -355,6 +366,10 @@ class TrainConfig(_Strict):
             if any(s.target is not None for s in data.sources):
                 raise ValueError("isotropic training learns from the volume itself: give data.sources "
                                  "without 'target'")
+        if self.projection is not None or self.upsampling is not None:
+            from bigcare.training.projection import check_method_config
+
+            check_method_config(self)
         div = divisor(net)
         if any(s % div for s in data.patch_shape):
             raise ValueError(f"data.patch_shape {data.patch_shape} must be multiples of "

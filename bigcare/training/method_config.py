@@ -1,5 +1,5 @@
-"""The method sections of the training configuration: ``isotropic:`` (with its ``psf:``) and
-``self_supervised:``. Kept apart from :mod:`bigcare.training.config`, which assembles them into
+"""The method sections of the training configuration: ``isotropic:`` (with its ``psf:``),
+``self_supervised:``, ``projection:`` and ``upsampling:``. Kept apart from :mod:`bigcare.training.config`, which assembles them into
 :class:`~bigcare.training.config.TrainConfig` and re-exports them, so each method's keys live
 in one small place.
 """
@@ -10,9 +10,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from bigcare.models.projection_arch import ProjectionNetConfig
 from bigcare.schema import Schema
 
-__all__ = ["IsotropicTrainConfig", "PSFConfig", "SelfSupervisedConfig"]
+__all__ = ["IsotropicTrainConfig", "PSFConfig", "SelfSupervisedConfig", "ProjectionTrainConfig",
+           "UpsamplingTrainConfig"]
 
 
 class _Strict(Schema, validate_assignment=True):
@@ -85,3 +87,31 @@ class SelfSupervisedConfig(_Strict):
         axis = None if self.struct_axis is None else "zyx"[-ndim:].index(self.struct_axis)
         return BlindSpot(fraction=self.fraction, radius=self.radius, replace=replace, struct_axis=axis,
                          struct_radius=self.struct_radius if axis is not None else 0)
+
+
+class ProjectionTrainConfig(_Strict):
+    """Surface projection CARE (CARE Fig. 2): pairs of a ZYX stack (``input``) and a 2D YX image of its
+    surface (``target``); ``data.patch_shape`` is the lateral ``[Y, X]`` patch, every patch spans the
+    stack's whole Z. The projection sub-network (``network``) and the 2D CARE U-Net (``network:`` of
+    the config) are trained jointly."""
+
+    network: ProjectionNetConfig = Field(default_factory=ProjectionNetConfig,
+                                         description="The 3D projection sub-network (CSBDeep's proj_* defaults).")
+
+
+class UpsamplingTrainConfig(_Strict):
+    """Upsampling CARE (CSBDeep's UpsamplingCARE): the sources are well-sampled volumes (no target);
+    inputs are made from them by keeping every ``factor``-th plane and upsampling back with the
+    node-aligned linear zoom prediction uses (:mod:`bigcare.blocks.zoom`)."""
+
+    factor: int | None = Field(None, ge=2, le=16, description="Z subsampling factor; default the "
+                               "restored volumes' voxel_size_z / the first source's Z voxel size.")
+    voxel_size_z: float | None = Field(None, gt=0, description="Z voxel size of the volumes the model will "
+                                       "restore (only to derive factor).")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.factor is None) == (self.voxel_size_z is None):
+            raise ValueError("give factor (an integer >= 2) or voxel_size_z (to divide by the source's Z voxel "
+                             "size), one of them")
+        return self

@@ -12,7 +12,7 @@ import torch
 
 from bigcare.errors import ConfigError
 from bigcare.models import IsotropicConfig, UNet
-from bigcare.models.folder import ModelConfig, Normalization
+from bigcare.models.folder import ModelConfig, Normalization, UpsamplingConfig
 from bigcare.training.config import TrainConfig, load_train_config
 from bigcare.training.isotropic import LateralDegradation, degrade_batches, psf_kernels
 from bigcare.training.sources import Source
@@ -69,6 +69,10 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         precision = "fp32"
     data, arch, opt = cfg.data, cfg.network, cfg.training  # arch: the model's own UNetConfig
     ndim = arch.ndim
+    if cfg.projection is not None:  # (stack, 2D image) pairs: its own patches and network
+        from bigcare.training.projection import train_projection
+
+        return train_projection(cfg, device, precision, progress, _provenance)
     sources = list(data.sources)
     degradation, iso = None, None
     if cfg.isotropic is not None:
@@ -76,9 +80,14 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
     blindspot, method = None, cfg.self_supervised and cfg.self_supervised.method
     if cfg.self_supervised is not None:  # the noisy patch is its own target, at the hidden voxels
         blindspot = cfg.self_supervised.blindspot(ndim)
-        sources = [Source(input=s.input, target=s.input, input_channel=s.input_channel, target_channel=s.input_channel,
-                          storage_options=s.storage_options) for s in sources]
-    read_shape = degradation.read_shape(tuple(data.patch_shape)) if degradation else tuple(data.patch_shape)
+        sources = _self_pairs(sources)
+    zsub = None
+    if cfg.upsampling is not None:  # inputs made from the sources: every factor-th plane, upsampled back
+        from bigcare.training.projection import ZSubsampling, upsampling_factor
+
+        zsub, sources = ZSubsampling(upsampling_factor(cfg, sources[0])), _self_pairs(sources)
+    read_shape = degradation.read_shape(tuple(data.patch_shape)) if degradation else \
+        zsub.read_shape(tuple(data.patch_shape)) if zsub else tuple(data.patch_shape)
     settings = cfg.sampling(sources=sources, patch_shape=list(read_shape))
 
     context: contextlib.AbstractContextManager
@@ -96,6 +105,8 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
             batches = stream.batches("train", order_seed=order_seed)
             if degradation is not None:
                 batches = degrade_batches(batches, degradation, opt.seed)
+            if zsub is not None:
+                batches = zsub.batches(batches, data.patch_shape[0])
             if blindspot is not None:
                 from bigcare.training.blindspot import blindspot_batches
 
@@ -105,18 +116,14 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         val_batches = sampler.batches("val", epochs=1)
         if degradation is not None:
             val_batches = degrade_batches(val_batches, degradation, opt.seed + 1)
+        if zsub is not None:
+            val_batches = zsub.batches(val_batches, data.patch_shape[0])
         if blindspot is not None:
             from bigcare.training.blindspot import blindspot_batches
 
             val_batches = blindspot_batches(val_batches, blindspot, opt.seed + 1)  # type: ignore[assignment]
         validation = list(val_batches)  # masked once (self-supervised): the same hidden voxels every epoch
-        provenance = {
-            "data": sampler.provenance,
-            "config": cfg.model_dump(mode="json"),
-            "trained_with": {"bigcare": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                             "device": device, "precision": precision},
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+        provenance = _provenance(cfg, sampler.provenance, device, precision)
         # prediction normalizes with the middle of the per-sample percentile ranges used in training
         normalization = Normalization(pmin=sum(data.pmin_range) / 2, pmax=sum(data.pmax_range) / 2)
         if opt.loss == "laplace":  # said where users read it: the model folder's config
@@ -124,6 +131,8 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
 
             provenance["limits"] = LIMITS
         kind = {} if iso is None else {"kind": "isotropic", "isotropic": iso}
+        if zsub is not None:
+            kind = {"kind": "upsampling", "upsampling": UpsamplingConfig(factor=zsub.factor)}
         model_config = ModelConfig(axes="ZYX"[-ndim:], architecture=arch, normalization=normalization,
                                    provenance=provenance, **kind)
         torch.manual_seed(opt.seed)
@@ -143,6 +152,23 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
                    steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
                    precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
                    tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
+
+
+def _self_pairs(sources: list[Source]) -> list[Source]:
+    """Each source read as the (image, image) pair of its input (its own target)."""
+    return [Source(input=s.input, target=s.input, input_channel=s.input_channel, target_channel=s.input_channel,
+                   storage_options=s.storage_options) for s in sources]
+
+
+def _provenance(cfg: TrainConfig, data: dict, device: str, precision: str) -> dict:
+    """The provenance a trained model's config records: data, config, versions, device, date."""
+    return {
+        "data": data,
+        "config": cfg.model_dump(mode="json"),
+        "trained_with": {"bigcare": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                         "device": device, "precision": precision},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _train_gan(cfg: TrainConfig, generator: UNet, model_config: ModelConfig, batches, validation, device: str,
