@@ -158,9 +158,9 @@ def plan_restoration(volume: Volume, predictor: Predictor, layout: AxisLayout, b
     block = _spatial_block(volume, layout, block_shape)
     tile = _spatial_block(volume, layout, tile_shape)
     if layout.drop:  # axes the output lacks (a projection's Z): every block and tile spans them whole
-        chunks, block, tile = ([n if a in layout.drop else v for a, n, v in zip(axes, shape, t)] if t else t
-                               for t in (chunks, block, tile))
-        chunks = tuple(chunks)
+        chunks = tuple(n if a in layout.drop else c for a, n, c in zip(axes, shape, chunks))
+        block = None if block is None else tuple(n if a in layout.drop else b for a, n, b in zip(axes, shape, block))
+        tile = None if tile is None else tuple(n if a in layout.drop else t for a, n, t in zip(axes, shape, tile))
     if block is None:
         cap = CALL_VOXELS["cuda" if str(device).startswith("cuda") else "cpu"]
         block = default_block_shape(shape, chunks, spatial, halo, cap, overhead_goal=OVERHEAD_GOAL)

@@ -24,6 +24,8 @@ model was trained on targets subsampled along Z and upsampled back the same way
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import numpy as np
 
 from bigcare.blocks.sizing import CALL_VOXELS
@@ -33,6 +35,9 @@ from bigcare.models.projection_arch import projection_align, projection_halo
 from bigcare.normalization import Normalizer
 from bigcare.predictors.care import CAREPredictor
 from bigcare.types import Precision
+
+if TYPE_CHECKING:
+    from bigcare.models.projection import ProjectionCARENet
 
 __all__ = ["ProjectionPredictor", "UpsamplingPredictor"]
 
@@ -76,8 +81,9 @@ class ProjectionPredictor(CAREPredictor):
         pads = [(0, 0), (0, 0), (0, 0)] + [(0, -n % self.align[1]) for n in xn.shape[3:]]
         xp = np.pad(xn, pads, mode="reflect") if any(p for _, p in pads) else xn
         with torch.inference_mode():
-            w = self.model.weights(torch.from_numpy(np.ascontiguousarray(xp, np.float32)).to(self.device))
-        return w[0, 0, :, :x.shape[2], :x.shape[3]].float().cpu().numpy()
+            net = cast("ProjectionCARENet", self.model)
+            w = net.weights(torch.from_numpy(np.ascontiguousarray(xp, np.float32)).to(self.device))
+        return w[0, 0, :, :x.shape[2], :x.shape[3]].float().cpu().numpy()  # type: ignore[no-any-return]
 
 
 class UpsamplingPredictor:
@@ -99,9 +105,9 @@ class UpsamplingPredictor:
         self.zoom = (float(up.factor), 1.0, 1.0)
         # the volume's own voxel sizes need not match the training factor (targets may be anisotropic too)
         self.factor = None
-        for name in ("spatial_axes", "outputs", "n_channel_in", "n_channel_out", "halo", "align", "pmin", "pmax",
-                     "fingerprint"):
-            setattr(self, name, getattr(net, name))
+        self.spatial_axes, self.outputs, self.halo, self.align = net.spatial_axes, net.outputs, net.halo, net.align
+        self.n_channel_in, self.n_channel_out = net.n_channel_in, net.n_channel_out
+        self.pmin, self.pmax, self.fingerprint = net.pmin, net.pmax, net.fingerprint
 
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore region ``x`` (C, Z', Y, X) of the Z-upsampled volume, in raw intensities."""

@@ -143,11 +143,11 @@ def surface_sample(shape: Sequence[int], *, seed: int = 0, surface: Surface | No
     psf = gaussian_psf(tuple(psf_sigma), (1.0, 1.0, 1.0))
     bg = Background(amplitude=background, scale=16.0) if background > 0 else None
     structures = [surface]
-    stacks = {name: acquire(structures, shape, (1.0, 1.0, 1.0),  # type: ignore[list-item]
+    stacks = {name: acquire(structures, shape, (1.0, 1.0, 1.0),  # type: ignore[arg-type]
                             Microscope(psf=psf, photons=p, background=bg, read_noise=r), seed=seed)
               for name, p, r in (("noisy", photons, read_noise), ("high_snr", 100 * photons, read_noise / 10))}
     return {**stacks, "texture": surface.texture(shape, seed), "height": surface.height(shape, seed),
-            "clean": clean(structures, shape, (1.0, 1.0, 1.0), seed=seed)}  # type: ignore[list-item]
+            "clean": clean(structures, shape, (1.0, 1.0, 1.0), seed=seed)}  # type: ignore[arg-type]
 
 
 def write_surface(folder, shape: Sequence[int], *, seed: int = 0, chunks: Sequence[int] | None = None,

@@ -34,6 +34,8 @@ from bigcare.training.reads import augment
 from bigcare.training.sources import Source
 
 if TYPE_CHECKING:
+    from bigcare.normalization import Normalizer
+    from bigcare.store.volume import Volume
     from bigcare.training.config import TrainConfig
     from bigcare.training.trainer import TrainResult
 
@@ -120,11 +122,11 @@ class ZSubsampling:
 
 @dataclass
 class _Pair:
-    stack: object  # Volume
-    target: object
+    stack: Volume
+    target: Volume
     channel: int | None
-    norm_x: object  # Normalizer
-    norm_y: object
+    norm_x: Normalizer
+    norm_y: Normalizer
     threshold: float  # foreground: a target patch's maximum must exceed it
 
 
@@ -178,7 +180,7 @@ class ProjectionPatches:
             self.pairs.append(_Pair(stack, target, src.input_channel or 0 if stack.channel_axis is not None else None,
                                     volume_normalizer(stack, pmin, pmax), volume_normalizer(target, pmin, pmax),
                                     float(foreground_threshold * fg)))
-        depths = {p.stack.shape[-3] for p in self.pairs}  # type: ignore[attr-defined]
+        depths = {p.stack.shape[-3] for p in self.pairs}
         if len(depths) != 1:
             raise InputError(f"projection training stacks must have one depth (a batch is one array), got Z sizes "
                              f"{sorted(depths)}; crop them to a common Z around the surface")
@@ -191,7 +193,7 @@ class ProjectionPatches:
 
     def _bands(self, i: int) -> np.ndarray:
         """Per band of P_y rows of image ``i``: True for validation (seeded, ~10% and at least one)."""
-        rows = self.pairs[i].target.shape[-2]  # type: ignore[attr-defined]
+        rows = self.pairs[i].target.shape[-2]
         n = max(1, rows // self.patch[0])
         val = np.zeros(n, bool)
         if n >= 2:
@@ -201,11 +203,11 @@ class ProjectionPatches:
     def _draw(self, n: int, split: str, rng: np.random.Generator) -> np.ndarray:
         """``n`` positions (source, y, x) of ``split``: inside bands of that kind, foreground preferred."""
         py, px = self.patch
-        areas = np.array([p.target.shape[-2] * p.target.shape[-1] for p in self.pairs], float)  # type: ignore[attr-defined]
+        areas = np.array([p.target.shape[-2] * p.target.shape[-1] for p in self.pairs], np.float64)
         out = []
         allowed = []
         for i, pair in enumerate(self.pairs):
-            bands, rows = self._bands(i), pair.target.shape[-2]  # type: ignore[attr-defined]
+            bands, rows = self._bands(i), pair.target.shape[-2]
             starts = np.arange(rows - py + 1)
             kind = [bands[min(len(bands) - 1, s // py):min(len(bands), (s + py - 1) // py + 1)] for s in starts]
             want = split == "val"
@@ -218,7 +220,7 @@ class ProjectionPatches:
         p = areas * np.array([len(a) > 0 for a in allowed])
         for _ in range(n):
             i = int(rng.choice(len(self.pairs), p=p / p.sum()))
-            cols = self.pairs[i].target.shape[-1] - px + 1  # type: ignore[attr-defined]
+            cols = self.pairs[i].target.shape[-1] - px + 1
             for _ in range(FOREGROUND_TRIES):
                 y, x = int(rng.choice(allowed[i])), int(rng.integers(0, cols))
                 if self._read(i, y, x)[1].max() > self.pairs[i].threshold:
@@ -233,13 +235,13 @@ class ProjectionPatches:
             return self._cache[key]
         pair, (py, px) = self.pairs[i], self.patch
         lat = (slice(y, y + py), slice(x, x + px))
-        s = pair.stack.array(0)  # type: ignore[attr-defined]
+        s = pair.stack.array(0)
         xs = np.asarray(s[(slice(None),) + lat] if pair.channel is None else s[(pair.channel, slice(None)) + lat])
-        t = pair.target.array(0)  # type: ignore[attr-defined]
+        t = pair.target.array(0)
         yt = np.asarray(t[lat] if t.ndim == 2 else t[(pair.channel or 0,) + lat])
         if not (np.isfinite(xs).all() and np.isfinite(yt).all()):
             raise InputError(f"sources.{i}: the training patch at y={y}, x={x} holds NaN/inf voxels; replace them first")
-        value = (pair.norm_x.normalize(xs[None]), pair.norm_y.normalize(yt[None]))  # type: ignore[attr-defined]
+        value = (pair.norm_x.normalize(xs[None]), pair.norm_y.normalize(yt[None]))
         if sum(v.nbytes for v in value) * (len(self._cache) + 1) <= CACHE_BYTES:
             self._cache[key] = value
         return value
@@ -261,7 +263,7 @@ class ProjectionPatches:
     @property
     def provenance(self) -> dict:
         """Sources, patch shape and counts (for the model folder's config)."""
-        return {"sources": [{"input": p.stack.url, "target": p.target.url} for p in self.pairs],  # type: ignore[attr-defined]
+        return {"sources": [{"input": p.stack.url, "target": p.target.url} for p in self.pairs],
                 "patch_shape": [self.depth, *self.patch], "n_train": len(self.train_positions),
                 "n_val": len(self.val_positions)}
 
