@@ -102,6 +102,9 @@ class OpenVINOPredictor:
         self.model = str(pathlib.Path(model).resolve())
         from bigcare.exchange.bioimageio import check_packaged_options
 
+        if load_config(self.model).kind == "projection":
+            raise ModelError(f"model {model} is a projection model; the OpenVINO backend runs U-Nets only: "
+                             "restore it with the PyTorch backend")
         check_packaged_options(load_config(self.model).architecture, f"model {model} (OpenVINO backend)")
         self.hint = _hint(precision)
         self.precision = "bf16" if self.hint == "bf16" else "fp32"
