@@ -107,3 +107,11 @@ def test_the_subdiffraction_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
     for row in report["methods"].values():
         assert row["n_profiles"] > 0 and row["fwhm_um"] > 0 and 0 <= row["false_positive_maxima"] <= row["maxima"]
         assert row["frc_um"] > 0.07  # about Nyquist (2 px of 0.04 um) at the finest
+
+
+def test_the_projection_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
+    projection = _import("projection", monkeypatch)
+    report = projection.main(["--smoke", "--out", str(tmp_path / "projection")])
+    assert set(report["projection"]["methods"]) == {"max", "heightmap", "care3d_max", "care3d_heightmap", "projection"}
+    assert set(report["upsampling"]["methods"]) == {"cubic", "isotropic", "upsampling"}
+    assert json.loads((tmp_path / "projection" / "projection.json").read_text())["args"]["smoke"]

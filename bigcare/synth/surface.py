@@ -151,7 +151,7 @@ def surface_sample(shape: Sequence[int], *, seed: int = 0, surface: Surface | No
 
 
 def write_surface(folder, shape: Sequence[int], *, seed: int = 0, chunks: Sequence[int] | None = None,
-                  voxel_size: Sequence[float] = (1.0, 0.5, 0.5), ngff_version: str = "0.5",
+                  voxel_size: Sequence[float] = (1.0, 0.5, 0.5), ngff_version: str = "0.5", overwrite: bool = False,
                   **sample) -> dict[str, str]:
     """Write one :func:`surface_sample` as OME-Zarr images in ``folder``; return their paths.
 
@@ -168,14 +168,15 @@ def write_surface(folder, shape: Sequence[int], *, seed: int = 0, chunks: Sequen
     folder.mkdir(parents=True, exist_ok=True)
     s = surface_sample(shape, seed=seed, **sample)
     axes = tuple(Axis.named(a, "micrometer") for a in "zyx")
-    chunks = tuple(chunks or shape)
+    chunks = tuple(min(int(c), int(n)) for c, n in zip(chunks or shape, shape))
     paths = {}
     for name in ("noisy", "high_snr"):
         data = np.clip(np.rint(s[name] * 1000 + 100), 0, 65535).astype(np.uint16)
         paths[name] = str(folder / f"{name}.ome.zarr")
-        write_array(paths[name], data, chunks=chunks, scale=tuple(voxel_size), axes=axes, ngff_version=ngff_version)
+        write_array(paths[name], data, chunks=chunks, scale=tuple(voxel_size), axes=axes, ngff_version=ngff_version,
+                    overwrite=overwrite)
     paths["texture"] = str(folder / "texture.ome.zarr")
     write_array(paths["texture"], s["texture"], chunks=chunks[1:], scale=tuple(voxel_size)[1:], axes=axes[1:],
-                ngff_version=ngff_version)
+                ngff_version=ngff_version, overwrite=overwrite)
     np.save(folder / "height.npy", s["height"])
     return paths
