@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -159,3 +161,26 @@ def test_isotropic_training_on_a_thin_stack_splits_validation_by_planes(tmp_path
     with pytest.warns(UserWarning, match="cut thinner.*validation loss is optimistic"):
         result = train(config, progress=False)
     assert result.epochs == 1 and np.isfinite(result.val_loss).all()
+
+
+@pytest.mark.parametrize("planes", [10, 12, 20])
+def test_a_thin_volume_trains_with_the_default_data_and_isotropic_config(tmp_path, client, planes):
+    """Anisotropic acquisitions are often 10-20 planes: the default draw (2000 patches, 10%
+    validation, foreground filter) must still find disjoint validation patches on 12 planes."""
+    from bigcare.synth import phantom
+
+    gt = phantom((4 * planes, 128, 128), seed=5).astype(np.float32)
+    data = (ndimage.gaussian_filter(gt, (3.0, 1.0, 1.0))[::4] * 3000 + 100).astype(np.uint16)
+    assert len(data) == planes
+    path = tmp_path / "thin.ome.zarr"
+    write_volume(str(path), data, chunks=(planes, 64, 64), scale=(4.0, 1.0, 1.0))
+    config = {"model_dir": str(tmp_path / "m"), "data": {"sources": [{"input": str(path)}], "patch_shape": [32, 32]},
+              "network": {"depth": 1, "n_filter_base": 4}, "training": {"epochs": 1, "steps_per_epoch": 1},
+              "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": 1.0, "sigma_z": 3.0}}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the sources are small for disjoint validation")  # said, not an error
+        result = train(config, client=client, progress=False)
+    assert np.isfinite(result.val_loss).all()
+    _, cfg = load_model(tmp_path / "m" / "best")
+    assert cfg.kind == "isotropic" and cfg.isotropic.factor == pytest.approx(4.0)
+    assert cfg.provenance["data"]["n_val"] >= 1
