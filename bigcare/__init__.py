@@ -11,7 +11,8 @@ The package follows the path a volume takes::
 
     store/       OME-Zarr in and out: axes, URLs, volumes, the chunk reader, writers, pyramid, TIFF
     blocks/      pure geometry: block plans, halos, tiles, the sizing rule, axis layout, zoom
-    predictors/  what runs on one block: CARE, isotropic, identity; fast path; model shipping
+    predictors/  what runs on one block: CARE, isotropic, projection, upsampling, identity; fast path;
+                 model shipping
     tasks/       the one task runner (cluster or local pool), the block task, shm slots, clusters
     runs/        a volume run (plan, start, finish), restore / restore_many / predict, results
     models/      networks, receptive fields, the model folder format
@@ -31,7 +32,11 @@ Glossary (one word per concept, used everywhere in code, docs and messages):
   region unless the method zooms.
 - **crop**: where the write region sits inside the prediction of the window.
 - **tile**: one network call; a block larger than the device allows is predicted in tiles.
-- **zoom**: output voxels per input voxel along an axis (isotropic restoration upsamples Z).
+- **zoom**: output voxels per input voxel along an axis (isotropic restoration upsamples Z; so does
+  upsampling CARE, a 3D network on the upsampled volume).
+- **projection**: a stack (ZYX) mapped to a 2D image of its surface (CARE Fig. 2); the model's
+  **weights** are per-pixel softmax weights over Z (summing to 1), the axis it drops is Z
+  (``AxisLayout.drop``): its blocks span the whole Z and tile Y and X only.
 - **in flight**: tasks submitted and not yet finished (the runner's ``in_flight`` argument bounds
   them).
 - **cell**: one voxel of the coarse grid the training sampler finds foreground on; a **zone**
