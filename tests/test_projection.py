@@ -179,3 +179,17 @@ def test_cli_trains_and_restores_a_projection_model(client, tmp_path, capsys):
                  "--scheduler", client.scheduler.address])
     assert code == 0
     assert read(str(tmp_path / "out.ome.zarr")).shape == (48, 48)
+
+
+def test_a_probabilistic_projection_model_predicts_mean_and_scale(tmp_path):
+    paths = write_surface(tmp_path / "s", (8, 48, 48), seed=1)
+    cfg = {"model_dir": str(tmp_path / "model"),
+           "data": {"sources": [{"input": paths["noisy"], "target": paths["texture"]}], "patch_shape": [16, 16],
+                    "n_patches": 12, "validation_fraction": 0.25},
+           "network": {"depth": 1, "n_filter_base": 4, "kernel_size": 3},
+           "projection": {"network": {"depth": 1, "n_filter_base": 4}},
+           "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "device": "cpu", "loss": "laplace"}}
+    bigcare.train(cfg, progress=False)
+    out = bigcare.predict(read(paths["noisy"]), tmp_path / "model" / "best", axes="zyx")
+    assert set(out) == {"mean", "scale"} and out["mean"].shape == out["scale"].shape == (48, 48)
+    assert (out["scale"] > 0).all() and np.isfinite(out["mean"]).all()
