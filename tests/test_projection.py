@@ -193,3 +193,12 @@ def test_a_probabilistic_projection_model_predicts_mean_and_scale(tmp_path):
     out = bigcare.predict(read(paths["noisy"]), tmp_path / "model" / "best", axes="zyx")
     assert set(out) == {"mean", "scale"} and out["mean"].shape == out["scale"].shape == (48, 48)
     assert (out["scale"] > 0).all() and np.isfinite(out["mean"]).all()
+
+
+def test_preview_of_a_projection_is_refused_before_anything_is_written(client, tmp_path, proj_model):
+    data = (smooth_volume((6, 24, 24)) * 1000).astype(np.uint16)
+    vol = write_volume(str(tmp_path / "in.ome.zarr"), data)
+    with pytest.raises(ConfigError, match="--preview.*lacks the input's Z axis"):
+        bigcare.restore(vol, str(tmp_path / "out.ome.zarr"), proj_model, client=client, progress=False,
+                        preview=str(tmp_path / "p.png"))
+    assert not (tmp_path / "out.ome.zarr").exists()

@@ -26,6 +26,7 @@ import numpy as np
 
 from bigcare.blocks.layout import AxisLayout
 from bigcare.blocks.zoom import volume_zoom, zoom_region
+from bigcare.errors import ConfigError
 from bigcare.normalization import Normalizer, array_normalizer
 from bigcare.predictors.base import load_predictor, predict_region
 from bigcare.runs.outputs import output_geometry
@@ -226,6 +227,10 @@ def restore(
                           torch_threads=torch_threads, pyramid=pyramid, nan_fill=nan_fill)
     if tiff_out is not None:
         check_tiff_output(output_geometry(run).shape, output_dtype, len(run.images))
+    if preview is not None and run.layout.drop:  # its XY/XZ panels compare grids of the same axes
+        raise ConfigError(f"--preview draws the input's and the output's slices side by side, but this model's output "
+                          f"lacks the input's {run.layout.drop.upper()} axis (a projection); restore without --preview; "
+                          "nothing was written")
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
         run.precision_ran = precision_on_workers(c, device, run.precision, ref.predictor)
