@@ -158,7 +158,7 @@ def _pair_values(predictor, members: _Members, input: str, truth: str):
     gt = np.asarray(vgt.array(0)[...], dtype=np.float32)
     axes = "".join(vin.axis_names)
     layout = AxisLayout.build(axes, [a.kind for a in vin.axes], predictor.spatial_axes, predictor.n_channel_in,
-                              predictor.n_channel_out, data.shape, vin.url)
+                              predictor.n_channel_out, data.shape, vin.url, drop=getattr(predictor, "drop_axes", ""))
     c = axes.find("c")
     normalizer = array_normalizer(data, c if c >= 0 else None, predictor.pmin, predictor.pmax, name=vin.url)
     out = predict_region(members, layout, zoom_region(data, volume_zoom(predictor, layout)), normalizer)  # type: ignore[arg-type]
