@@ -54,7 +54,7 @@ def sizes(args) -> dict:
                     steps=100, epochs=50, batch=16, n_patches=2000, vol=(96, 192, 192), up_patch=(32, 64, 64),
                     up_steps=5000)
     return dict(train=4, test=2, stack=(20, 128, 128), patch=64, proj_depth=3, proj_filters=8, filters=16, steps=30,
-                epochs=8, batch=4, n_patches=400, vol=(48, 96, 96), up_patch=(16, 48, 48), up_steps=240)
+                epochs=8, batch=4, n_patches=400, vol=(48, 96, 96), up_patch=(16, 48, 48), up_steps=900)
 
 
 def heightmap_projection(stack: np.ndarray, source: np.ndarray | None = None, window: int = 7,
