@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage, signal
@@ -29,7 +30,13 @@ from scipy import ndimage, signal
 from bigcare.blocks.zoom import interpolate_rows
 from bigcare.errors import ConfigError
 
-__all__ = ["LateralDegradation", "degrade_batches", "psf_kernels", "axial_blur_match"]
+__all__ = ["LateralDegradation", "degrade_batches", "psf_kernels", "axial_blur_match", "isotropic_setup",
+           "AXIAL_SIGMA_CANDIDATES"]
+
+#: axial sigmas tried by ``sigma_z: auto``, in multiples of the lateral sigma
+AXIAL_SIGMA_CANDIDATES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+#: at most this many planes x rows x columns, from the middle of the first source, are read to estimate sigma_z
+ESTIMATE_CROP = (64, 256, 256)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class LateralDegradation:
         margin = max(kernel.shape) // 2 + math.ceil(factor) + 1
         return cls(kernel / kernel.sum(), float(factor), int(margin))
 
-    def read_shape(self, patch_shape: tuple[int, int]) -> tuple[int, int]:
+    def read_shape(self, patch_shape: tuple[int, ...]) -> tuple[int, int]:
         """Shape of the lateral patches to read for final patches of ``patch_shape``."""
         return (patch_shape[0] + 2 * self.margin, patch_shape[1] + 2 * self.margin)
 
@@ -217,3 +224,84 @@ def axial_blur_match(volume: np.ndarray, factor: float, sigma_xy: float, voxel_x
     else:  # ratios fall with sigma: interpolate in log(ratio)
         sigma_z = float(np.interp(-np.log(target), -np.log(r), s_sorted))
     return {"sigma_z": float(sigma_z), "target": float(target), "ratios": ratios}
+
+
+def _estimate_crop(volume, channel: int | None) -> tuple[np.ndarray, list[list[int]]]:
+    """The middle ``ESTIMATE_CROP`` of a volume's Z, Y and X (first time point, ``channel``), float32."""
+    index: list[int | slice] = []
+    region = []
+    for name, n in zip(volume.axis_names, volume.shape):
+        if name in "zyx":
+            m = min(n, ESTIMATE_CROP["zyx".index(name)])
+            a = (n - m) // 2
+            index.append(slice(a, a + m))
+            region.append([a, a + m])
+        else:
+            index.append(channel or 0 if volume.axes[len(index)].kind == "channel" else 0)
+    return np.asarray(volume.array()[tuple(index)], np.float32), region
+
+
+def isotropic_setup(section, sources: list, patch_shape) -> tuple[LateralDegradation, Any, dict]:
+    """What isotropic training needs from its config section, reading metadata (and, for
+    ``psf.sigma_z: auto``, one crop of the first source).
+
+    Parameters
+    ----------
+    section : bigcare.training.method_config.IsotropicTrainConfig
+        The ``isotropic`` section.
+    sources : list of Source
+        The configured sources (the first one's voxel sizes give the factor; they are read as
+        (image, image) pairs).
+    patch_shape : (int, int)
+        ``data.patch_shape``.
+
+    Returns
+    -------
+    (degradation, isotropic, provenance)
+        The :class:`LateralDegradation`; the model's
+        :class:`~bigcare.models.IsotropicConfig` (its ``psf`` records the PSF trained with, with
+        ``sigma_z`` resolved); the provenance of an estimated ``sigma_z`` (empty otherwise).
+
+    Raises
+    ------
+    ConfigError
+        For a volume without Z, Y, X axes, a Z that is not coarser than X (without an explicit
+        factor), or patches that with the degradation margin do not fit the volume laterally.
+    """
+    from bigcare.models import IsotropicConfig
+    from bigcare.store.volume import open_volume
+
+    first = open_volume(sources[0].input, storage_options=sources[0].storage_options)
+    scale = dict(zip(first.axis_names, first.scale))
+    if not {"z", "y", "x"} <= set(scale):
+        raise ConfigError(f"isotropic training needs a volume with Z, Y and X axes; {first.url} has axes "
+                          f"{first.axis_names.upper()!r}")
+    factor = section.factor or scale["z"] / scale["x"]
+    if not factor > 1:
+        raise ConfigError(f"isotropic.factor: {first.url} has voxel sizes z={scale['z']:g}, x={scale['x']:g}, "
+                          "so its Z is not coarser than X; give isotropic.factor (> 1) explicitly")
+    psf = section.psf.model_dump(exclude_none=True)
+    provenance: dict = {}
+    if psf.get("sigma_z") == "auto":
+        crop, region = _estimate_crop(first, sources[0].input_channel)
+        sxy = float(psf["sigma_xy"])
+        found = axial_blur_match(crop, factor, sxy, float(scale["x"]),
+                                 candidates=tuple(sxy * c for c in AXIAL_SIGMA_CANDIDATES))
+        psf["sigma_z"] = found["sigma_z"]
+        provenance = {"sigma_z": {"auto": found["sigma_z"], "method": "bigcare.training.isotropic.axial_blur_match",
+                                  "source": first.url, "region_zyx": region,
+                                  "target_isotropy": found["target"],
+                                  "candidate_isotropy": {f"{k:g}": v for k, v in found["ratios"].items()}}}
+    kernels = psf_kernels(psf, (scale["z"], scale["y"], scale["x"]), split=section.split)
+    degradation = LateralDegradation.build(kernels["kernel"], factor)
+    read = degradation.read_shape(tuple(patch_shape))
+    lateral = (first.shape[first.axis_names.index("y")], first.shape[first.axis_names.index("x")])
+    if read[0] > lateral[0] or read[1] > lateral[1]:
+        fit = [max(0, n - 2 * degradation.margin) for n in lateral]
+        raise ConfigError(f"data.patch_shape {list(patch_shape)}: isotropic training reads each patch with a "
+                          f"{degradation.margin}-voxel margin for the degradation ({read[0]} x {read[1]}), more "
+                          f"than {first.url}'s Y x X {lateral[0]} x {lateral[1]}; use a patch_shape of at most "
+                          f"{fit} (rounded down to the network's pooling grid)")
+    record = {**psf, "split": section.split, "kernel_shape": list(kernels["kernel"].shape),
+              "lateral_voxel": float(scale["x"])}
+    return degradation, IsotropicConfig(factor=factor, combine=section.combine, psf=record), provenance

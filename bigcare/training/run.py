@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from bigcare.errors import ConfigError
-from bigcare.models import IsotropicConfig, UNet
+from bigcare.models import UNet
 from bigcare.models.folder import ModelConfig, Normalization, UpsamplingConfig
 from bigcare.training.config import TrainConfig, load_train_config
-from bigcare.training.isotropic import LateralDegradation, degrade_batches, psf_kernels
+from bigcare.training.isotropic import degrade_batches, isotropic_setup
 from bigcare.training.sources import Source
 from bigcare.training.trainer import TrainResult, fit
 from bigcare.types import PathLike, device_problem
@@ -75,8 +75,10 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         return train_projection(cfg, device, precision, progress, _provenance)
     sources = list(data.sources)
     degradation, iso = None, None
+    iso_provenance: dict = {}
     if cfg.isotropic is not None:
-        sources, degradation, iso = _isotropic_setup(cfg, sources)
+        degradation, iso, iso_provenance = isotropic_setup(cfg.isotropic, sources, data.patch_shape)
+        sources = _self_pairs(sources)
     blindspot, method = None, cfg.self_supervised and cfg.self_supervised.method
     if cfg.self_supervised is not None:  # the noisy patch is its own target, at the hidden voxels
         blindspot = cfg.self_supervised.blindspot(ndim)
@@ -124,6 +126,8 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
             val_batches = blindspot_batches(val_batches, blindspot, opt.seed + 1)  # type: ignore[assignment]
         validation = list(val_batches)  # masked once (self-supervised): the same hidden voxels every epoch
         provenance = _provenance(cfg, sampler.provenance, device, precision)
+        if iso_provenance:  # e.g. the axial sigma estimated from the volume (psf.sigma_z: auto)
+            provenance["isotropic"] = iso_provenance
         # prediction normalizes with the middle of the per-sample percentile ranges used in training
         normalization = Normalization(pmin=sum(data.pmin_range) / 2, pmax=sum(data.pmax_range) / 2)
         if opt.loss == "laplace":  # said where users read it: the model folder's config
@@ -246,29 +250,3 @@ def _check_model_dir_apart(cfg: TrainConfig) -> None:
             if how:
                 raise OutputError(f"model_dir {cfg.model_dir} {how} the training image {image}; choose a "
                                   "model_dir outside every source")
-
-
-def _isotropic_setup(cfg: TrainConfig, sources: list[Source]):
-    """Sources read as (image, image) pairs, the lateral degradation and the model's isotropic
-    section, from the config's ``isotropic`` section. Reads metadata only."""
-    from bigcare.store.volume import open_volume
-
-    first = open_volume(sources[0].input, storage_options=sources[0].storage_options)
-    scale = dict(zip(first.axis_names, first.scale))
-    if not {"z", "y", "x"} <= set(scale):
-        raise ConfigError(f"isotropic training needs a volume with Z, Y and X axes; {first.url} has axes "
-                          f"{''.join(first.axis_names).upper()!r}")
-    section = cfg.isotropic
-    assert section is not None
-    factor = section.factor or scale["z"] / scale["x"]
-    if not factor > 1:
-        raise ConfigError(f"isotropic.factor: {first.url} has voxel sizes z={scale['z']:g}, x={scale['x']:g}, "
-                          "so its Z is not coarser than X; give isotropic.factor (> 1) explicitly")
-    psf = section.psf.model_dump(exclude_none=True)
-    kernels = psf_kernels(psf, (scale["z"], scale["y"], scale["x"]), split=section.split)
-    degradation = LateralDegradation.build(kernels["kernel"], factor)
-    pairs = [Source(input=s.input, target=s.input, input_channel=s.input_channel, target_channel=s.input_channel,
-                    storage_options=s.storage_options) for s in sources]
-    record = {**psf, "split": section.split, "kernel_shape": list(kernels["kernel"].shape),
-              "lateral_voxel": float(scale["x"])}
-    return pairs, degradation, IsotropicConfig(factor=factor, combine=section.combine, psf=record)
