@@ -139,6 +139,7 @@ def _cmd_restore(args) -> int:
                    precision=args.precision, overwrite=args.overwrite, ngff_version=args.ngff_version,
                    output_dtype=args.output_dtype, pyramid=args.pyramid, ship_model=args.ship_model,
                    nan_fill=args.nan_fill, progress=not args.quiet,
+                   **({"skip_background": args.skip_background} if args.skip_background is not None else {}),
                    **({"preview": args.preview} if args.preview else {}),
                    **({"interval": args.interval} if args.interval != 0.9 else {}),
                    **cluster_kwargs(args))
@@ -307,6 +308,9 @@ def _restore_arguments(p, add_cluster_arguments) -> None:
     p.add_argument("--no-pyramid", dest="pyramid", action="store_false", help="skip the multiscale pyramid")
     p.add_argument("--nan-fill", type=float, default=None, metavar="VALUE",
                    help="read NaN/inf input voxels as VALUE (recorded in the output) instead of refusing the input")
+    p.add_argument("--skip-background", type=float, default=None, metavar="THRESHOLD",
+                   help="blocks whose whole read region has no input voxel above THRESHOLD are written with the "
+                   "model's prediction of a constant background, without the network (off by default)")
     # the flags of the previous release, kept for one more
     p.add_argument("--block", dest="block_shape", type=_ints, action=_Deprecated, new="--block-shape",
                    help=argparse.SUPPRESS)

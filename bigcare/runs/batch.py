@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from bigcare.errors import ConfigError, InputError, OutputError
+from bigcare.runs.background import plan_background
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.restore import client_for, default_device
 from bigcare.runs.results import write_batch_summary
@@ -135,7 +136,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         As in :func:`bigcare.restore` (storage options apply to every input / output).
     **options
         ``block_shape``, ``precision``, ``overwrite``, ``ngff_version``, ``output_dtype``,
-        ``torch_threads``, ``nan_fill`` as in :func:`bigcare.restore`.
+        ``torch_threads``, ``nan_fill``, ``skip_background`` as in :func:`bigcare.restore`.
 
     Returns
     -------
@@ -181,8 +182,11 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         for run in runs:
             start_volume_run(run, c)
         with shipping(c, ref.payloads if any(r.n_todo for r in runs) else []):
+            background = [plan_background(r, c, r.skip_background) if r.skip_background is not None else {}
+                          for r in runs]
             results = execute(c, runs, progress=progress)
-        for run, result in zip(runs, results):
+        for run, result, info in zip(runs, results, background):
+            result.background = info
             finish_volume_run(run, result, c, progress, started=t0)
     write_batch_summary(normalize_url(output_dir), output_storage_options, runs, results, time.perf_counter() - t0)
     if any(r.failed for r in results):

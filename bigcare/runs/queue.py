@@ -76,7 +76,9 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
                                  halo_overhead=run.plan.overhead, input=run.volume.url, cluster=info,
                                  precision=run.precision_ran or run.precision))
         index[id(run.spec)] = i
-    items = ((block, run.spec) for run in runs for block in run.pending())  # made as the window moves
+        if run.fill_spec is not None:  # background blocks (bigcare.runs.background) carry their own spec
+            index[id(run.fill_spec)] = i
+    items = ((block, run.spec_for(block)) for run in runs for block in run.pending())  # made as the window moves
     left = [r.n_todo for r in runs]
     total = sum(left)
 
@@ -103,6 +105,7 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
                 result.rescheduled += out.rescheduled  # counted for blocks that finished
                 status = out.result
                 result.blocks_computed += 1
+                result.blocks_background += bool(status.get("background"))
                 result.voxels += status["voxels"]
                 result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, status["peak_rss_mb"])
                 for part in ("read", "predict", "write"):

@@ -29,6 +29,7 @@ from bigcare.blocks.zoom import volume_zoom, zoom_region
 from bigcare.errors import ConfigError
 from bigcare.normalization import Normalizer, array_normalizer
 from bigcare.predictors.base import load_predictor, predict_region
+from bigcare.runs.background import plan_background
 from bigcare.runs.outputs import output_geometry
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.results import RunResult
@@ -118,6 +119,7 @@ def restore(
     nan_fill: float | None = None,
     preview: PathLike | None = None,
     interval: float = 0.9,
+    skip_background: float | None = None,
 ) -> RunResult:
     """Restore an OME-Zarr volume block by block with a model, on a dask cluster.
 
@@ -198,6 +200,13 @@ def restore(
     interval : float
         An ensemble's central interval level: its ``lower`` and ``upper`` outputs hold this much of
         the mixture's mass between them (default 0.9).
+    skip_background : float, optional
+        Off by default. Blocks whose whole read region has no voxel above this input intensity
+        are written without running the network, with the model's prediction of a constant
+        background input (the mean of the background chunks per channel, predicted once per run);
+        decided from the maxima of the input's chunks, read once before the blocks (exact, never
+        from a mean-downsampled level). The summary gives the fraction skipped
+        (:mod:`bigcare.runs.background`).
     preview : str or os.PathLike, optional
         Write a PNG of XY and XZ slices of the input and every output through the input's busiest
         region, at full resolution, one display window for intensities (:mod:`bigcare.runs.preview`).
@@ -224,7 +233,8 @@ def restore(
                           precision=precision,
                           overwrite=overwrite, ngff_version=ngff_version or "0.5", output_dtype=output_dtype,
                           storage_options=storage_options, output_storage_options=output_storage_options,
-                          torch_threads=torch_threads, pyramid=pyramid, nan_fill=nan_fill)
+                          torch_threads=torch_threads, pyramid=pyramid, nan_fill=nan_fill,
+                          skip_background=skip_background)
     if tiff_out is not None:
         check_tiff_output(output_geometry(run).shape, output_dtype, len(run.images))
     if preview is not None and run.layout.drop:  # its XY/XZ panels compare grids of the same axes
@@ -237,7 +247,9 @@ def restore(
         fit_to_cluster(run, cluster_devices(c, device))
         start_volume_run(run, c)
         with shipping(c, ref.payloads if run.n_todo else []):
+            background = plan_background(run, c, run.skip_background) if run.skip_background is not None else {}
             (result,) = execute(c, [run], progress=progress)
+        result.background = background
         finish_volume_run(run, result, c, progress, started=started)
     if result.failed:
         raise block_error([run], [result])

@@ -73,6 +73,10 @@ class RunResult:
     precision : str
         The inference precision that ran (``fp32``, ``bf16``, ``fp16``, or ``auto: bf16`` with
         what the workers resolved ``auto`` to).
+    blocks_background, background : int, dict
+        With ``skip_background``: blocks written with the model's prediction of a constant
+        background instead of the network, and the threshold, fraction of the plan, constant input
+        and fill values (:mod:`bigcare.runs.background`).
     """
 
     outputs: dict[str, str]
@@ -98,6 +102,8 @@ class RunResult:
     preview: str = ""
     precision: str = ""
     reliability: dict = field(default_factory=dict)  # sums of block_reliability over this run's blocks
+    blocks_background: int = 0  # of blocks_computed: filled with the constant prediction (--skip-background)
+    background: dict = field(default_factory=dict)  # threshold, blocks, fraction, fill (bigcare.runs.background)
 
     @property
     def voxels_per_second(self) -> float:
@@ -158,6 +164,8 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
         "seconds_in": {k: round(v, 3) for k, v in result.seconds_in.items()},
         "cluster": d["cluster"], "normalization": d["normalization"], "precision": result.precision,
         **({"reliability": reliability_summary(result.reliability)} if result.reliability else {}),
+        **({"background": {**result.background, "blocks_filled": result.blocks_background}}
+           if result.background else {}),
     }
 
 
@@ -178,6 +186,10 @@ def format_summary(result, name: str = "") -> str:
     if size:
         lines.append(f"  cluster: {result.cluster.get('kind', '?')}, workers {size['start']} at the start, "
                      f"{size['peak']} at most, {size['end']} at the end")
+    if result.background:
+        lines.append(f"  background (no voxel above {result.background['threshold']:g}): "
+                     f"{result.blocks_background} block(s) filled without the network, "
+                     f"{result.background['fraction']:.1%} of the plan skipped")
     rel = reliability_summary(result.reliability) if result.reliability else {}
     if rel:
         above = rel.get("fraction_disagreement_above", {})

@@ -33,6 +33,7 @@ from bigcare.blocks.sizing import plan_restoration
 from bigcare.errors import ConfigError, InputError, ModelMismatchError, OutputError
 from bigcare.normalization import Normalizer, volume_normalizer
 from bigcare.predictors.base import Predictor, check_predictor, load_predictor
+from bigcare.runs.background import check_threshold
 from bigcare.runs.outputs import (
     check_writable,
     create_outputs,
@@ -203,6 +204,9 @@ class VolumeRun:
     pyramid: bool = True  # levels 1..n are declared and written; without, only level 0 exists
     nan_fill: float | None = None  # input NaN/inf voxels read as this value (else refused)
     precision_ran: str = ""  # what the workers made of ``precision`` (see precision_on_workers)
+    skip_background: float | None = None  # blocks reading nothing above this are filled (bigcare.runs.background)
+    background: np.ndarray | None = None  # per block of the grid: filled without the network
+    fill_spec: RunSpec | None = None  # the spec of those blocks' tasks (spec + the constant prediction)
 
     @property
     def n_todo(self) -> int:
@@ -216,6 +220,12 @@ class VolumeRun:
             return
         for index in zip(*np.nonzero(~self.done)):
             yield self.plan.block(tuple(int(i) for i in index))
+
+    def spec_for(self, block: Block) -> RunSpec | None:
+        """The spec a block's task gets: the fill spec for a background block, else the run's."""
+        if self.background is not None and self.background[block.index]:
+            return self.fill_spec
+        return self.spec
 
     @property
     def images(self) -> dict[str, str]:
@@ -232,7 +242,7 @@ class VolumeRun:
 
 
 def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str,
-             pyramid: bool = True, nan_fill: float | None = None) -> str:
+             pyramid: bool = True, nan_fill: float | None = None, skip_background: float | None = None) -> str:
     ident: dict[str, object] = {
         "input": volume.url, "shape": list(volume.shape), "dtype": str(volume.dtype),
         "model": mhash, "plan": plan.as_dict(), "outputs": list(outputs), "dtype_out": dtype,
@@ -242,6 +252,8 @@ def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, p
         ident["pyramid"] = False
     if nan_fill is not None:  # likewise
         ident["nan_fill"] = nan_fill
+    if skip_background is not None:  # filled blocks of one threshold do not mix with another's
+        ident["skip_background"] = skip_background
     if len(list(outputs)) > 1:  # images in series 0, 1, ...: an output of the named-folder layout does not resume
         ident["images"] = "bioformats2raw"
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -286,7 +298,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
                     overwrite: bool = False, ngff_version: NgffVersion = "0.5", output_dtype: str = "float32",
                     storage_options: dict | None = None, output_storage_options: dict | None = None,
                     torch_threads: int | None = None, pyramid: bool = True,
-                    nan_fill: float | None = None) -> VolumeRun:
+                    nan_fill: float | None = None, skip_background: float | None = None) -> VolumeRun:
     """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
 
     Parameters
@@ -298,7 +310,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     model : ModelRef
         From :func:`resolve_model`.
     block_shape, tile_shape, devices, device, precision, overwrite, ngff_version, output_dtype, storage_options,
-    output_storage_options, torch_threads, pyramid, nan_fill
+    output_storage_options, torch_threads, pyramid, nan_fill, skip_background
         As in :func:`bigcare.restore`.
 
     Returns
@@ -328,6 +340,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
             nan_fill = float("nan")
         if not np.isfinite(nan_fill):
             raise ConfigError("nan_fill (--nan-fill) must be a finite number, the value NaN/inf input voxels are read as")
+    skip_background = check_threshold(skip_background)
     output = normalize_url(output)
     check_apart(volume.url, output)
     check_writable(output)
@@ -339,11 +352,13 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     if hasattr(predictor, "check_volume"):  # e.g. a projection: a stack deeper than one call holds
         predictor.check_volume(dict(zip(volume.axis_names, volume.shape)), device, volume.url)
     chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape, devices)
-    run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision, pyramid, nan_fill)
+    run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision, pyramid, nan_fill,
+                       skip_background)
     state = _output_state(output, output_storage_options, run_key, overwrite)
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
                      ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
-                     default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid, nan_fill=nan_fill)
+                     default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid, nan_fill=nan_fill,
+                     skip_background=skip_background)
 
 
 def check_apart(input: str, output: str) -> None:
@@ -419,7 +434,7 @@ def fit_to_cluster(run: VolumeRun, devices: int) -> VolumeRun:
         return run
     run.chunks, run.plan = chunks, plan
     run.run_key = _run_key(run.volume, run.model.hash, plan, run.model.predictor.outputs, run.output_dtype,
-                           run.precision, run.pyramid, run.nan_fill)
+                           run.precision, run.pyramid, run.nan_fill, run.skip_background)
     run.state = _output_state(run.output, run.output_options, run.run_key, run.overwrite)
     return run
 

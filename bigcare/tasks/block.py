@@ -26,7 +26,7 @@ from bigcare.predictors.ensemble import EnsembleSpec
 from bigcare.store.arrays import open_array
 from bigcare.types import Precision
 
-__all__ = ["RunSpec", "run_block", "peak_rss_mb", "MARKER"]
+__all__ = ["RunSpec", "run_block", "worker_predictor", "peak_rss_mb", "MARKER"]
 
 #: Name of the done-marker array kept in the output's root group (one uint8 per block).
 MARKER = "bigcare_done"
@@ -55,6 +55,8 @@ class RunSpec:
     plan: BlockPlan | None = None  # the block plan: zoom (methods that change the grid) and tiles
     nan_fill: float | None = None  # NaN/inf input voxels are read as this value; None: they fail the block
     ensemble: EnsembleSpec | None = None  # an ensemble's members (bigcare.predictors.ensemble), each built once
+    # background blocks (bigcare.runs.background): per output, the per-channel value written instead of a prediction
+    fill: dict[str, tuple[float, ...]] | None = None
 
 
 def _set_threads(requested: int | None) -> None:
@@ -80,30 +82,70 @@ def _cast(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return y.astype(dtype, copy=False)
 
 
+def worker_predictor(spec: RunSpec) -> Predictor:
+    """The predictor of a run in this worker process (built once, then cached)."""
+    from bigcare.predictors.base import load_predictor
+
+    _set_threads(spec.torch_threads)
+    if spec.ensemble is not None:
+        return spec.ensemble.predictor(spec.device, spec.precision)
+    if spec.predictor is not None:
+        return spec.predictor
+    if spec.model_path is None:  # the model's bytes were sent to this worker (ModelPlugin)
+        from bigcare.predictors.shipping import shipped_predictor
+
+        return shipped_predictor(spec.model_hash, spec.device, spec.precision)
+    return load_predictor(spec.model_path, device=spec.device, precision=spec.precision,
+                          expected_hash=spec.model_hash)
+
+
+def _write_block(block: Block, spec: RunSpec, written: dict[str, np.ndarray]) -> None:
+    """Write a block's outputs into their stores and mark it done."""
+    target = spec.layout.out_slices(block.write)
+    for name, url, path in spec.outputs:
+        dest = open_array(url, path, "r+", spec.output_options, token=spec.run_key)
+        dest[target] = written[name]
+    marker = open_array(spec.marker_url, MARKER, "r+", spec.output_options, token=spec.run_key)
+    marker[block.index] = 1
+
+
+def _fill_block(block: Block, spec: RunSpec) -> dict:
+    """A background block: the run's constant prediction written, no read, no network."""
+    assert spec.fill is not None
+    t0 = time.perf_counter()
+    layout, dtype = spec.layout, np.dtype(spec.output_dtype)
+    shape = layout.out_shape(tuple(b - a for a, b in block.write))
+    c = layout.out_axes.find("c")
+    written = {}
+    for name, _, _ in spec.outputs:
+        values = np.asarray(spec.fill[name], np.float32)
+        y = np.empty(shape, np.float32)
+        if c < 0:
+            y[...] = values[0]
+        else:
+            y[...] = values.reshape([-1 if i == c else 1 for i in range(len(shape))])
+        written[name] = _cast(y, dtype)
+    _write_block(block, spec, written)
+    return {"index": block.index, "voxels": block.write_voxels, "read_s": 0.0, "predict_s": 0.0,
+            "write_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "background": True}
+
+
 def run_block(block: Block, spec: RunSpec) -> dict:
     """Restore one block: per tile (usually one) read, predict, crop; write outputs, mark done.
+
+    A spec with a ``fill`` (background blocks, :mod:`bigcare.runs.background`) writes that
+    constant prediction instead, without reading or running the network.
 
     Returns
     -------
     dict
         ``{"index", "voxels", "read_s", "predict_s", "write_s", "peak_rss_mb"}`` - never voxel
-        data. ``peak_rss_mb`` is the worker process's peak resident memory so far.
+        data (``"background": True`` for a filled block). ``peak_rss_mb`` is the worker process's
+        peak resident memory so far.
     """
-    from bigcare.predictors.base import load_predictor
-
-    _set_threads(spec.torch_threads)
-    predictor: Predictor
-    if spec.ensemble is not None:
-        predictor = spec.ensemble.predictor(spec.device, spec.precision)
-    elif spec.predictor is not None:
-        predictor = spec.predictor
-    elif spec.model_path is None:  # the model's bytes were sent to this worker (ModelPlugin)
-        from bigcare.predictors.shipping import shipped_predictor
-
-        predictor = shipped_predictor(spec.model_hash, spec.device, spec.precision)
-    else:
-        predictor = load_predictor(spec.model_path, device=spec.device, precision=spec.precision,
-                                   expected_hash=spec.model_hash)
+    if spec.fill is not None:
+        return _fill_block(block, spec)
+    predictor = worker_predictor(spec)
     t0 = time.perf_counter()
     source = open_array(spec.input_url, spec.input_path, "r", spec.input_options, token=spec.run_key)
     layout, dtype = spec.layout, np.dtype(spec.output_dtype)
@@ -138,14 +180,9 @@ def run_block(block: Block, spec: RunSpec) -> dict:
             for name in results:
                 results[name][offset] = _cast(predictions[name][crop], dtype)
     t2 = time.perf_counter()
-    target = layout.out_slices(block.write)
     written = {name: results[name] if results is not None else _cast(predictions[name][crop], dtype)
                for name, _, _ in spec.outputs}
-    for name, url, path in spec.outputs:
-        dest = open_array(url, path, "r+", spec.output_options, token=spec.run_key)
-        dest[target] = written[name]
-    marker = open_array(spec.marker_url, MARKER, "r+", spec.output_options, token=spec.run_key)
-    marker[block.index] = 1
+    _write_block(block, spec, written)
     t3 = time.perf_counter()
     from bigcare.predictors.ensemble import block_reliability
 
