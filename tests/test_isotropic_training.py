@@ -220,3 +220,45 @@ def test_isotropic_patches_that_do_not_fit_with_their_margin_are_refused_naming_
     with pytest.raises(ConfigError, match=r"patch_shape \[64, 64\].*margin.*at most \[\d+, \d+\]"):
         train(config, progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_bigcare_train_estimates_sigma_z_from_the_volume_and_records_it(tmp_path, capsys):
+    """``psf: {kind: gaussian, sigma_z: auto}``: the axial sigma comes from the volume itself
+    (axial_blur_match), is trained with, and is written into the model's config and provenance."""
+    import yaml
+
+    from bigcare.cli import main
+
+    rng = np.random.default_rng(5)
+    n, sz = 96, 3.0
+    points = np.zeros((n, n, n), np.float32)
+    idx = rng.integers(0, n, size=(3, 8000))
+    points[tuple(idx)] = 1.0
+    aniso = ndimage.gaussian_filter(points, (sz, 1.0, 1.0))[::3]
+    path = tmp_path / "vol.ome.zarr"
+    write_volume(str(path), (aniso / aniso.max() * 3000 + 100).astype(np.uint16), chunks=(16, 48, 48),
+                 scale=(0.3, 0.1, 0.1))  # micrometres: sigma_xy 0.1 um = 1 voxel, true sigma_z 0.3 um
+    config = iso_config(path, tmp_path / "m")
+    config["isotropic"]["psf"] = {"kind": "gaussian", "sigma_xy": 0.1, "sigma_z": "auto"}
+    config["cluster"] = {"workers": 1}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "train.yaml"), "-q"]) == 0
+    _, cfg = load_model(tmp_path / "m" / "best")
+    found = cfg.isotropic.psf["sigma_z"]
+    assert found == pytest.approx(0.3, rel=0.25)
+    est = cfg.provenance["isotropic"]["sigma_z"]
+    assert est["auto"] == found and est["method"].endswith("axial_blur_match")
+    assert est["region_zyx"] == [[0, 32], [0, 96], [0, 96]] and len(est["candidate_isotropy"]) >= 5
+    assert cfg.provenance["config"]["isotropic"]["psf"]["sigma_z"] == "auto"  # what was asked, beside what was found
+
+
+def test_sigma_z_auto_needs_a_gaussian_with_sigma_xy(tmp_path):
+    from bigcare.training import load_train_config
+
+    config = {"model_dir": str(tmp_path / "m"), "data": {"sources": [{"input": "x"}], "patch_shape": [16, 16]},
+              "isotropic": {"psf": {"kind": "gaussian", "sigma_z": "auto"}}}
+    with pytest.raises(ConfigError, match="sigma_z: auto.*sigma_xy"):
+        load_train_config(config)
+    config["isotropic"]["psf"] = {"kind": "gaussian", "sigma_xy": 1, "sigma_z": "guess"}
+    with pytest.raises(ConfigError, match="positive number or 'auto', got 'guess'"):
+        load_train_config(config)

@@ -21,6 +21,7 @@ target image): give the volume as the only source, 2D patches and an ``isotropic
       patch_shape: [64, 64]
     isotropic:
       psf: {kind: gaussian, sigma_xy: 2.0, sigma_z: 5.0}   # physical units of the volume
+      # sigma_z: auto   estimated from the volume itself (axial_blur_match), recorded in provenance
       # factor: 2.5   default: Z voxel size / X voxel size of the first source
 
 A self-supervised denoising model (Noise2Void and its variants) trains on noisy volumes alone:

@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage, signal
 
 from bigcare.blocks.zoom import interpolate_rows
-from bigcare.errors import ConfigError
+from bigcare.errors import ConfigError, InputError
 
 __all__ = ["LateralDegradation", "degrade_batches", "psf_kernels", "axial_blur_match", "isotropic_setup",
            "AXIAL_SIGMA_CANDIDATES"]
@@ -197,7 +197,13 @@ def axial_blur_match(volume: np.ndarray, factor: float, sigma_xy: float, voxel_x
     Returns
     -------
     dict
-        ``{"sigma_z", "target", "ratios": {candidate: ratio}}``.
+        ``{"sigma_z", "target", "ratios": {candidate: ratio}}`` (candidates whose kernel margin
+        leaves slices too small to measure are left out).
+
+    Raises
+    ------
+    InputError
+        When fewer than two candidates can be measured on slices this small.
     """
     from bigcare.blocks.zoom import upsample_rows, zoom_length
     from bigcare.metrics import line_power, spectral_isotropy
@@ -213,8 +219,13 @@ def axial_blur_match(volume: np.ndarray, factor: float, sigma_xy: float, voxel_x
         kernel = psf_kernels({"kind": "gaussian", "sigma_xy": sigma_xy, "sigma_z": s}, (1.0, voxel_xy, voxel_xy),
                              split=True)["kernel"] if s > sigma_xy else np.ones((1, 1))
         x, _ = LateralDegradation.build(kernel, factor)(v[:, None], np.random.default_rng(seed))
+        if min(x.shape[-2:]) < n:  # the kernel's margin leaves too little of the slices to measure
+            continue
         rows, cols = (float(line_power(x[:, 0], axis, n)[f > cutoff].sum()) for axis in (1, 2))
         ratios[s] = rows / cols
+    if len(ratios) < 2:
+        raise InputError(f"axial_blur_match: slices of {v.shape[1]} x {v.shape[2]} voxels leave too little to "
+                         f"measure after the degradation margin; give a larger crop")
     s_sorted = sorted(ratios)
     r = np.array([ratios[s] for s in s_sorted])
     if target >= r[0]:

@@ -6,9 +6,9 @@ in one small place.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from bigcare.models.projection_arch import ProjectionNetConfig
 from bigcare.schema import Schema
@@ -28,7 +28,10 @@ class PSFConfig(_Strict):
         description="gaussian (sigma_xy, sigma_z), widefield (na, wavelength, refractive_index), confocal "
         "(+ excitation_wavelength), lightsheet (+ sheet_na or sheet_sigma), file (path, voxel_size).")
     sigma_xy: float | None = Field(None, gt=0, description="Gaussian: lateral standard deviation.")
-    sigma_z: float | None = Field(None, gt=0, description="Gaussian: axial standard deviation.")
+    sigma_z: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        None, description="Gaussian: axial standard deviation, or auto: estimated from the volume itself "
+        "(bigcare.training.isotropic.axial_blur_match: the axial sigma whose degraded lateral slices have "
+        "the spectrum of its axial slices; recorded in the model's provenance).")
     na: float | None = Field(None, gt=0, description="Detection numerical aperture.")
     wavelength: float | None = Field(None, gt=0, description="Emission wavelength.")
     excitation_wavelength: float | None = Field(None, gt=0, description="Confocal: excitation wavelength.")
@@ -37,6 +40,20 @@ class PSFConfig(_Strict):
     sheet_sigma: float | None = Field(None, gt=0, description="Light sheet: sheet profile standard deviation.")
     path: str | None = Field(None, description="File: measured PSF (TIFF or .npy, ZYX).")
     voxel_size: list[float] | None = Field(None, description="File: the PSF's voxel size [z, y, x].")
+
+    @field_validator("sigma_z", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"expected a positive number or 'auto', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _auto(self):
+        if self.sigma_z == "auto" and (self.kind != "gaussian" or self.sigma_xy is None):
+            raise ValueError(f"sigma_z: auto estimates the axial sigma of a gaussian PSF from its sigma_xy; "
+                             f"give kind: gaussian and sigma_xy (got kind {self.kind!r}, sigma_xy {self.sigma_xy})")
+        return self
 
 
 class IsotropicTrainConfig(_Strict):

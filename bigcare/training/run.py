@@ -146,6 +146,10 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
         if opt.ensemble > 1:
             return _train_ensemble(cfg, model_config, train_batches, validation, device, precision, progress)
         if progress:
+            if iso_provenance.get("sigma_z"):
+                est = iso_provenance["sigma_z"]
+                print(f"isotropic.psf.sigma_z: auto -> {est['auto']:.3g} (axial_blur_match on planes, rows, columns "
+                      f"{est['region_zyx']} of {est['source']})", flush=True)
             what = (f"isotropic (factor {iso.factor:g}) 2D" if iso else
                     f"{ndim}D {str(method).upper().replace('STRUCTN2V', 'structN2V')}" if method else
                     f"{ndim}D CARE")
