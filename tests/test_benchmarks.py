@@ -115,3 +115,9 @@ def test_the_projection_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
     assert set(report["projection"]["methods"]) == {"max", "heightmap", "care3d_max", "care3d_heightmap", "projection"}
     assert set(report["upsampling"]["methods"]) == {"cubic", "isotropic", "upsampling"}
     assert json.loads((tmp_path / "projection" / "projection.json").read_text())["args"]["smoke"]
+
+
+def test_the_predict_overhead_benchmark_runs_in_smoke_mode(monkeypatch, capsys):
+    predict_overhead = _import("predict_overhead", monkeypatch)
+    report = predict_overhead.main(["--smoke"])
+    assert {"fp32", "bf16"} <= set(report) and "network" in report["fp32"]["stages"]

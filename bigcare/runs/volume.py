@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -529,6 +530,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         outputs=tuple((n, u, "0") for n, u in run.images.items()), output_options=options,
         output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
         torch_threads=run.torch_threads, plan=run.plan, nan_fill=run.nan_fill, ensemble=run.model.ensemble,
+        run_id=uuid.uuid4().hex,
     )
     if run.state == "resume":  # a fresh output has no done markers: no need to list them
         run.done = written_chunks(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options)))

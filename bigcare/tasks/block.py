@@ -24,6 +24,7 @@ from bigcare.normalization import Normalizer
 from bigcare.predictors.base import Predictor, predict_region
 from bigcare.predictors.ensemble import EnsembleSpec
 from bigcare.store.arrays import open_array
+from bigcare.store.chunkcache import read_region
 from bigcare.types import Precision
 
 __all__ = ["RunSpec", "run_block", "worker_predictor", "peak_rss_mb", "MARKER"]
@@ -57,6 +58,7 @@ class RunSpec:
     ensemble: EnsembleSpec | None = None  # an ensemble's members (bigcare.predictors.ensemble), each built once
     # background blocks (bigcare.runs.background): per output, the per-channel value written instead of a prediction
     fill: dict[str, tuple[float, ...]] | None = None
+    run_id: str = ""  # made when the run starts: decoded input chunks are cached per run (bigcare.store.chunkcache)
 
 
 def _set_threads(requested: int | None) -> None:
@@ -159,7 +161,7 @@ def run_block(block: Block, spec: RunSpec) -> dict:
         results = {name: np.empty(shape, dtype) for name, _, _ in spec.outputs}
     t_read = t0
     for tile in tiles:
-        raw = np.asarray(source[tile.read_slices])
+        raw = read_region(source, tile.read, (spec.run_id, spec.run_key, spec.input_url, spec.input_path))
         if raw.dtype.kind in "fc" and not np.isfinite(raw).all():  # blocks the percentile sample missed
             finite = np.isfinite(raw)
             if spec.nan_fill is None:

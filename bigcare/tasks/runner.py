@@ -7,7 +7,8 @@ Restore blocks, pyramid chunks, percentile samples and training patch reads all 
                  │   client: client.map / client.submit(pure=False, key=..., resources=...)
                  │   no client: a thread pool (made here, or the caller's)
                  ▼
-              completed (in item order, or as they finish)
+              completed (in item order, or as they finish: in batches, the finished ones'
+                         results fetched in one gather)
                  ├─ ok     ──► yield the result (or an Outcome)
                  └─ error  ──► resubmit up to ``retries`` times, then yield an Outcome with the
                                error (``outcomes=True``) or raise it
@@ -118,15 +119,15 @@ class _Backend:
             self.ac.update(futures)
         return futures
 
-    def next_done(self, running: dict):
-        """Block until one of ``running`` is done; return it."""
+    def next_done(self, running: dict) -> list:
+        """Block until some of ``running`` are done; return every one done by then (a batch)."""
         if self.ac is not None:
             while True:
-                fut = next(self.ac)
-                if fut in running:
-                    return fut
+                batch = [f for f in self.ac.next_batch(block=True) if f in running]
+                if batch:
+                    return batch
         done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
-        return next(f for f in running if f in done)
+        return [f for f in running if f in done]
 
     @staticmethod
     def outcome(fut) -> tuple[Any, BaseException | None]:
@@ -135,6 +136,18 @@ class _Backend:
             return fut.result(), None
         except (Exception, asyncio.CancelledError) as err:  # a cancelled task (e.g. the scheduler restarted)
             return None, err
+
+    def outcomes(self, batch: list) -> list[tuple[Any, BaseException | None]]:
+        """:meth:`outcome` of every future of a batch; the finished ones' results in one gather
+        (one round trip for the batch instead of one per future: what lets the client keep up)."""
+        finished = [f for f in batch if self.client is not None and f.status == "finished"]
+        gathered: dict = {}
+        if len(finished) > 1:
+            try:
+                gathered = dict(zip(finished, self.client.gather(finished)))
+            except Exception:  # noqa: BLE001 - e.g. a worker lost meanwhile: each future on its own
+                gathered = {}
+        return [(gathered[f], None) if f in gathered else self.outcome(f) for f in batch]
 
     def cancel(self, futures: list) -> None:
         if self.client is not None:
@@ -252,34 +265,35 @@ def run_tasks(fn: Callable, items: Iterable[tuple], *, client=None, pool: concur
             fill()
             if not running:
                 break
-            fut = order[0] if ordered else backend.next_done(running)
-            result, err = backend.outcome(fut)
-            item, attempt = running.pop(fut)
-            if ordered:
-                order.popleft()
-            if err is not None and attempt <= retries:
-                retry = backend.submit(item, attempt + 1)
-                running[retry] = [item, attempt + 1]
+            batch = [order[0]] if ordered else backend.next_done(running)
+            for fut, (result, err) in zip(batch, backend.outcomes(batch)):
+                item, attempt = running.pop(fut)
                 if ordered:
-                    order.appendleft(retry)
-                if client is not None:
-                    fut.release()
-                continue
-            out = Outcome(item, result, err, attempt, finished=time.perf_counter())
-            del result
-            if err is None:
-                bar.update(1)
-            else:  # a failed item is not done: the bar says how many failed instead
-                n_failed += 1
-                bar.set_postfix(failed=n_failed)
-            if count_rescheduled:
-                held.append((out, fut))
-                if len(held) >= ACCOUNT_EVERY or not running:
-                    batch, held[:] = list(held), []
-                    yield from release(batch)
-            else:
-                yield from release([(out, fut)])
-            del fut
+                    order.popleft()
+                if err is not None and attempt <= retries:
+                    retry = backend.submit(item, attempt + 1)
+                    running[retry] = [item, attempt + 1]
+                    if ordered:
+                        order.appendleft(retry)
+                    if client is not None:
+                        fut.release()
+                    continue
+                out = Outcome(item, result, err, attempt, finished=time.perf_counter())
+                del result
+                if err is None:
+                    bar.update(1)
+                else:  # a failed item is not done: the bar says how many failed instead
+                    n_failed += 1
+                    bar.set_postfix(failed=n_failed)
+                if count_rescheduled:
+                    held.append((out, fut))
+                    if len(held) >= ACCOUNT_EVERY or not running:
+                        ready, held[:] = list(held), []
+                        yield from release(ready)
+                else:
+                    yield from release([(out, fut)])
+                del fut
+            del batch
         if held:
             batch, held[:] = list(held), []
             yield from release(batch)
