@@ -86,3 +86,17 @@ def test_a_bad_threshold_is_one_error_with_exit_2_and_nothing_written(tmp_path, 
     assert not (tmp_path / "out.ome.zarr").exists()
     with pytest.raises(bigcare.errors.ConfigError, match="finite number"):
         bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", model3d, skip_background="x")
+
+
+def test_a_batch_fills_the_background_blocks_of_each_volume(tmp_path, client, model3d, rng):
+    from bigcare.runs.batch import restore_many
+
+    for name, seed in (("a", 1), ("b", 2)):
+        write_volume(tmp_path / f"{name}.ome.zarr", half_empty(np.random.default_rng(seed), (16, 32, 128)),
+                     chunks=(16, 32, 32))
+    results = restore_many([str(tmp_path / "a.ome.zarr"), str(tmp_path / "b.ome.zarr")], tmp_path / "out", model3d,
+                           client=client, block_shape=(16, 32, 32), precision="fp32", pyramid=False,
+                           progress=False, skip_background=5.0)
+    for result in results:
+        assert result.blocks_background == result.background["blocks"] > 0
+        assert result.blocks_computed == result.blocks_total
