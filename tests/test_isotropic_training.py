@@ -262,3 +262,33 @@ def test_sigma_z_auto_needs_a_gaussian_with_sigma_xy(tmp_path):
     config["isotropic"]["psf"] = {"kind": "gaussian", "sigma_xy": 1, "sigma_z": "guess"}
     with pytest.raises(ConfigError, match="positive number or 'auto', got 'guess'"):
         load_train_config(config)
+
+
+def test_grid_phase_puts_the_subsampled_rows_on_the_patch_rows_as_planes_fall_on_the_upsampled_grid():
+    rng = np.random.default_rng(1)
+    y = rng.random((6, 1, 60, 40)).astype(np.float32)
+    for phase, exact in (("grid", True), ("continuous", False)):
+        degradation = LateralDegradation.build(np.ones((1, 1)), 4.0, phase=phase)  # no blur: rows are samples
+        x, t = degradation(y, np.random.default_rng(2))
+        same_rows = (np.abs(x - t).max(axis=-1) < 1e-5).sum(axis=-1)[:, 0]  # rows copied unchanged, per patch
+        if exact:
+            assert (same_rows >= x.shape[-2] // 4).all()  # every 4th row is a sample, interpolated between
+        else:
+            assert (same_rows == 0).mean() > 0.5  # sub-voxel phases fall between rows
+
+
+def test_noise_matching_gives_the_samples_back_the_noise_the_blur_averaged_away():
+    rng = np.random.default_rng(3)
+    sigma = 0.1
+    y = (1.0 + sigma * rng.standard_normal((8, 1, 120, 120))).astype(np.float32)  # flat signal, white noise
+    kernel = _gaussian_rows(6.0)
+    plain = LateralDegradation.build(kernel, 8.0, phase="grid")
+    matched = LateralDegradation.build(kernel, 8.0, phase="grid", noise=True)
+    x0, t = plain(y, np.random.default_rng(4))
+    x1, _ = matched(y, np.random.default_rng(4))
+    assert x0.std() < 0.3 * sigma  # blurred: most of the noise averaged away
+    # the rows that are samples (not interpolated between two) carry about the input's noise again
+    per_row = x1.std(axis=-1)[:, 0]  # (patch, row): noise across the columns of each row
+    noisiest = np.sort(per_row, axis=1)[:, -(per_row.shape[1] // 8):]  # as many rows as there are samples
+    assert np.median(noisiest) == pytest.approx(sigma, rel=0.15)
+    assert np.median(x0.std(axis=-1)) < 0.3 * sigma

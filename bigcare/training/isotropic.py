@@ -53,22 +53,37 @@ class LateralDegradation:
     margin : int
         Voxels cut from every side of a read patch after degrading (blur and interpolation
         edges); read patches are ``patch + 2 * margin`` wide.
+    phase : {"continuous", "grid"}
+        Where the coarse rows fall: at a phase uniform in [0, factor) (sub-voxel positions), or
+        at a whole-voxel phase, so their offsets from the patch's rows follow ``j * factor``
+        exactly as the planes of a volume fall on the Z-upsampled grid prediction sees.
+    noise : bool
+        Give the coarse samples back the noise the blur removed: the blur averages a patch's
+        own noise away (its variance falls by ``sum(kernel**2)``), while an axial slice's rows
+        are single planes carrying the full noise. The local noise variance is measured on the
+        patch (second differences along the unblurred axis) and Gaussian noise of
+        ``variance * (1 - sum(kernel**2))`` is added to each sample before interpolation.
     """
 
     kernel: np.ndarray
     factor: float
     margin: int
+    phase: str = "continuous"
+    noise: bool = False
 
     @classmethod
-    def build(cls, kernel: np.ndarray, factor: float) -> LateralDegradation:
+    def build(cls, kernel: np.ndarray, factor: float, *, phase: str = "continuous",
+              noise: bool = False) -> LateralDegradation:
         """A degradation whose margin covers the kernel's radius plus one coarse row."""
+        if phase not in ("continuous", "grid"):
+            raise ConfigError(f"phase must be 'continuous' or 'grid', got {phase!r}")
         kernel = np.asarray(kernel, np.float64)
         if kernel.ndim != 2 or not np.isfinite(kernel).all() or kernel.sum() <= 0:
             raise ConfigError(f"kernel must be a finite 2D array with a positive sum, got shape {kernel.shape}")
         if not factor > 1:
             raise ConfigError(f"factor must be > 1 (Z voxel size / lateral voxel size), got {factor}")
         margin = max(kernel.shape) // 2 + math.ceil(factor) + 1
-        return cls(kernel / kernel.sum(), float(factor), int(margin))
+        return cls(kernel / kernel.sum(), float(factor), int(margin), phase, bool(noise))
 
     def read_shape(self, patch_shape: tuple[int, ...]) -> tuple[int, int]:
         """Shape of the lateral patches to read for final patches of ``patch_shape``."""
@@ -81,13 +96,17 @@ class LateralDegradation:
         blurred = signal.fftconvolve(y, self.kernel[None, None].astype(np.float32), mode="same", axes=(-2, -1))
         x = np.empty_like(y)
         rows = np.arange(h, dtype=np.float64)
+        keep = 1.0 - float((self.kernel**2).sum())  # share of the noise variance the blur removed
         for b in range(y.shape[0]):
-            phase = rng.uniform(0.0, self.factor)
+            phase = float(rng.integers(0, math.ceil(self.factor))) if self.phase == "grid" else \
+                rng.uniform(0.0, self.factor)
             coarse_rows = phase + self.factor * np.arange(int((h - 1 - phase) // self.factor) + 1)
             for c in range(y.shape[1]):
                 img = blurred[b, c]
                 coords = np.stack(np.meshgrid(coarse_rows, np.arange(img.shape[1]), indexing="ij"))
                 samples = ndimage.map_coordinates(img, coords, order=3, mode="mirror")
+                if self.noise:
+                    samples = samples + _noise_like(y[b, c], coords, keep, rng)
                 t = (rows - phase) / self.factor
                 j = np.floor(t).astype(np.int64)
                 frac = np.clip(t - j, 0.0, 1.0)
@@ -95,6 +114,18 @@ class LateralDegradation:
         m = self.margin
         crop = (Ellipsis, slice(m, h - m), slice(m, y.shape[-1] - m))
         return np.ascontiguousarray(x[crop]), np.ascontiguousarray(y[crop])
+
+
+def _noise_like(img: np.ndarray, coords: np.ndarray, keep: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise at ``coords`` with ``keep`` times the local noise variance of ``img``.
+
+    White noise of variance v gives second differences ``x - (left + right) / 2`` of variance
+    1.5 v; the smooth signal of a lateral slice contributes little to them.
+    """
+    r = ndimage.convolve1d(img, np.array([-0.5, 1.0, -0.5], np.float32), axis=1, mode="mirror")
+    var = ndimage.gaussian_filter(r * r, 3.0, mode="mirror") / 1.5
+    v = ndimage.map_coordinates(var, coords, order=1, mode="mirror")
+    return (np.sqrt(np.maximum(v, 0) * keep) * rng.standard_normal(v.shape)).astype(np.float32)
 
 
 def degrade_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], degradation: LateralDegradation,
@@ -304,7 +335,7 @@ def isotropic_setup(section, sources: list, patch_shape) -> tuple[LateralDegrada
                                   "target_isotropy": found["target"],
                                   "candidate_isotropy": {f"{k:g}": v for k, v in found["ratios"].items()}}}
     kernels = psf_kernels(psf, (scale["z"], scale["y"], scale["x"]), split=section.split)
-    degradation = LateralDegradation.build(kernels["kernel"], factor)
+    degradation = LateralDegradation.build(kernels["kernel"], factor, phase=section.phase, noise=section.noise)
     read = degradation.read_shape(tuple(patch_shape))
     lateral = (first.shape[first.axis_names.index("y")], first.shape[first.axis_names.index("x")])
     if read[0] > lateral[0] or read[1] > lateral[1]:
@@ -313,6 +344,7 @@ def isotropic_setup(section, sources: list, patch_shape) -> tuple[LateralDegrada
                           f"{degradation.margin}-voxel margin for the degradation ({read[0]} x {read[1]}), more "
                           f"than {first.url}'s Y x X {lateral[0]} x {lateral[1]}; use a patch_shape of at most "
                           f"{fit} (rounded down to the network's pooling grid)")
-    record = {**psf, "split": section.split, "kernel_shape": list(kernels["kernel"].shape),
+    record = {**psf, "split": section.split, "phase": section.phase, "noise": section.noise,
+              "kernel_shape": list(kernels["kernel"].shape),
               "lateral_voxel": float(scale["x"])}
     return degradation, IsotropicConfig(factor=factor, combine=section.combine, psf=record), provenance

@@ -66,6 +66,12 @@ class IsotropicTrainConfig(_Strict):
                         "the slices already carry) rather than the full rotated PSF.")
     combine: Literal["mean", "geometric"] = Field("mean", description="How prediction combines its XZ "
                                                   "and YZ passes.")
+    phase: Literal["continuous", "grid"] = Field("continuous", description="Where the subsampled rows of a "
+                                                 "training slice fall: any sub-voxel phase, or whole-voxel "
+                                                 "phases (as a volume's planes fall on the grid prediction "
+                                                 "upsamples to).")
+    noise: bool = Field(False, description="Give the subsampled rows back the noise the PSF blur averaged away "
+                        "(measured on each patch), so training inputs are as noisy as the axial slices.")
 
 
 class SelfSupervisedConfig(_Strict):
