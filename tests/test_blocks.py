@@ -141,3 +141,25 @@ def test_plan_overhead_equals_the_sum_over_every_block_and_tile():
                            [rng.choice([1, 2, 4, 8]) for _ in range(nd)], chunks, zoom=zoom, tile_shape=tile)
         brute = sum(t.predicted_voxels for b in plan for t in plan.tiles(b)) / math.prod(plan.shape)
         assert plan.overhead == pytest.approx(brute, rel=1e-12)
+
+
+def test_the_call_size_follows_the_workers_memory_and_precision():
+    from bigcare.blocks.sizing import CALL_VOXELS, call_voxels
+
+    small = call_voxels("cpu", memory_limit=2 * 2**30, threads=2, precision="fp32", n_filter_base=32)
+    assert small == CALL_VOXELS["cpu"]  # a 2 GiB worker keeps the floor
+    big = call_voxels("cpu", memory_limit=128 * 2**30, threads=16, precision="fp32", n_filter_base=32)
+    assert big > 8 * CALL_VOXELS["cpu"]
+    # bf16 activations take about half the bytes: nearly twice the window (threads' reads take the same)
+    two = call_voxels("cpu", memory_limit=128 * 2**30, threads=2, precision="fp32", n_filter_base=32)
+    assert 1.7 < call_voxels("cpu", memory_limit=128 * 2**30, threads=2, precision="bf16", n_filter_base=32) / two < 2.1
+    assert two > big  # every thread holds a read region and an output too
+    assert call_voxels("cpu", memory_limit=128 * 2**30, threads=16, n_filter_base=8) > big  # a narrower net
+    assert call_voxels("cpu", memory_limit=None, n_filter_base=32) == CALL_VOXELS["cpu"]  # unknown: the cap
+    assert call_voxels("cuda", memory_limit=128 * 2**30, n_filter_base=32) == CALL_VOXELS["cuda"]
+    # a big worker's window makes bigger default blocks with less recomputed halo
+    shape, chunks, halo = (512, 2048, 2048), (64, 128, 128), (24, 24, 24)
+    b_small = default_block_shape(shape, chunks, [True] * 3, halo, small)
+    b_big = default_block_shape(shape, chunks, [True] * 3, halo, big)
+    assert math.prod(b_big) > math.prod(b_small)
+    assert window_overhead(b_big, shape, halo) < window_overhead(b_small, shape, halo)

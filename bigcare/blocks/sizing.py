@@ -24,11 +24,21 @@ if TYPE_CHECKING:
     from bigcare.store.volume import Volume
 
 __all__ = ["CALL_VOXELS", "OVERHEAD_GOAL", "min_block_voxels", "window_overhead", "default_block_shape",
-           "plan_restoration"]
+           "plan_restoration", "call_voxels", "CALL_BYTES_PER_FILTER", "CALL_MEMORY_SHARE"]
 
 #: Largest window (write region + halo) one network call predicts, per device type: the memory a
 #: call may use over the network's peak bytes per voxel (see benchmarks/RESULTS.md, "Block size").
 CALL_VOXELS = {"cpu": 2**22, "cuda": 2**27}
+#: Peak bytes of one U-Net call per window voxel per base filter, by precision (CPU, channels-last:
+#: 507 / 258 B per voxel for CSBDeep's 32-filter default in fp32 / bf16, benchmarks/THROUGHPUT_NOTES.md;
+#: fp32's 17.0 is the constant bigcare.runs.dryrun estimates memory with).
+CALL_BYTES_PER_FILTER = {"fp32": 17.0, "bf16": 8.6, "fp16": 8.6}
+#: Bytes per window voxel each worker thread holds besides the call (its read region, normalized
+#: copy and output), the process's own resident memory, and the share of a worker's memory limit
+#: the whole may use (the rest: dask, the chunk cache, fragmentation).
+THREAD_BYTES_PER_VOXEL = 14.0
+WORKER_BASE_BYTES = 400 * 2**20
+CALL_MEMORY_SHARE = 0.25
 #: Overhead (predicted / written voxels) at which default blocks stop growing.
 OVERHEAD_GOAL = 1.15
 #: Sustained block tasks per second through the restore queue (benchmarks/scheduler.py; figures in
@@ -48,6 +58,42 @@ def min_block_voxels(devices: int, device: str = "cuda") -> int:
     """
     rate = DEVICE_RATE["cuda" if str(device).startswith("cuda") else "cpu"]
     return math.ceil(max(1, devices) * rate / (SCHEDULER_TASKS_PER_S * SCHEDULER_SHARE))
+
+
+def call_voxels(device: str = "cpu", *, memory_limit: float | None = None, threads: int = 1,
+                precision: str = "fp32", n_filter_base: int | None = None) -> int:
+    """Largest window (voxels) one network call predicts on a worker.
+
+    ``CALL_VOXELS[device]``, or, for a CPU worker whose memory limit and network width are known,
+    what ``CALL_MEMORY_SHARE`` of the limit holds when larger: the call at
+    ``CALL_BYTES_PER_FILTER[precision] * n_filter_base`` bytes per voxel plus every thread's
+    reads and writes (``THREAD_BYTES_PER_VOXEL``), over the process's ``WORKER_BASE_BYTES``. Big
+    workers so predict big windows and recompute less halo; GPU windows stay at the device cap.
+
+    Parameters
+    ----------
+    device : str
+        ``"cpu"`` or ``"cuda..."``.
+    memory_limit : float, optional
+        The worker's memory limit in bytes (dask's ``memory_limit``); None: unknown.
+    threads : int
+        Threads per worker.
+    precision : str
+        What the workers run (fp32 when unknown: the larger footprint).
+    n_filter_base : int, optional
+        The U-Net's base filters; None (another predictor): the device cap.
+
+    Returns
+    -------
+    int
+    """
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    base = CALL_VOXELS[kind]
+    if kind != "cpu" or not memory_limit or not n_filter_base:
+        return base
+    per_voxel = CALL_BYTES_PER_FILTER.get(precision, CALL_BYTES_PER_FILTER["fp32"]) * n_filter_base \
+        + THREAD_BYTES_PER_VOXEL * max(1, threads)
+    return max(base, int((memory_limit * CALL_MEMORY_SHARE - WORKER_BASE_BYTES) / per_voxel))
 
 
 def window_overhead(block: Sequence[int], shape: Sequence[int], halo: Sequence[int]) -> float:
@@ -128,7 +174,7 @@ def _spatial_block(volume: Volume, layout: AxisLayout, block: Sequence[int] | No
 
 def plan_restoration(volume: Volume, predictor: Predictor, layout: AxisLayout, block_shape: Sequence[int] | None = None,
                      device: str = "cpu", tile_shape: Sequence[int] | None = None,
-                     devices: int = 1) -> tuple[tuple[int, ...], BlockPlan]:
+                     devices: int = 1, max_call_voxels: int | None = None) -> tuple[tuple[int, ...], BlockPlan]:
     """Choose output chunks and the block plan for a volume and a predictor.
 
     Output chunks follow the input's chunks on spatial axes (the same grid; on an upsampled
@@ -140,7 +186,8 @@ def plan_restoration(volume: Volume, predictor: Predictor, layout: AxisLayout, b
     ``OVERHEAD_GOAL`` or one network call would exceed ``CALL_VOXELS`` (device memory). On a
     cluster of ``devices`` so large that such blocks would be too many tasks for the scheduler
     (:func:`min_block_voxels`), blocks grow further and are predicted in tiles of the
-    memory-bound shape.
+    memory-bound shape. ``max_call_voxels`` (from :func:`call_voxels`: the workers' memory)
+    replaces ``CALL_VOXELS``.
 
     Returns
     -------
@@ -162,7 +209,7 @@ def plan_restoration(volume: Volume, predictor: Predictor, layout: AxisLayout, b
         block = None if block is None else tuple(n if a in layout.drop else b for a, n, b in zip(axes, shape, block))
         tile = None if tile is None else tuple(n if a in layout.drop else t for a, n, t in zip(axes, shape, tile))
     if block is None:
-        cap = CALL_VOXELS["cuda" if str(device).startswith("cuda") else "cpu"]
+        cap = max_call_voxels or CALL_VOXELS["cuda" if str(device).startswith("cuda") else "cpu"]
         block = default_block_shape(shape, chunks, spatial, halo, cap, overhead_goal=OVERHEAD_GOAL)
         # big enough for the scheduler, small enough that every device gets >= 2 tasks
         need = min(min_block_voxels(devices, device), math.prod(shape) // (2 * max(1, devices)))

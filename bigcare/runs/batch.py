@@ -38,6 +38,7 @@ from bigcare.runs.volume import (
     precision_on_workers,
     resolve_model,
     start_volume_run,
+    worker_memory,
 )
 from bigcare.store.urls import is_url, normalize_url, relation, resolved
 from bigcare.types import ClusterKind, PathLike, check_device
@@ -168,11 +169,11 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     t0 = time.perf_counter()
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
-        devices = cluster_devices(c, device)
+        devices, memory = cluster_devices(c, device), worker_memory(c)
         ran = precision_on_workers(c, device, runs[0].precision, ref.predictor) if runs else ""
         for run in runs:  # every check that reads data, before any output is written
             run.precision_ran = ran
-            fit_to_cluster(run, devices)
+            fit_to_cluster(run, devices, *memory)
             measure_volume_run(run, c)
         fs, root = fsspec.core.url_to_fs(normalize_url(output_dir), **(output_storage_options or {}))
         try:

@@ -81,7 +81,15 @@ def plan_restore(input: PathLike, output: PathLike, model, *, block_shape: Shape
         import torch
 
         n_workers, threads = max(1, torch.cuda.device_count()), 1
-    fit_to_cluster(run, n_workers)
+    from bigcare.tasks.cluster import _memory_bytes
+
+    if run.precision == "auto":  # as the workers of this machine would resolve it (the call size follows it)
+        from bigcare.predictors.fastpath import resolve_precision
+
+        run.precision_ran = f"auto: {resolve_precision('auto', device)}"
+    memory = _memory_bytes()  # a local cluster gives each worker its share of this machine's memory
+    fit_to_cluster(run, n_workers, None if str(device).startswith("cuda") or not memory else memory / n_workers,
+                   threads_per_worker or threads)
     if run.state == "resume":
         run.done = written_chunks(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, run.output_options)))
     return describe_plan(run, n_workers, threads_per_worker or threads)

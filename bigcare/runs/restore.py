@@ -43,6 +43,7 @@ from bigcare.runs.volume import (
     precision_on_workers,
     resolve_model,
     start_volume_run,
+    worker_memory,
 )
 from bigcare.store.axes import default_axis_type
 from bigcare.types import (
@@ -244,7 +245,7 @@ def restore(
     with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
         check_device_on_workers(c, device, ref)
         run.precision_ran = precision_on_workers(c, device, run.precision, ref.predictor)
-        fit_to_cluster(run, cluster_devices(c, device))
+        fit_to_cluster(run, cluster_devices(c, device), *worker_memory(c))
         start_volume_run(run, c)
         with shipping(c, ref.payloads if run.n_todo else []):
             background = plan_background(run, c, run.skip_background) if run.skip_background is not None else {}

@@ -30,7 +30,7 @@ import zarr
 
 from bigcare.blocks.layout import AxisLayout
 from bigcare.blocks.plan import Block, BlockPlan
-from bigcare.blocks.sizing import plan_restoration
+from bigcare.blocks.sizing import call_voxels, plan_restoration
 from bigcare.errors import ConfigError, InputError, ModelMismatchError, OutputError
 from bigcare.normalization import Normalizer, volume_normalizer
 from bigcare.predictors.base import Predictor, check_predictor, load_predictor
@@ -66,7 +66,8 @@ if TYPE_CHECKING:
     from bigcare.predictors.shipping import ModelPayload
 
 __all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
-           "finish_volume_run", "cluster_devices", "fit_to_cluster", "check_apart", "check_device_on_workers", "measure_volume_run"]
+           "finish_volume_run", "cluster_devices", "worker_memory", "fit_to_cluster", "check_apart", "check_device_on_workers",
+           "measure_volume_run"]
 
 @dataclass
 class ModelRef:
@@ -423,14 +424,29 @@ def cluster_devices(client, device: str) -> int:
     return max(1, len(workers))
 
 
-def fit_to_cluster(run: VolumeRun, devices: int) -> VolumeRun:
-    """Re-plan default blocks for a cluster of ``devices`` (see :func:`plan_restoration`).
+def worker_memory(client) -> tuple[float | None, int]:
+    """The smallest memory limit of the cluster's workers (bytes; None when unknown) and the most threads."""
+    workers = list(client.scheduler_info(n_workers=-1)["workers"].values()) if client is not None else []
+    limits = [w.get("memory_limit") or 0 for w in workers]
+    return (min(limits) if limits and min(limits) > 0 else None), max([w.get("nthreads", 1) for w in workers] or [1])
+
+
+def fit_to_cluster(run: VolumeRun, devices: int, memory_limit: float | None = None, threads: int = 1) -> VolumeRun:
+    """Re-plan default blocks for a cluster of ``devices`` (see :func:`plan_restoration`) whose
+    workers have ``memory_limit`` bytes and ``threads`` threads (the call size follows them:
+    :func:`~bigcare.blocks.sizing.call_voxels`).
 
     Only runs with default block shapes whose plan changes are touched (nothing is written).
     """
     if not run.default_blocks:
         return run
-    chunks, plan = plan_restoration(run.volume, run.model.predictor, run.layout, None, run.device, None, devices)
+    arch = getattr(getattr(run.model.predictor, "config", None), "architecture", None)
+    ran = run.precision_ran or run.precision
+    precision = ran if ran in ("bf16", "fp16") else "bf16" if ran == "auto: bf16" else "fp32"
+    cap = call_voxels(run.device, memory_limit=memory_limit, threads=threads, precision=precision,
+                      n_filter_base=getattr(arch, "n_filter_base", None))
+    chunks, plan = plan_restoration(run.volume, run.model.predictor, run.layout, None, run.device, None, devices,
+                                    max_call_voxels=cap)
     if plan == run.plan:
         return run
     run.chunks, run.plan = chunks, plan
