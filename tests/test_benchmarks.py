@@ -109,6 +109,15 @@ def test_the_subdiffraction_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
         assert row["frc_um"] > 0.07  # about Nyquist (2 px of 0.04 um) at the finest
 
 
+def test_the_isotropic_real_data_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
+    isotropic_real = _import("isotropic_real", monkeypatch)
+    if not isotropic_real.DATA.exists():
+        pytest.skip(f"{isotropic_real.DATA} is not beside the checkout")
+    rows = isotropic_real.main(["--smoke", "--workdir", str(tmp_path / "real")])
+    assert [r["method"].split(" (")[0] for r in rows] == ["linear", "cubic", "Richardson-Lucy", "bigcare isotropic"]
+    assert all(r["psnr"] == r["psnr"] and r["psnr"] > 0 and 0 < r["ssim"] <= 1 for r in rows)  # finite
+
+
 def test_the_projection_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
     projection = _import("projection", monkeypatch)
     report = projection.main(["--smoke", "--out", str(tmp_path / "projection")])
