@@ -199,7 +199,8 @@ def bench_background(tmp: Path, args) -> dict:
     The signal half is engine.py's synthetic cells; the empty half holds voxels drawn from the
     signal half's own background (its values below the 20th percentile), so the threshold (the
     empty half's max) is what a user would read off the background. The shipped demo model (a
-    trained CARE net: a random one would not map background noise to a smooth background),
+    trained CARE net: a random one would not map background noise to a smooth background; ``--bg-filters
+    32`` takes CSBDeep's default width with random weights instead, for the speed-up of a slower network),
     fresh single-worker cluster per run, the whole ``bigcare.restore`` call timed.
     """
     from distributed import Client, LocalCluster
@@ -210,6 +211,7 @@ def bench_background(tmp: Path, args) -> dict:
 
     shape = (16, 64, 256) if args.smoke else (64, 256, 1024)
     chunks = (16, 32, 32) if args.smoke else (64, 128, 128)
+    model = DEMO_MODEL if args.bg_filters is None else save_unet(tmp / "bg_model", n_filter_base=args.bg_filters)
     vol = make_volume(tmp / "bg.ome.zarr", shape, chunks)
     arr = vol.array(0, mode="r+")
     data = np.asarray(arr[...])
@@ -220,13 +222,14 @@ def bench_background(tmp: Path, args) -> dict:
     data[:, :, half:] = rng.choice(pool, size=data[:, :, half:].shape)
     arr[...] = data
     threshold = float(data[:, :, half:].max())
-    rows: dict = {"shape": shape, "block_shape": chunks, "threshold": threshold, "empty_fraction": 0.5}
+    rows: dict = {"shape": shape, "block_shape": chunks, "threshold": threshold, "empty_fraction": 0.5,
+                  "model": "demo (trained)" if args.bg_filters is None else f"random U-Net, {args.bg_filters} filters"}
     outs = {}
     for label, skip in (("full", None), ("skip", threshold)):
         with LocalCluster(n_workers=1, threads_per_worker=args.threads, dashboard_address=None) as cluster, \
                 Client(cluster) as client:
             t = time.perf_counter()
-            run = bigcare.restore(tmp / "bg.ome.zarr", tmp / f"bg_{label}.ome.zarr", DEMO_MODEL, client=client,
+            run = bigcare.restore(tmp / "bg.ome.zarr", tmp / f"bg_{label}.ome.zarr", model, client=client,
                                   block_shape=chunks, device=args.device, pyramid=False, progress=False,
                                   skip_background=skip)
             rows[label] = {"seconds": time.perf_counter() - t, "blocks": run.blocks_total,
@@ -304,6 +307,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--care-shape", type=int, nargs=3, default=(64, 256, 256))
+    parser.add_argument("--bg-filters", type=int, default=None,
+                        help="background: a random U-Net of this many base filters instead of the trained demo model")
     parser.add_argument("--tmp", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
     if args.smoke:

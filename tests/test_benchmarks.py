@@ -137,3 +137,9 @@ def test_the_isotropic_ablation_runs_in_smoke_mode(tmp_path, monkeypatch):
     rows = ablation.main(["--smoke", "--workdir", str(tmp_path / "ablation")])
     assert [r["arm"] for r in rows] == ["input (linear)", "base", "grid_noise", "geometric"]
     assert all(r["psnr"] == r["psnr"] and r["psnr"] > 0 for r in rows)  # finite scores
+
+
+def test_the_csbdeep_comparison_runs_in_smoke_mode_without_csbdeep(monkeypatch, capsys):
+    vs_csbdeep = _import("vs_csbdeep", monkeypatch)
+    report = vs_csbdeep.main(["--smoke"])
+    assert set(report["table"]) == {"bigcare fp32", "bigcare auto"}

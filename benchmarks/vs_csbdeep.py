@@ -1,0 +1,117 @@
+"""bigcare against CSBDeep + TensorFlow, side by side, interleaved (issue 20, item 3).
+
+Needs a CSBDeep environment (not a bigcare dependency)::
+
+    python3 -m venv V && V/bin/pip install csbdeep==0.8.2 tensorflow-cpu
+    python benchmarks/vs_csbdeep.py --venv V [--shape 64 256 256] [--rounds 3]
+
+CSBDeep's default 3D CARE network (``Config("ZYX")``: depth 2, 32 first filters, kernel 3,
+996,769 parameters, random weights) predicts the uint16 volume in memory, untiled (``n_tiles``
+with ``--n-tiles``), percentile normalization 1 / 99.8, after one warm-up call on a crop; bigcare
+restores the same volume as an OME-Zarr file to file with ``bigcare.restore`` defaults (fresh
+local cluster, pyramid), the same architecture, ``--precision fp32`` and ``auto``, timed as the
+whole call's ``wall_seconds`` (the local cluster's start, percentiles, model shipping, blocks,
+pyramid) and, beside it, the blocks' own ``seconds``. Each variant runs in a fresh process; peak
+RSS is VmHWM of that process plus, for bigcare, its worker's. Variants rotate each round.
+Without ``--venv`` (or with ``--smoke``) only bigcare runs. Prints a table, then JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CSBDEEP = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from csbdeep.data import PadAndCropResizer, PercentileNormalizer
+    from csbdeep.models import CARE, Config
+    x = np.load(sys.argv[1]); n_tiles = json.loads(sys.argv[3])
+    model = CARE(Config("ZYX", n_channel_in=1, n_channel_out=1), "bench", basedir=sys.argv[2])
+    kw = dict(normalizer=PercentileNormalizer(1, 99.8), resizer=PadAndCropResizer())
+    model.predict(x[:16, :64, :64], "ZYX", **kw)
+    t = time.perf_counter()
+    model.predict(x, "ZYX", n_tiles=n_tiles, **kw)
+    s = time.perf_counter() - t
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    print(json.dumps({"seconds": s, "peak_rss_mb": int(hwm) / 1024, "params": model.keras_model.count_params()}))
+""")
+
+BIGCARE = textwrap.dedent("""
+    import json, sys
+    import bigcare
+    r = bigcare.restore(sys.argv[1], sys.argv[2], sys.argv[3], precision=sys.argv[4], progress=False, overwrite=True)
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    print(json.dumps({"seconds": r.wall_seconds, "blocks_seconds": r.seconds, "blocks": r.blocks_total,
+                      "halo_overhead": r.halo_overhead, "precision": r.precision,
+                      "peak_rss_mb": int(hwm) / 1024 + r.peak_worker_rss_mb, "client_rss_mb": int(hwm) / 1024,
+                      "worker_rss_mb": r.peak_worker_rss_mb}))
+""")
+
+
+def _run(cmd: list[str]) -> dict:
+    load = os.getloadavg()[0]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]), load_before=load)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--venv", default=None, help="a venv with csbdeep==0.8.2 and tensorflow-cpu")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256))
+    p.add_argument("--n-tiles", type=int, nargs=3, default=None, help="CSBDeep's n_tiles (default: untiled)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="seconds, tiny sizes, bigcare only (the test suite runs it)")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    import numpy as np
+    from engine import make_volume, save_unet
+
+    shape = (16, 64, 64) if args.smoke else tuple(args.shape)
+    rounds = 1 if args.smoke else args.rounds
+    tmp = Path(tempfile.mkdtemp(prefix="bigcare-vs-csbdeep-"))
+    vol = make_volume(tmp / "in.ome.zarr", shape, (shape[0], shape[1], max(1, shape[2] // 2)))
+    np.save(tmp / "in.npy", np.asarray(vol.array()[...]))
+    model = save_unet(tmp / "model", n_filter_base=4 if args.smoke else 32)
+    variants = {f"bigcare {p}": [sys.executable, "-c", BIGCARE, str(tmp / "in.ome.zarr"), str(tmp / f"out_{p}.ome.zarr"),
+                                 str(model), p] for p in ("fp32", "auto")}
+    if args.venv and not args.smoke:
+        variants = {"csbdeep": [str(Path(args.venv) / "bin" / "python"), "-c", CSBDEEP, str(tmp / "in.npy"),
+                                str(tmp / "csbdeep"), json.dumps(args.n_tiles)], **variants}
+    names = list(variants)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(_run(variants[name]))
+    vox = int(np.prod(shape))
+    table = {}
+    for name, rows in runs.items():
+        s = statistics.median(x["seconds"] for x in rows)
+        blocks = statistics.median(x.get("blocks_seconds", x["seconds"]) for x in rows)
+        table[name] = {"Mvox_s": vox / s / 1e6, "seconds_median": s, "blocks_Mvox_s": vox / blocks / 1e6,
+                       "peak_rss_mb": max(x["peak_rss_mb"] for x in rows),
+                       "loads": [round(x["load_before"], 2) for x in rows], "runs": rows}
+    if "csbdeep" in table:
+        for row in table.values():
+            row["x_csbdeep"] = row["Mvox_s"] / table["csbdeep"]["Mvox_s"]
+            row["rss_vs_csbdeep"] = row["peak_rss_mb"] / table["csbdeep"]["peak_rss_mb"]
+    for name, row in table.items():
+        print(f"{name:14s} {row['Mvox_s']:.3f} Mvox/s ({row.get('x_csbdeep', float('nan')):.2f}x CSBDeep; blocks only "
+              f"{row['blocks_Mvox_s']:.3f}), "
+              f"peak RSS {row['peak_rss_mb']:.0f} MB, loads {row['loads']}")
+    report = {"shape": shape, "n_tiles": args.n_tiles, "rounds": rounds, "table": table}
+    print(json.dumps(report, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
