@@ -120,7 +120,7 @@ def _cmd_plan(args) -> int:
         plan = plan_restore(inp, out, _model(args), block_shape=args.block_shape, tile_shape=args.tile_shape,
                             device=args.device, precision=args.precision, workers=args.workers,
                             overwrite=args.overwrite, ngff_version=args.ngff_version, output_dtype=args.output_dtype,
-                            pyramid=args.pyramid, nan_fill=args.nan_fill)
+                            pyramid=args.pyramid, nan_fill=args.nan_fill, skip_background=args.skip_background)
         print(format_plan(plan))
         if args.json:
             print(json.dumps(plan, default=str))

@@ -84,6 +84,8 @@ def test_a_bad_threshold_is_one_error_with_exit_2_and_nothing_written(tmp_path, 
     err = capsys.readouterr().err
     assert "--skip-background" in err and "Traceback" not in err
     assert not (tmp_path / "out.ome.zarr").exists()
+    assert main(["plan", str(tmp_path / "in.ome.zarr"), str(tmp_path / "out.ome.zarr"), "--model", str(model3d),
+                 "--skip-background", bad]) == 2
     with pytest.raises(bigcare.errors.ConfigError, match="finite number"):
         bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", model3d, skip_background="x")
 

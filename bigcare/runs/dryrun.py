@@ -45,14 +45,15 @@ def plan_restore(input: PathLike, output: PathLike, model, *, block_shape: Shape
                  workers: int | None = None, threads_per_worker: int | None = None, overwrite: bool = False,
                  ngff_version: NgffVersion = "0.5", output_dtype: str = "float32", pyramid: bool = True,
                  storage_options: dict | None = None, output_storage_options: dict | None = None,
-                 nan_fill: float | None = None) -> dict[str, Any]:
+                 nan_fill: float | None = None, skip_background: float | None = None) -> dict[str, Any]:
     """Plan a restore as :func:`bigcare.restore` would, without running or writing anything.
 
     Parameters
     ----------
     input, output, model, block_shape, tile_shape, device, precision, overwrite, ngff_version,
-    output_dtype, pyramid, storage_options, output_storage_options, nan_fill
-        As in :func:`bigcare.restore`.
+    output_dtype, pyramid, storage_options, output_storage_options, nan_fill, skip_background
+        As in :func:`bigcare.restore` (which background blocks are skipped is decided by the run, from
+        the data; the plan only checks the threshold and knows the run it would resume).
     workers, threads_per_worker : int, optional
         The cluster the run would have (devices for default block sizes; threads for memory):
         default one worker with every core, as a local cluster.
@@ -75,7 +76,8 @@ def plan_restore(input: PathLike, output: PathLike, model, *, block_shape: Shape
     run = plan_volume_run(input, output, ref, block_shape=block_shape, tile_shape=tile_shape, device=device,
                           precision=precision, overwrite=overwrite, ngff_version=ngff_version,
                           output_dtype=output_dtype, storage_options=storage_options,
-                          output_storage_options=output_storage_options, pyramid=pyramid, nan_fill=nan_fill)
+                          output_storage_options=output_storage_options, pyramid=pyramid, nan_fill=nan_fill,
+                          skip_background=skip_background)
     n_workers, threads = local_cluster_shape(workers)
     if str(device).startswith("cuda"):
         import torch
