@@ -6,6 +6,7 @@ peak worker memory vs volume size. Prints its figures last; record them in RESUL
     python benchmarks/engine.py rss       # peak RSS per worker, volume vs 8x volume
     python benchmarks/engine.py background  # --skip-background on a half-empty volume: speed-up, max error
     python benchmarks/engine.py decodes   # input chunks decoded per block, without / with the chunk cache
+    python benchmarks/engine.py window    # a volume larger than one 4-Mvoxel call: memory-sized windows vs 4 Mvoxel
     python benchmarks/engine.py all [--device cuda]
 """
 
@@ -300,9 +301,52 @@ def bench_decodes(tmp: Path, args) -> dict:
     return rows
 
 
+def bench_window(tmp: Path, args) -> dict:
+    """File to file on a volume larger than one ``CALL_VOXELS`` call: default blocks (the window
+    follows the worker's memory, :func:`bigcare.blocks.sizing.call_voxels`) against the blocks the
+    fixed 4-Mvoxel window gave, and the network alone on the whole volume in memory.
+
+    CSBDeep's default net (random weights), precision auto, one fresh 1-worker cluster per run,
+    the whole restore call timed (cluster start excluded), no pyramid.
+    """
+    import math
+
+    from distributed import Client, LocalCluster
+
+    import bigcare
+    from bigcare.blocks.sizing import CALL_VOXELS, default_block_shape
+
+    shape = (32, 128, 128) if args.smoke else (128, 512, 512)
+    chunks = (16, 32, 32) if args.smoke else (64, 128, 128)
+    make_volume(tmp / "win.ome.zarr", shape, chunks)
+    model = save_unet(tmp / "win_model", n_filter_base=4 if args.smoke else 32)
+    from bigcare.store.volume import open_volume
+
+    data = np.asarray(open_volume(tmp / "win.ome.zarr").array()[...])
+    vox = math.prod(shape)
+    torch.set_num_threads(args.threads)
+    bigcare.predict(data[:32, :64, :64], model, axes="zyx", device=args.device)  # warm up
+    t = time.perf_counter()
+    bigcare.predict(data, model, axes="zyx", device=args.device)
+    rows: dict = {"shape": shape, "in_memory_seconds": time.perf_counter() - t}
+    old = default_block_shape(shape, chunks, [True] * 3, (24,) * 3, CALL_VOXELS["cpu"], overhead_goal=1.15)
+    for label, block in (("memory-sized (default)", None), ("4 Mvoxel window (before)", old)):
+        with LocalCluster(n_workers=1, threads_per_worker=args.threads, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            t = time.perf_counter()
+            run = bigcare.restore(tmp / "win.ome.zarr", tmp / f"win_{len(rows)}.ome.zarr", model, client=client,
+                                  block_shape=block, device=args.device, pyramid=False, progress=False)
+            seconds = time.perf_counter() - t
+        rows[label] = {"seconds": seconds, "blocks": run.blocks_total, "halo_overhead": run.halo_overhead,
+                       "vs_in_memory": rows["in_memory_seconds"] / seconds, "precision": run.precision,
+                       "peak_worker_rss_mb": run.peak_worker_rss_mb, "Mvox_s": vox / seconds / 1e6}
+    rows["in_memory_Mvox_s"] = vox / rows["in_memory_seconds"] / 1e6
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["copy", "care", "rss", "cpu-goal", "background", "decodes", "all"])
+    parser.add_argument("which", choices=["copy", "care", "rss", "cpu-goal", "background", "decodes", "window", "all"])
     parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (the test suite runs it): no figures")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -316,7 +360,7 @@ def main(argv=None) -> dict:
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bigcare-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     benches = {"copy": bench_copy, "care": bench_care, "rss": bench_rss, "cpu-goal": bench_cpu_goal,
-               "background": bench_background, "decodes": bench_decodes}
+               "background": bench_background, "decodes": bench_decodes, "window": bench_window}
     names = list(benches) if args.which == "all" else [args.which]
     results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                           f"{torch.get_num_threads()} torch threads", "torch": torch.__version__,
