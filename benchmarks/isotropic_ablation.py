@@ -21,6 +21,8 @@ thing against ``base`` (the configuration the reduced benchmark ran, 16 filters,
     geometric    base's model, XZ and YZ passes combined by the geometric mean (no training)
     grid_noise   grid_phase and noise together
 
+Arms combine with "+" (``--arms noise,noise+csbdeep_net,noise+long``).
+
 Training runs in this process with bigcare's own pieces: LateralDegradation (the degradation
 ``bigcare train`` applies), bigcare.training.trainer.fit (the trainer), and bigcare.predict with
 the saved model folder (IsotropicPredictor: the volume upsampled along Z with
@@ -51,6 +53,8 @@ from bigcare.training.trainer import fit
 
 ARMS = ("base", "grid_phase", "noise", "grid_noise", "full_psf", "csbdeep_net", "mse", "long", "no_augment",
         "fixed_norm", "geometric")
+#: what each arm changes; an arm named "noise+long" changes both
+CHANGES = {"base": set(), "grid_noise": {"grid_phase", "noise"}}
 
 
 def make_data(shape, seed=0):
@@ -102,33 +106,34 @@ def batches(patches, deg, batch, seed, augment):
 def run_arm(name, data, gt, crop, args, work, base_model=None):
     """Train (unless the arm only changes prediction) and score one arm."""
     t0 = time.perf_counter()
+    mods = set().union(*(CHANGES.get(m, {m}) for m in name.split("+")))
     if name == "geometric":
         model_dir = base_model
     else:
-        split = name != "full_psf"
+        split = "full_psf" not in mods
         kernel = psf_kernels({"kind": "gaussian", "sigma_xy": 2.0, "sigma_z": 8.0}, (8.0, 1.0, 1.0), split=split)
-        deg = LateralDegradation.build(kernel["kernel"], 8.0, phase="grid" if "grid" in name else "continuous",
-                                       noise="noise" in name)
-        f, k = (32, 5) if name == "csbdeep_net" else (args.filters, 3)
+        deg = LateralDegradation.build(kernel["kernel"], 8.0, phase="grid" if "grid_phase" in mods else "continuous",
+                                       noise="noise" in mods)
+        f, k = (32, 5) if "csbdeep_net" in mods else (args.filters, 3)
         arch = UNetConfig(ndim=2, depth=2, n_filter_base=f, kernel_size=k)
         patch = (args.patch, args.patch)
         read = deg.read_shape(patch)
-        pats = draw_patches(data, read, args.n_patches, 0, name == "fixed_norm")
+        pats = draw_patches(data, read, args.n_patches, 0, "fixed_norm" in mods)
         n_val = max(1, len(pats) // 10)
         val = list(deg(pats[i:i + args.batch], np.random.default_rng([7, i]))
                    for i in range(0, n_val, args.batch))
-        steps = args.steps * (2 if name == "long" else 1)
+        steps = args.steps * (2 if "long" in mods else 1)
         epochs = max(1, steps // args.steps_per_epoch)
         cfg = ModelConfig(axes="YX", architecture=arch, normalization=Normalization(pmin=2.0, pmax=99.7),
                           kind="isotropic", isotropic=IsotropicConfig(factor=8.0, combine="mean"),
                           provenance={"ablation": name})
         torch.manual_seed(0)
         model = UNet(arch)
-        result = fit(model, cfg, batches(pats[n_val:], deg, args.batch, 0, name != "no_augment"), validation=val,
+        result = fit(model, cfg, batches(pats[n_val:], deg, args.batch, 0, "no_augment" not in mods), validation=val,
                      epochs=epochs, steps_per_epoch=args.steps_per_epoch, lr=4e-4,
-                     loss="mse" if name == "mse" else "mae", device=args.device, precision="fp32",
-                     model_dir=work / name, resume=False, seed=0, progress=False)
-        model_dir = work / name / "best"
+                     loss="mse" if "mse" in mods else "mae", device=args.device, precision="fp32",
+                     model_dir=work / name.replace("+", "_"), resume=False, seed=0, progress=False)
+        model_dir = work / name.replace("+", "_") / "best"
         val_curve = [round(v, 5) for v in result.val_loss]
     t_train = time.perf_counter() - t0
     if name == "geometric":  # base's weights, the other combination
@@ -173,7 +178,7 @@ def main(argv=None):
         args.shape, args.steps, args.steps_per_epoch, args.filters = (32, 112, 112), 2, 1, 2
         args.patch, args.batch, args.n_patches = 16, 2, 8
         arms = ["base", "grid_noise", "geometric"]
-    unknown = set(arms) - set(ARMS)
+    unknown = {m for a in arms for m in a.split("+")} - set(ARMS)
     if unknown:
         ap.error(f"unknown arms {sorted(unknown)}; expected some of {', '.join(ARMS)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bigcare_iso_ablation_"))
@@ -199,11 +204,11 @@ def main(argv=None):
         if name == "base":
             base_model = model_dir
         rows.append(row)
-    ref = next((r["psnr"] for r in rows if r["arm"] == "base"), None)
-    print(f"\n{'arm':16s} {'PSNR dB':>8s} {'vs base':>8s} {'SSIM':>7s} {'train s':>8s}  best epoch")
+    ref = rows[1]["psnr"] if len(rows) > 1 else None  # the first arm (base by default)
+    print(f"\n{'arm':24s} {'PSNR dB':>8s} {'vs 1st':>8s} {'SSIM':>7s} {'train s':>8s}  best epoch")
     for r in rows:
         d = f"{r['psnr'] - ref:+8.2f}" if ref is not None and r["arm"] != "input (linear)" else " " * 8
-        print(f"{r['arm']:16s} {r['psnr']:8.2f} {d} {r['ssim']:7.4f} {r.get('train_s', 0):8}  "
+        print(f"{r['arm']:24s} {r['psnr']:8.2f} {d} {r['ssim']:7.4f} {r.get('train_s', 0):8}  "
               f"{r.get('best_epoch', '')}")
     return rows
 

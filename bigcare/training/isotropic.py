@@ -9,6 +9,8 @@ microscope degrades Z, is an input whose target is the patch itself::
         the extra blur on top of the lateral PSF the patch already carries)
       ──► sample rows at phase + j * factor (cubic spline; phase uniform in [0, factor) per
           patch, so a non-integer factor such as 2.5 is sampled at every sub-voxel offset)
+      ──► add back, at each sample, the noise the blur averaged away (``noise``, the default:
+          an axial slice's rows are single planes with their full noise; measured on the patch)
       ──► back to the patch's rows with :func:`bigcare.blocks.zoom.interpolate_rows`, the linear
           interpolation prediction uses to upsample Z ──► crop the margin ──► input x
 
