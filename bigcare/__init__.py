@@ -32,6 +32,9 @@ Glossary (one word per concept, used everywhere in code, docs and messages):
   region unless the method zooms.
 - **crop**: where the write region sits inside the prediction of the window.
 - **tile**: one network call; a block larger than the device allows is predicted in tiles.
+- **background block**: a block whose whole read region has no input voxel above the
+  ``--skip-background`` threshold; it is **filled** with the model's prediction of a constant
+  background instead of being predicted (:mod:`bigcare.runs.background`).
 - **zoom**: output voxels per input voxel along an axis (isotropic restoration upsamples Z; so does
   upsampling CARE, a 3D network on the upsampled volume).
 - **projection**: a stack (ZYX) mapped to a 2D image of its surface (CARE Fig. 2); the model's

@@ -7,6 +7,7 @@
       plan_volume_run   open input ─► check model fits ─► plan blocks ─► fresh/resume/replace/refuse
       (cluster: the given client, an existing scheduler, or one started here by name)
       start_volume_run  percentiles, outputs metadata-first + done markers   (fresh runs)
+      plan_background   (--skip-background) chunk maxima: background blocks, their constant fill
       execute           client.map(run_block, blocks not yet done): one task per block,
                         coordinates only; one retry per failed block; progress bar
       finish_volume_run summary JSON ─► pyramid ─► mark complete   (or BlockError)
