@@ -110,6 +110,7 @@ def test_train_isotropic_from_config_and_restore(aniso_volume, tmp_path, client)
     assert cfg.kind == "isotropic" and cfg.axes == "YX"
     assert cfg.isotropic.factor == pytest.approx(2.0)
     assert cfg.isotropic.psf["kind"] == "gaussian" and cfg.isotropic.psf["split"] is True
+    assert cfg.isotropic.psf["noise"] is True and cfg.isotropic.psf["phase"] == "continuous"  # the defaults
     out = tmp_path / "out.ome.zarr"
     bigcare.restore(str(path), str(out), tmp_path / "m" / "best", client=client, block_shape=(16, 32, 32),
                     progress=False)
