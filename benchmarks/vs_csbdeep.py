@@ -49,7 +49,7 @@ CSBDEEP = textwrap.dedent("""
 BIGCARE = textwrap.dedent("""
     import json, sys
     import bigcare
-    r = bigcare.restore(sys.argv[1], sys.argv[2], sys.argv[3], precision=sys.argv[4], progress=False, overwrite=True)
+    r = bigcare.restore(sys.argv[1], sys.argv[2], sys.argv[3], precision=sys.argv[4], progress=False)
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
     print(json.dumps({"seconds": r.wall_seconds, "blocks_seconds": r.seconds, "blocks": r.blocks_total,
                       "halo_overhead": r.halo_overhead, "precision": r.precision,
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     vol = make_volume(tmp / "in.ome.zarr", shape, (shape[0], shape[1], max(1, shape[2] // 2)))
     np.save(tmp / "in.npy", np.asarray(vol.array()[...]))
     model = save_unet(tmp / "model", n_filter_base=4 if args.smoke else 32)
-    variants = {f"bigcare {p}": [sys.executable, "-c", BIGCARE, str(tmp / "in.ome.zarr"), str(tmp / f"out_{p}.ome.zarr"),
+    variants = {f"bigcare {p}": [sys.executable, "-c", BIGCARE, str(tmp / "in.ome.zarr"), str(tmp / f"out_{p}"),
                                  str(model), p] for p in ("fp32", "auto")}
     if args.venv and not args.smoke:
         variants = {"csbdeep": [str(Path(args.venv) / "bin" / "python"), "-c", CSBDEEP, str(tmp / "in.npy"),
@@ -91,7 +91,10 @@ def main(argv=None) -> dict:
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            runs[name].append(_run(variants[name]))
+            cmd = list(variants[name])
+            if name.startswith("bigcare"):  # a fresh output each round (the same one would resume: nothing to do)
+                cmd[4] = f"{cmd[4]}_{r}.ome.zarr"
+            runs[name].append(_run(cmd))
     vox = int(np.prod(shape))
     table = {}
     for name, rows in runs.items():
