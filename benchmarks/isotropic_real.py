@@ -139,7 +139,7 @@ def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="all 320 rows, 32 filters, 4000 steps (GPU)")
     ap.add_argument("--blur", type=float, default=0.3, help="added axial blur, Gaussian sigma in um (default 0.3)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 4000 full, 800 CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 4000 full, 2000 CPU)")
     ap.add_argument("--filters", type=int, default=None, help="first-level filters (default 32 full, 16 CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--smoke", action="store_true", help="seconds, a small crop (the test suite runs it)")
@@ -162,7 +162,7 @@ def main(argv=None) -> list:
     if not (args.reuse and Path(url).exists()):
         write_array(url, data, chunks=(len(data), 80, 128), scale=(FACTOR * VOXEL_XY, VOXEL_XY, VOXEL_XY),
                     axes=axes, overwrite=True)
-    steps = 2 if args.smoke else args.steps or (4000 if args.full else 800)
+    steps = 2 if args.smoke else args.steps or (4000 if args.full else 2000)
     epochs = 1 if args.smoke else 20 if args.full else 10
     filters = 4 if args.smoke else args.filters or (32 if args.full else 16)
     patch = 16 if args.smoke else 64
