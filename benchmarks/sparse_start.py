@@ -24,7 +24,8 @@ import numpy as np
 import zarr
 
 from bigcare.predictors.identity import IdentityPredictor
-from bigcare.runs.volume import measure_volume_run, plan_volume_run, resolve_model, start_volume_run
+from bigcare.runs.models import resolve_model
+from bigcare.runs.volume import measure_volume_run, plan_volume_run, start_volume_run
 from bigcare.store.axes import Axis
 from bigcare.store.write import create_volume
 from bigcare.tasks.block import MARKER

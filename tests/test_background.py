@@ -30,7 +30,7 @@ def test_skipped_blocks_hold_the_constant_prediction_and_the_rest_is_the_full_ru
                           block_shape=BLOCK, precision="fp32", pyramid=False, progress=False,
                           skip_background=5.0)
     plan = bigcare.runs.volume.plan_volume_run(str(tmp_path / "in.ome.zarr"), str(tmp_path / "x.ome.zarr"),
-                                               bigcare.runs.volume.resolve_model(model3d), block_shape=BLOCK).plan
+                                               bigcare.runs.models.resolve_model(model3d), block_shape=BLOCK).plan
     quiet = [b for b in plan if data[b.read_slices].max() <= 5.0]
     assert quiet and len(quiet) < len(plan)
     assert run.blocks_background == len(quiet) and run.blocks_computed == len(plan)

@@ -13,7 +13,8 @@ from conftest import make_model, smooth_volume, write_volume
 
 def test_info_tells_a_complete_output_from_an_unfinished_one(tmp_path, client):
     from bigcare.predictors.identity import IdentityPredictor
-    from bigcare.runs.volume import plan_volume_run, resolve_model, start_volume_run
+    from bigcare.runs.models import resolve_model
+    from bigcare.runs.volume import plan_volume_run, start_volume_run
 
     src = write_volume(tmp_path / "in.ome.zarr", smooth_volume((16, 32, 32)), chunks=(8, 16, 16))
     model = make_model(tmp_path / "m", ndim=3)

@@ -248,7 +248,8 @@ def test_a_huge_mostly_missing_volume_starts_without_touching_every_block(tmp_pa
     million blocks cost the chunks sampled and the blocks taken, not the block count."""
     from bigcare.blocks.plan import BlockPlan
     from bigcare.predictors.identity import IdentityPredictor
-    from bigcare.runs.volume import plan_volume_run, resolve_model, start_volume_run
+    from bigcare.runs.models import resolve_model
+    from bigcare.runs.volume import plan_volume_run, start_volume_run
     from bigcare.store.axes import Axis
     from bigcare.store.write import create_volume
 
@@ -274,7 +275,8 @@ def test_resume_lists_the_done_markers_it_skips(tmp_path):
     """The done markers are found by listing the store (v2 and v3), and exactly those blocks
     are skipped."""
     from bigcare.predictors.identity import IdentityPredictor
-    from bigcare.runs.volume import plan_volume_run, resolve_model, start_volume_run
+    from bigcare.runs.models import resolve_model
+    from bigcare.runs.volume import plan_volume_run, start_volume_run
     from bigcare.store.arrays import written_chunks
 
     for version in ("0.4", "0.5"):
@@ -358,7 +360,8 @@ def test_semaphores_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
 
 def test_an_unfinished_restore_output_is_refused_as_an_input(tmp_path):
     from bigcare.predictors.identity import IdentityPredictor
-    from bigcare.runs.volume import plan_volume_run, resolve_model, start_volume_run
+    from bigcare.runs.models import resolve_model
+    from bigcare.runs.volume import plan_volume_run, start_volume_run
 
     src = write_volume(tmp_path / "in.ome.zarr", smooth_volume((16, 32, 32)), chunks=(8, 16, 16))
     ref = resolve_model(IdentityPredictor())

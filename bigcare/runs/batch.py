@@ -24,20 +24,22 @@ import fsspec
 
 from bigcare.errors import ConfigError, InputError, OutputError
 from bigcare.runs.background import plan_background
+from bigcare.runs.models import resolve_model
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.restore import client_for, default_device
 from bigcare.runs.results import write_batch_summary
 from bigcare.runs.volume import (
     check_apart,
-    check_device_on_workers,
-    cluster_devices,
     finish_volume_run,
     fit_to_cluster,
     measure_volume_run,
     plan_volume_run,
-    precision_on_workers,
-    resolve_model,
     start_volume_run,
+)
+from bigcare.runs.workers import (
+    check_device_on_workers,
+    cluster_devices,
+    precision_on_workers,
     worker_memory,
 )
 from bigcare.store.urls import is_url, normalize_url, relation, resolved

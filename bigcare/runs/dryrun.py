@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from bigcare.runs.models import resolve_model
 from bigcare.runs.outputs import output_geometry
-from bigcare.runs.volume import fit_to_cluster, plan_volume_run, resolve_model
+from bigcare.runs.volume import fit_to_cluster, plan_volume_run
 from bigcare.store.arrays import written_chunks
 from bigcare.store.urls import store_kwargs
 from bigcare.tasks.block import MARKER

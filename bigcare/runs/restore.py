@@ -31,19 +31,21 @@ from bigcare.errors import ConfigError
 from bigcare.normalization import Normalizer, array_normalizer
 from bigcare.predictors.base import load_predictor, predict_region
 from bigcare.runs.background import plan_background
+from bigcare.runs.models import resolve_model
 from bigcare.runs.outputs import output_geometry
 from bigcare.runs.queue import block_error, execute, shipping
 from bigcare.runs.results import RunResult
 from bigcare.runs.tiff import check_tiff_output, is_tiff, stage_tiff_input, staged_paths, write_tiff
 from bigcare.runs.volume import (
-    check_device_on_workers,
-    cluster_devices,
     finish_volume_run,
     fit_to_cluster,
     plan_volume_run,
-    precision_on_workers,
-    resolve_model,
     start_volume_run,
+)
+from bigcare.runs.workers import (
+    check_device_on_workers,
+    cluster_devices,
+    precision_on_workers,
     worker_memory,
 )
 from bigcare.store.axes import default_axis_type

@@ -33,8 +33,8 @@ from bigcare.blocks.plan import Block, BlockPlan
 from bigcare.blocks.sizing import call_voxels, plan_restoration
 from bigcare.errors import ConfigError, InputError, ModelMismatchError, OutputError
 from bigcare.normalization import Normalizer, volume_normalizer
-from bigcare.predictors.base import Predictor, check_predictor, load_predictor
 from bigcare.runs.background import check_threshold
+from bigcare.runs.models import ModelRef
 from bigcare.runs.outputs import (
     check_writable,
     create_outputs,
@@ -55,111 +55,15 @@ from bigcare.types import (
     Precision,
     Shape,
     check_choice,
-    device_problem,
 )
 from bigcare.version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from bigcare.predictors.ensemble import EnsembleSpec
-    from bigcare.predictors.shipping import ModelPayload
 
-__all__ = ["ModelRef", "VolumeRun", "resolve_model", "plan_volume_run", "start_volume_run",
-           "finish_volume_run", "cluster_devices", "worker_memory", "fit_to_cluster", "check_apart", "check_device_on_workers",
+__all__ = ["VolumeRun", "plan_volume_run", "start_volume_run", "finish_volume_run", "fit_to_cluster", "check_apart",
            "measure_volume_run"]
-
-@dataclass
-class ModelRef:
-    """A model as a run uses it: the client-side predictor (metadata) and how workers get it.
-
-    Attributes
-    ----------
-    predictor : Predictor
-        Client-side instance: halo, axes, channels, percentiles.
-    hash : str
-        Model identity (part of the run key).
-    path : str or None
-        Model folder the workers read (shared storage); None when the model is sent.
-    payload : ModelPayload or None
-        The model's bytes, sent once to every worker by a worker plugin.
-    obj : object or None
-        A picklable predictor object (e.g. IdentityPredictor) sent with the run spec.
-    ensemble : EnsembleSpec or None
-        An ensemble (:mod:`bigcare.predictors.ensemble`): how workers build its members;
-        ``members`` holds their bytes when they are sent.
-    """
-
-    predictor: Predictor
-    hash: str
-    path: str | None = None
-    payload: ModelPayload | None = None
-    obj: Predictor | None = None
-    ensemble: EnsembleSpec | None = None
-    members: tuple = ()
-    name: str = ""
-
-    @property
-    def label(self) -> str:
-        return self.name or self.path or (self.payload.source if self.payload is not None else "") or self.hash
-
-    @property
-    def payloads(self) -> list:
-        """The model bytes a run sends to its workers (one model's, or every member's)."""
-        return list(self.members) if self.ensemble is not None else [self.payload] if self.payload is not None else []
-
-
-def resolve_model(model, ship_model: bool = True, interval: float = 0.9) -> ModelRef:
-    """Turn ``model`` into a :class:`ModelRef`: client-side predictor, hash, how workers get it.
-
-    Parameters
-    ----------
-    model : str, os.PathLike, list of them, ModelPayload or predictor object
-        A model folder, an ensemble (an ensemble folder, or a list of two or more model folders:
-        :mod:`bigcare.predictors.ensemble`), a model's bytes, or a picklable predictor (sent with
-        the run spec).
-    ship_model : bool
-        For a folder: send its bytes to the workers (True) or let them read the path (False).
-    interval : float
-        An ensemble's central interval level (its ``lower`` / ``upper`` outputs).
-
-    Returns
-    -------
-    ModelRef
-
-    Raises
-    ------
-    ModelError
-        If the folder is missing or invalid, or a payload's bytes do not match its hash.
-    """
-    from bigcare.models.folder import model_hash
-    from bigcare.predictors.ensemble import ensemble_paths, resolve_ensemble
-    from bigcare.predictors.shipping import ModelPayload
-
-    if len(ensemble_paths(model) or ()) > 1:
-        ens = resolve_ensemble(model, ship_model=ship_model, interval=interval)
-        return ModelRef(ens.predictor, ens.hash, ensemble=ens.spec, members=tuple(ens.payloads), name=ens.label)
-    if isinstance(model, (list, tuple)):
-        model = model[0]  # one model given as a list of one
-    if isinstance(model, ModelPayload):
-        model.verify()
-        return ModelRef(model.build("cpu"), model.hash, payload=model)
-    from bigcare.exchange.zoo import ZooPredictor, is_zoo_package
-
-    if is_zoo_package(model):  # a bioimage.io package: a predictor object the workers load from its path
-        model = ZooPredictor(model)
-    if hasattr(model, "predict"):  # a predictor object: sent with the spec
-        obj = check_predictor(model)
-        return ModelRef(obj, obj.fingerprint or type(obj).__name__, obj=obj)
-    mhash = model_hash(model)
-    predictor = load_predictor(str(model), device="cpu")
-    if ship_model:
-        payload = ModelPayload.from_folder(model)
-        if payload.hash != mhash:
-            raise ConfigError(f"model folder {model} changed while it was being read; try again")
-        return ModelRef(predictor, mhash, path=str(model), payload=payload)
-    return ModelRef(predictor, mhash, path=str(model))
-
 
 def _check_anisotropy(volume: Volume, predictor) -> None:
     """An isotropic model's factor must match the volume's Z / lateral voxel sizes (within 5%)."""
@@ -374,61 +278,6 @@ def check_apart(input: str, output: str) -> None:
             f"output {output} {how} the input {input}; an output may never be (inside) an input of the "
             "same run, whatever --overwrite says: choose another output path"
         )
-
-
-def check_device_on_workers(client, device: str, model: ModelRef) -> None:
-    """ConfigError, before anything is written, when no worker can run a network on ``device``.
-
-    Checked on the workers, not the client: a login node without a GPU may drive GPU workers.
-    Predictor objects sent with the run (e.g. the identity) bring their own device handling.
-    """
-    if not str(device).startswith("cuda") or model.obj is not None:
-        return
-    answers = client.run(device_problem, device)
-    if answers and all(a is not None for a in answers.values()):
-        worker, why = next(iter(answers.items()))
-        raise ConfigError(
-            f"device {device!r} is not usable on any of the {len(answers)} worker(s) ({worker}: {why}); "
-            "use --device cpu, or workers with GPUs; nothing was written"
-        )
-
-
-def precision_on_workers(client, device: str, precision: str, predictor=None) -> str:
-    """What ``precision`` becomes on the cluster's workers: itself, or for ``auto`` what each
-    worker's device resolves it to (``auto: bf16``, or ``auto: bf16 on 2 workers, fp32 on 1``);
-    a predictor with a ``fixed_precision`` (a bioimage.io package) runs in that one."""
-    fixed = getattr(predictor, "fixed_precision", None)
-    if fixed:
-        return f"{fixed} (the model runs in {fixed} whatever --precision says)" if precision != fixed else fixed
-    if precision != "auto":
-        return precision
-    from bigcare.predictors.fastpath import resolve_precision
-
-    try:
-        answers = list(client.run(resolve_precision, precision, device).values())
-    except Exception:  # noqa: BLE001 - a worker that cannot answer decides for itself when it computes
-        answers = []
-    if not answers:
-        return "auto"
-    counts = {p: answers.count(p) for p in sorted(set(answers))}
-    if len(counts) == 1:
-        return f"auto: {answers[0]}"
-    return "auto: " + ", ".join(f"{p} on {n} worker{'s' * (n > 1)}" for p, n in counts.items())
-
-
-def cluster_devices(client, device: str) -> int:
-    """Devices a run spreads over: GPUs (``GPU`` worker resources) for CUDA, else workers."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values() if client is not None else []
-    if str(device).startswith("cuda"):
-        return max(1, int(sum(w.get("resources", {}).get("GPU", 0) for w in workers)))
-    return max(1, len(workers))
-
-
-def worker_memory(client) -> tuple[float | None, int]:
-    """The smallest memory limit of the cluster's workers (bytes; None when unknown) and the most threads."""
-    workers = list(client.scheduler_info(n_workers=-1)["workers"].values()) if client is not None else []
-    limits = [w.get("memory_limit") or 0 for w in workers]
-    return (min(limits) if limits and min(limits) > 0 else None), max([w.get("nthreads", 1) for w in workers] or [1])
 
 
 def fit_to_cluster(run: VolumeRun, devices: int, memory_limit: float | None = None, threads: int = 1) -> VolumeRun:
