@@ -60,8 +60,10 @@ BIGCARE = textwrap.dedent("""
 
 def _run(cmd: list[str]) -> dict:
     load = os.getloadavg()[0]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return dict(json.loads(out.strip().splitlines()[-1]), load_before=load)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{cmd[0]} -c ... {' '.join(cmd[3:])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), load_before=load)
 
 
 def main(argv=None) -> dict:
