@@ -36,6 +36,21 @@ def test_laplace_nll_equals_its_closed_form_and_honours_the_mask():
     assert laplace(torch.zeros(1), torch.zeros(1), scale=torch.ones(1)).item() == pytest.approx(math.log(2))
 
 
+def test_beta_nll_gives_the_mean_the_mae_gradient_and_keeps_the_scales_minimiser():
+    mu = torch.tensor([0.0, 1.0, 2.0, -1.0], requires_grad=True)
+    b = torch.tensor([2.0, 0.5, 1.5, 3.0], requires_grad=True)
+    y = torch.tensor([1.0, 0.2, 0.5, 2.0])
+    laplace(mu, y, scale=b, beta=1.0).backward()
+    mu_ref = mu.detach().clone().requires_grad_(True)
+    (mu_ref - y).abs().mean().backward()  # plain CARE's MAE
+    assert torch.allclose(mu.grad, mu_ref.grad)
+    # d/db: (1 - |y - mu| / b) / N, zero at b = |y - mu| as for the plain NLL
+    assert torch.allclose(b.grad, (1 - (y - mu.detach()).abs() / b.detach()) / 4)
+    mu.grad = b.grad = None
+    laplace(mu, y, scale=b).backward()  # beta 0: the plain NLL divides the mean's gradient by b
+    assert torch.allclose(mu.grad, mu_ref.grad / b.detach())
+
+
 def _batches(seed, n=4, shape=(16, 16)):
     rng = np.random.default_rng(seed)
     while True:
@@ -43,7 +58,8 @@ def _batches(seed, n=4, shape=(16, 16)):
         yield y + rng.normal(0, 0.3, y.shape).astype(np.float32), y
 
 
-def test_a_laplace_head_trained_a_few_steps_lowers_the_nll():
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_a_laplace_head_trained_a_few_steps_lowers_the_nll(beta):
     arch = UNetConfig(ndim=2, depth=1, n_filter_base=4, kernel_size=3, heads=[Head(**h) for h in LAPLACE])
     torch.manual_seed(0)
     model = UNet(arch)
@@ -56,7 +72,7 @@ def test_a_laplace_head_trained_a_few_steps_lowers_the_nll():
 
     before = nll()
     result = fit(model, ModelConfig(axes="YX", architecture=arch), _batches(0), validation=val, epochs=3,
-                 steps_per_epoch=10, lr=3e-3, loss="laplace", progress=False)
+                 steps_per_epoch=10, lr=3e-3, loss="laplace", laplace_beta=beta, progress=False)
     assert nll() < before - 0.05
     assert result.val_loss[-1] < result.val_loss[0]
     with torch.no_grad():

@@ -195,6 +195,10 @@ class TrainingConfig(_BatchDraw, serialize_by_alias=True):
     loss: Literal["mae", "mse", "laplace"] = Field("mae", description="Per-pixel loss; laplace: probabilistic CARE "
                                                    "(heads mean and scale, trained by the Laplace negative "
                                                    "log-likelihood).")
+    laplace_beta: float = Field(1.0, ge=0, le=1, description="loss laplace: weight each voxel's NLL by its "
+                                "predicted scale ** laplace_beta in training (beta-NLL; 1: the mean gets "
+                                "exactly the MAE gradient of plain CARE, 0: the plain NLL). Same minimisers; "
+                                "validation reports the plain NLL.")
     ensemble: int = Field(1, ge=1, le=32, description="Members to train (model_dir/member_0 ...), differing only in "
                           "the torch seed and the batch order (seed + member); restore the ensemble folder for a "
                           "mixture mean, interval and disagreement (needs loss laplace when > 1).")

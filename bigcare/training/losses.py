@@ -3,6 +3,14 @@
 ``laplace`` is the probabilistic CARE loss (CARE Fig. 5, CSBDeep's ``loss_laplace``): the network
 predicts a Laplace distribution per voxel, mean ``mu`` (its first head) and scale ``b`` (its
 ``scale`` head), and the loss is the negative log-likelihood of the target under it.
+
+Training weights each voxel's NLL by ``b ** beta`` held constant (beta-NLL, Seitzer et al., ICLR
+2022, "On the pitfalls of heteroscedastic uncertainty estimation"). Plain NLL (``beta = 0``)
+divides the mean's gradient by ``b``: the voxels the network is already sure of (a dark,
+noise-free background) pull hardest and the bright structures, where the errors are, least, so
+the mean ends worse than a plain MAE CARE (measured +12.6% NRMSE, issue 12). With ``beta = 1``
+the mean's gradient is exactly the MAE gradient and the scale's is ``1 - |y - mu| / b``: the
+per-voxel minimisers (mean: the median; scale: the expected absolute error) are the NLL's own.
 """
 
 from __future__ import annotations
@@ -35,14 +43,20 @@ def mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = No
 
 
 def laplace(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
-            scale: torch.Tensor) -> torch.Tensor:
+            scale: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
     """Laplace negative log-likelihood ``|y - mu| / b + log(b) + log 2``, over ``mask`` when given.
 
     ``pred`` is the mean ``mu``, ``scale`` the scale ``b > 0`` (the network's softplus head plus
     CSBDeep's floor 1e-3, so the log and the division stay finite). Minimised over ``b`` at
     ``b = |y - mu|``: the scale learns the expected absolute error, and the mean the median.
+    ``beta > 0`` weights each voxel by ``b ** beta`` without a gradient through the weight
+    (beta-NLL, see the module docstring): the same minimisers, other gradients. ``beta = 0`` (the
+    default) is the plain NLL, the value validation and calibration report.
     """
-    return _mean((pred - target).abs() / scale + torch.log(scale) + math.log(2.0), mask)
+    nll = (pred - target).abs() / scale + torch.log(scale) + math.log(2.0)
+    if beta:
+        nll = nll * scale.detach() ** beta
+    return _mean(nll, mask)
 
 
 LOSSES = {"mae": mae, "mse": mse, "laplace": laplace}

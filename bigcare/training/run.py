@@ -157,7 +157,8 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
                   f"{len(sampler.train_positions)} training / {len(sampler.val_positions)} validation patches, "
                   f"{device} {precision}", flush=True)
         return fit(model, model_config, train_batches(opt.seed), validation=validation, epochs=opt.epochs,
-                   steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
+                   steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss,
+                   laplace_beta=opt.laplace_beta, device=device,
                    precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
                    tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
 
@@ -229,7 +230,8 @@ def _train_ensemble(cfg: TrainConfig, model_config: ModelConfig, train_batches, 
         if progress:
             print(f"ensemble member {k + 1}/{opt.ensemble} (seed {seed})", flush=True)
         results.append(fit(model, model_config, train_batches(seed), validation=validation, epochs=opt.epochs,
-                           steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
+                           steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss,
+                           laplace_beta=opt.laplace_beta, device=device,
                            precision=precision, model_dir=root / f"member_{k}", resume=opt.resume,
                            tensorboard=opt.tensorboard, seed=seed, progress=progress))
     save_ensemble(root, EnsembleConfig(members=[f"member_{k}/best" for k in range(opt.ensemble)],

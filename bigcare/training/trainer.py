@@ -76,6 +76,7 @@ def fit(
     steps_per_epoch: int,
     lr: float = 4e-4,
     loss: str = "mae",
+    laplace_beta: float = 0.0,
     device: str = "cpu",
     precision: str = "fp32",
     model_dir: str | Path | None = None,
@@ -105,6 +106,10 @@ def fit(
     loss : {"mae", "mse", "laplace"}
         ``laplace`` (probabilistic CARE) trains the first head as the mean and the head of kind
         scale (the second, a softplus head) as the Laplace scale, by the negative log-likelihood.
+    laplace_beta : float
+        ``laplace`` only: train on the NLL weighted by ``scale ** laplace_beta`` (beta-NLL,
+        :mod:`bigcare.training.losses`); 1 gives the mean the MAE gradient. The validation loss
+        is always the plain NLL.
     device : str
     precision : {"fp32", "bf16", "fp16"}
         Autocast precision of the forward pass (mixed precision; use bf16 on GPUs).
@@ -133,8 +138,8 @@ def fit(
     first = config.architecture.heads[0].name
     scale_head = _scale_head(config) if loss in PROBABILISTIC else None
 
-    def evaluate(out: dict, y: torch.Tensor, mask: list) -> torch.Tensor:
-        extra = {} if scale_head is None else {"scale": out[scale_head].float()}
+    def evaluate(out: dict, y: torch.Tensor, mask: list, beta: float = 0.0) -> torch.Tensor:
+        extra = {} if scale_head is None else {"scale": out[scale_head].float(), "beta": beta}
         return loss_fn(out[first].float(), y, *mask, **extra)
 
     result = TrainResult(model_dir=Path(model_dir) if model_dir else None)
@@ -154,7 +159,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, precision):
                 out = model(x)
-            value = evaluate(out, y, mask)
+            value = evaluate(out, y, mask, laplace_beta)
             scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
