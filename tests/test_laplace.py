@@ -51,6 +51,24 @@ def test_beta_nll_gives_the_mean_the_mae_gradient_and_keeps_the_scales_minimiser
     assert torch.allclose(mu.grad, mu_ref.grad / b.detach())
 
 
+def test_a_detached_scale_head_trains_only_itself_and_the_network_learns_as_plain_care():
+    arch = UNetConfig(ndim=2, depth=1, n_filter_base=4, kernel_size=3, heads=[Head(**h) for h in LAPLACE])
+    x, y = (torch.from_numpy(a) for a in next(_batches(3)))
+    torch.manual_seed(0)
+    model = UNet(arch)
+    model.detach_heads = frozenset({"scale"})
+    out = model(x)
+    laplace(out["mean"], y, scale=out["scale"], beta=1.0).backward()
+    net = {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("heads.scale")}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("heads.scale"))
+    model.zero_grad()
+    model.detach_heads = frozenset()
+    (model(x)["mean"] - y).abs().mean().backward()  # plain CARE's MAE on the same network
+    for name, grad in net.items():
+        assert torch.allclose(grad, model.get_parameter(name).grad, atol=1e-6), name
+
+
 def _batches(seed, n=4, shape=(16, 16)):
     rng = np.random.default_rng(seed)
     while True:
@@ -58,8 +76,8 @@ def _batches(seed, n=4, shape=(16, 16)):
         yield y + rng.normal(0, 0.3, y.shape).astype(np.float32), y
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_a_laplace_head_trained_a_few_steps_lowers_the_nll(beta):
+@pytest.mark.parametrize("beta, detach", [(0.0, False), (1.0, True)])
+def test_a_laplace_head_trained_a_few_steps_lowers_the_nll(beta, detach):
     arch = UNetConfig(ndim=2, depth=1, n_filter_base=4, kernel_size=3, heads=[Head(**h) for h in LAPLACE])
     torch.manual_seed(0)
     model = UNet(arch)
@@ -72,7 +90,8 @@ def test_a_laplace_head_trained_a_few_steps_lowers_the_nll(beta):
 
     before = nll()
     result = fit(model, ModelConfig(axes="YX", architecture=arch), _batches(0), validation=val, epochs=3,
-                 steps_per_epoch=10, lr=3e-3, loss="laplace", laplace_beta=beta, progress=False)
+                 steps_per_epoch=10, lr=3e-3, loss="laplace", laplace_beta=beta,
+                 laplace_detach_scale=detach, progress=False)
     assert nll() < before - 0.05
     assert result.val_loss[-1] < result.val_loss[0]
     with torch.no_grad():

@@ -115,6 +115,9 @@ class UNet(torch.nn.Module):
         self.up = torch.nn.ModuleList(reversed(up))  # self.up[level]
         conv = torch.nn.Conv2d if c.ndim == 2 else torch.nn.Conv3d
         self.heads = torch.nn.ModuleDict({h.name: conv(ch, c.n_channel_out, 1) for h in c.heads})
+        #: heads that read the features without passing a gradient back into the network (training
+        #: only; see bigcare.training.trainer.fit's ``laplace_detach_scale``)
+        self.detach_heads: frozenset[str] = frozenset()
         max_pool = F.max_pool2d if c.ndim == 2 else F.max_pool3d
         avg_pool = F.avg_pool2d if c.ndim == 2 else F.avg_pool3d
         self._pool = (_max_blur_pool if c.pooling == "maxblur" else (lambda t: avg_pool(t, c.pool))
@@ -176,7 +179,7 @@ class UNet(torch.nn.Module):
             h = self.up[level](h)
         out = {}
         for i, head in enumerate(c.heads):
-            y = self.heads[head.name](h)
+            y = self.heads[head.name](h.detach() if head.name in self.detach_heads else h)
             if i == 0 and c.residual:
                 y = y + x
             out[head.name] = _ACTIVATIONS[head.activation](y)

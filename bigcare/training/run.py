@@ -158,7 +158,8 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
                   f"{device} {precision}", flush=True)
         return fit(model, model_config, train_batches(opt.seed), validation=validation, epochs=opt.epochs,
                    steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss,
-                   laplace_beta=opt.laplace_beta, device=device,
+                   laplace_beta=opt.laplace_beta,
+                   laplace_detach_scale=opt.laplace_detach_scale, device=device,
                    precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
                    tensorboard=opt.tensorboard, seed=opt.seed, progress=progress)
 
@@ -231,7 +232,8 @@ def _train_ensemble(cfg: TrainConfig, model_config: ModelConfig, train_batches, 
             print(f"ensemble member {k + 1}/{opt.ensemble} (seed {seed})", flush=True)
         results.append(fit(model, model_config, train_batches(seed), validation=validation, epochs=opt.epochs,
                            steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss,
-                           laplace_beta=opt.laplace_beta, device=device,
+                           laplace_beta=opt.laplace_beta, laplace_detach_scale=opt.laplace_detach_scale,
+                           device=device,
                            precision=precision, model_dir=root / f"member_{k}", resume=opt.resume,
                            tensorboard=opt.tensorboard, seed=seed, progress=progress))
     save_ensemble(root, EnsembleConfig(members=[f"member_{k}/best" for k in range(opt.ensemble)],

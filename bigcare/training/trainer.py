@@ -77,6 +77,7 @@ def fit(
     lr: float = 4e-4,
     loss: str = "mae",
     laplace_beta: float = 0.0,
+    laplace_detach_scale: bool = False,
     device: str = "cpu",
     precision: str = "fp32",
     model_dir: str | Path | None = None,
@@ -110,6 +111,11 @@ def fit(
         ``laplace`` only: train on the NLL weighted by ``scale ** laplace_beta`` (beta-NLL,
         :mod:`bigcare.training.losses`); 1 gives the mean the MAE gradient. The validation loss
         is always the plain NLL.
+    laplace_detach_scale : bool
+        ``laplace`` only: the scale head reads the network's last features detached, so its
+        gradient trains the head alone and the network learns only from the mean's loss
+        ("faithful" heteroscedastic regression, Stirn et al., AISTATS 2023). With
+        ``laplace_beta=1`` the network then gets exactly plain CARE's MAE gradient.
     device : str
     precision : {"fp32", "bf16", "fp16"}
         Autocast precision of the forward pass (mixed precision; use bf16 on GPUs).
@@ -137,6 +143,8 @@ def fit(
     val_batches = [tuple(_to_tensor(a, device) for a in batch) for batch in validation]
     first = config.architecture.heads[0].name
     scale_head = _scale_head(config) if loss in PROBABILISTIC else None
+    if scale_head is not None and laplace_detach_scale:
+        model.detach_heads = frozenset({scale_head})
 
     def evaluate(out: dict, y: torch.Tensor, mask: list, beta: float = 0.0) -> torch.Tensor:
         extra = {} if scale_head is None else {"scale": out[scale_head].float(), "beta": beta}
@@ -196,6 +204,7 @@ def fit(
     elif result.model_dir is not None and (result.model_dir / "best").exists():  # resumed, no better epoch
         model.load_state_dict(load_model(result.model_dir / "best", device=device)[0].state_dict())
     model.eval()
+    model.detach_heads = frozenset()
     result.seconds = time.perf_counter() - t0
     return result
 
