@@ -36,19 +36,22 @@ def test_laplace_nll_equals_its_closed_form_and_honours_the_mask():
     assert laplace(torch.zeros(1), torch.zeros(1), scale=torch.ones(1)).item() == pytest.approx(math.log(2))
 
 
-def test_beta_nll_gives_the_mean_the_mae_gradient_and_keeps_the_scales_minimiser():
+def test_beta_1_gives_the_mean_the_mae_gradient_and_keeps_the_nll_value_and_scale_gradient():
     mu = torch.tensor([0.0, 1.0, 2.0, -1.0], requires_grad=True)
     b = torch.tensor([2.0, 0.5, 1.5, 3.0], requires_grad=True)
     y = torch.tensor([1.0, 0.2, 0.5, 2.0])
-    laplace(mu, y, scale=b, beta=1.0).backward()
+    value = laplace(mu, y, scale=b, beta=1.0)
+    assert value.item() == pytest.approx(laplace(mu, y, scale=b).item())  # the NLL's value
+    value.backward()
     mu_ref = mu.detach().clone().requires_grad_(True)
     (mu_ref - y).abs().mean().backward()  # plain CARE's MAE
     assert torch.allclose(mu.grad, mu_ref.grad)
-    # d/db: (1 - |y - mu| / b) / N, zero at b = |y - mu| as for the plain NLL
-    assert torch.allclose(b.grad, (1 - (y - mu.detach()).abs() / b.detach()) / 4)
+    # d/db: the plain NLL's (1 - |y - mu| / b) / b / N, zero at b = |y - mu|
+    scale_grad = (1 - (y - mu.detach()).abs() / b.detach()) / b.detach() / 4
+    assert torch.allclose(b.grad, scale_grad)
     mu.grad = b.grad = None
     laplace(mu, y, scale=b).backward()  # beta 0: the plain NLL divides the mean's gradient by b
-    assert torch.allclose(mu.grad, mu_ref.grad / b.detach())
+    assert torch.allclose(mu.grad, mu_ref.grad / b.detach()) and torch.allclose(b.grad, scale_grad)
 
 
 def test_a_detached_scale_head_trains_only_itself_and_the_network_learns_as_plain_care():

@@ -195,10 +195,10 @@ class TrainingConfig(_BatchDraw, serialize_by_alias=True):
     loss: Literal["mae", "mse", "laplace"] = Field("mae", description="Per-pixel loss; laplace: probabilistic CARE "
                                                    "(heads mean and scale, trained by the Laplace negative "
                                                    "log-likelihood).")
-    laplace_beta: float = Field(1.0, ge=0, le=1, description="loss laplace: weight each voxel's NLL by its "
-                                "predicted scale ** laplace_beta in training (beta-NLL; 1: the mean gets "
-                                "exactly the MAE gradient of plain CARE, 0: the plain NLL). Same minimisers; "
-                                "validation reports the plain NLL.")
+    laplace_beta: float = Field(1.0, ge=0, le=1, description="loss laplace: the mean's gradient in training is "
+                                "sign(mu - y) * scale ** (laplace_beta - 1): 1 is exactly plain CARE's MAE "
+                                "gradient, 0 the plain NLL's (divided by the scale). The loss's value, the "
+                                "scale's gradient and the minimisers are the NLL's either way.")
     laplace_detach_scale: bool = Field(True, description="loss laplace: the scale head reads the network's "
                                        "features detached, so only the mean's loss trains the network and "
                                        "the scale's trains its head (Stirn et al. 2023); with laplace_beta 1 "

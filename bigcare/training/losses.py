@@ -4,13 +4,13 @@
 predicts a Laplace distribution per voxel, mean ``mu`` (its first head) and scale ``b`` (its
 ``scale`` head), and the loss is the negative log-likelihood of the target under it.
 
-Training weights each voxel's NLL by ``b ** beta`` held constant (beta-NLL, Seitzer et al., ICLR
-2022, "On the pitfalls of heteroscedastic uncertainty estimation"). Plain NLL (``beta = 0``)
-divides the mean's gradient by ``b``: the voxels the network is already sure of (a dark,
-noise-free background) pull hardest and the bright structures, where the errors are, least, so
-the mean ends worse than a plain MAE CARE (measured +12.6% NRMSE, issue 12). With ``beta = 1``
-the mean's gradient is exactly the MAE gradient and the scale's is ``1 - |y - mu| / b``: the
-per-voxel minimisers (mean: the median; scale: the expected absolute error) are the NLL's own.
+Training can change the mean's gradient, not the loss's value or minimisers (``beta``): the
+plain NLL divides the mean's gradient by ``b``, so the voxels the network is already sure of (a
+dark, noise-free background) pull hardest and the bright structures, where the errors are,
+least; the mean then ends worse than a plain MAE CARE (measured +12.6% NRMSE, issue 12). With
+``beta = 1`` the mean's gradient is ``sign(mu - y)``, exactly the MAE's; the scale's is always the
+NLL's, ``(1 - |y - mu| / b) / b``. (Seitzer et al., ICLR 2022, weight both terms by ``b ** beta``
+for the same reason; weighting the scale's too slowed its learning where ``b`` is small.)
 """
 
 from __future__ import annotations
@@ -49,13 +49,15 @@ def laplace(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None 
     ``pred`` is the mean ``mu``, ``scale`` the scale ``b > 0`` (the network's softplus head plus
     CSBDeep's floor 1e-3, so the log and the division stay finite). Minimised over ``b`` at
     ``b = |y - mu|``: the scale learns the expected absolute error, and the mean the median.
-    ``beta > 0`` weights each voxel by ``b ** beta`` without a gradient through the weight
-    (beta-NLL, see the module docstring): the same minimisers, other gradients. ``beta = 0`` (the
-    default) is the plain NLL, the value validation and calibration report.
+    ``beta`` changes only the mean's gradient, to ``sign(mu - y) * b ** (beta - 1)`` (see the
+    module docstring): 0 (the default) is the plain NLL's, 1 the MAE's. The value is the NLL's
+    whatever ``beta`` says, as are the scale's gradient and the minimisers.
     """
-    nll = (pred - target).abs() / scale + torch.log(scale) + math.log(2.0)
-    if beta:
-        nll = nll * scale.detach() ** beta
+    error = (pred - target).abs()
+    if not beta:
+        return _mean(error / scale + torch.log(scale) + math.log(2.0), mask)
+    mean_term = error * scale.detach() ** (beta - 1.0)  # the mean's gradient, no value
+    nll = error.detach() / scale + torch.log(scale) + math.log(2.0) + mean_term - mean_term.detach()
     return _mean(nll, mask)
 
 

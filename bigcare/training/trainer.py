@@ -108,9 +108,9 @@ def fit(
         ``laplace`` (probabilistic CARE) trains the first head as the mean and the head of kind
         scale (the second, a softplus head) as the Laplace scale, by the negative log-likelihood.
     laplace_beta : float
-        ``laplace`` only: train on the NLL weighted by ``scale ** laplace_beta`` (beta-NLL,
-        :mod:`bigcare.training.losses`); 1 gives the mean the MAE gradient. The validation loss
-        is always the plain NLL.
+        ``laplace`` only: the mean's gradient is ``sign(mu - y) * scale ** (laplace_beta - 1)``
+        (:func:`bigcare.training.losses.laplace`): 1 the MAE's, 0 the plain NLL's. Losses
+        reported (train and validation) are the plain NLL.
     laplace_detach_scale : bool
         ``laplace`` only: the scale head reads the network's last features detached, so its
         gradient trains the head alone and the network learns only from the mean's loss
@@ -146,7 +146,7 @@ def fit(
     if scale_head is not None and laplace_detach_scale:
         model.detach_heads = frozenset({scale_head})
 
-    def evaluate(out: dict, y: torch.Tensor, mask: list, beta: float = 0.0) -> torch.Tensor:
+    def evaluate(out: dict, y: torch.Tensor, mask: list, beta: float = 0.0) -> torch.Tensor:  # value: the NLL
         extra = {} if scale_head is None else {"scale": out[scale_head].float(), "beta": beta}
         return loss_fn(out[first].float(), y, *mask, **extra)
 
