@@ -201,7 +201,7 @@ class TrainingConfig(_BatchDraw, serialize_by_alias=True):
                                 "scale's gradient and the minimisers are the NLL's either way.")
     laplace_detach_scale: bool = Field(True, description="loss laplace: the scale head reads the network's "
                                        "features detached, so only the mean's loss trains the network and "
-                                       "the scale's trains its head (Stirn et al. 2023); with laplace_beta 1 "
+                                       "the scale's trains its head, at 10x the lr (Stirn et al. 2023); with laplace_beta 1 "
                                        "the network learns exactly as plain CARE.")
     ensemble: int = Field(1, ge=1, le=32, description="Members to train (model_dir/member_0 ...), differing only in "
                           "the torch seed and the batch order (seed + member); restore the ensemble folder for a "
