@@ -9,8 +9,8 @@ plain NLL divides the mean's gradient by ``b``, so the voxels the network is alr
 dark, noise-free background) pull hardest and the bright structures, where the errors are,
 least; the mean then ends worse than a plain MAE CARE (measured +12.6% NRMSE, issue 12). With
 ``beta = 1`` the mean's gradient is ``sign(mu - y)``, exactly the MAE's; the scale's is always the
-NLL's, ``(1 - |y - mu| / b) / b``. (Seitzer et al., ICLR 2022, weight both terms by ``b ** beta``
-for the same reason; weighting the scale's too slowed its learning where ``b`` is small.)
+NLL's, ``(1 - |y - mu| / b) / b``. (Seitzer et al., ICLR 2022, beta-NLL, weight both terms by
+``b ** beta`` for the same reason; here only the mean's gradient changes, the scale's is the NLL's.)
 """
 
 from __future__ import annotations
