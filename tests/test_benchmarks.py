@@ -95,6 +95,8 @@ def test_the_reliability_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
     for readout in report["calibration"].values():  # recalibration changes what is measured
         assert readout["coverage_after"] != readout["coverage_before"]
     assert 0 <= report["disagreement"]["mean_d_in_distribution"] <= 1
+    graded = report["disagreement"]["graded_input"]
+    assert len(graded["mean_d_per_x_third"]) == len(graded["mean_abs_error_per_x_third"]) == 3
 
 
 @pytest.mark.slow

@@ -67,6 +67,8 @@ def test_degrade_blur_is_a_gaussian_filter_before_the_noise():
     "kwargs, match",
     [
         (dict(photons=0), "photons must be > 0"),
+        (dict(photons=np.array([4.0, 0.0] * 4)), "photons must be > 0 everywhere, got an array"),
+        (dict(photons=np.ones((3, 8))), "does not broadcast to the image's shape"),
         (dict(background=-1), "background must be >= 0"),
         (dict(read_noise=-0.1), "read_noise must be >= 0"),
         (dict(blur_sigma=-1), "blur_sigma must be >= 0"),
@@ -75,6 +77,19 @@ def test_degrade_blur_is_a_gaussian_filter_before_the_noise():
 def test_degrade_rejects_bad_parameters(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         degrade(np.zeros((8, 8)), **kwargs)
+
+
+def test_degrade_with_a_photon_map_is_noisier_where_it_has_fewer_photons():
+    """A photon budget falling along x (light-sheet attenuation) makes the right half noisier."""
+    clean = np.full((64, 64), 0.5, dtype=np.float32)
+    photons = np.geomspace(40.0, 2.5, 64)  # broadcasts along the last axis
+    noisy = degrade(clean, photons=photons, background=0.1, read_noise=0.0, seed=3)
+    assert noisy.shape == clean.shape
+    var = (noisy - 0.6).var(axis=0)
+    # shot-noise variance is (clean + background) / photons per column, within sampling error
+    np.testing.assert_allclose(var[:8].mean(), np.mean(0.6 / photons[:8]), rtol=0.25)
+    np.testing.assert_allclose(var[-8:].mean(), np.mean(0.6 / photons[-8:]), rtol=0.25)
+    assert var[-8:].mean() > 8 * var[:8].mean()
 
 
 def test_degrade_rejects_non_finite_input():

@@ -108,7 +108,7 @@ def phantom(
 def degrade(
     clean: np.ndarray,
     *,
-    photons: float = 10.0,
+    photons: float | np.ndarray = 10.0,
     background: float = 0.1,
     read_noise: float = 0.03,
     blur_sigma: float | Sequence[float] | None = None,
@@ -124,8 +124,10 @@ def degrade(
     ----------
     clean : numpy.ndarray
         Clean image, intensities >= 0 (e.g. from :func:`phantom`).
-    photons : float
-        Detected photons per unit intensity; lower is noisier. Default 10.
+    photons : float or numpy.ndarray
+        Detected photons per unit intensity; lower is noisier. Default 10. An array broadcastable
+        to ``clean`` gives a photon budget that varies across the image (light-sheet attenuation
+        with depth, vignetting), so one image holds easy and hard regions.
     background : float
         Constant background added before shot noise, in intensity units. Default 0.1.
     read_noise : float
@@ -144,12 +146,14 @@ def degrade(
     Raises
     ------
     ConfigError
-        If ``photons <= 0``, ``background < 0``, ``read_noise < 0`` or a ``blur_sigma`` < 0.
+        If ``photons <= 0`` anywhere or does not broadcast to the image, ``background < 0``, ``read_noise < 0`` or a ``blur_sigma`` < 0.
     InputError
         If ``clean`` is empty or not finite.
     """
-    if not photons > 0:
-        raise ConfigError(f"photons must be > 0, got {photons}")
+    photon_map = np.asarray(photons, dtype=np.float64)
+    if photon_map.size == 0 or not np.all(photon_map > 0):  # also refuses NaN
+        shown = photons if photon_map.ndim == 0 else f"an array of shape {photon_map.shape} with a value <= 0 or NaN"
+        raise ConfigError(f"photons must be > 0 everywhere, got {shown}")
     if not background >= 0:
         raise ConfigError(f"background must be >= 0, got {background}")
     if not read_noise >= 0:
@@ -161,9 +165,15 @@ def degrade(
         if np.any(np.asarray(blur_sigma, dtype=float) < 0):
             raise ConfigError(f"blur_sigma must be >= 0, got {blur_sigma}")
         x = ndimage.gaussian_filter(x, blur_sigma, mode="reflect")
+    try:
+        fits = np.broadcast_shapes(photon_map.shape, x.shape) == x.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ConfigError(f"photons of shape {photon_map.shape} does not broadcast to the image's shape {x.shape}")
     rng = np.random.default_rng(seed)
-    lam = np.clip((x.astype(np.float64) + background) * photons, 0, None)
-    y = rng.poisson(lam) / photons
+    lam = np.clip((x.astype(np.float64) + background) * photon_map, 0, None)
+    y = rng.poisson(lam) / photon_map
     if read_noise > 0:
         y = y + rng.normal(0.0, read_noise, size=x.shape)
     return y.astype(np.float32)
