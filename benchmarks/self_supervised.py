@@ -39,16 +39,21 @@ from bigcare.training import train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ("n2v", "n2v2")
+#: ``--ablation``: N2V with one N2V2 ingredient at a time (name -> self_supervised, network overrides),
+#: to find which of them costs N2V2 its dB on this protocol.
+ABLATION = {"n2v_median": ({"method": "n2v", "replace": "median"}, {}),
+            "n2v_maxblur": ({"method": "n2v"}, {"pooling": "maxblur"}),
+            "n2v_no_top_skip": ({"method": "n2v"}, {"top_skip": False})}
 
 
 def read(url) -> np.ndarray:
     return np.asarray(bigcare.open_volume(url).array()[...], dtype=np.float32)
 
 
-def config(model_dir, sources, args, self_supervised=None) -> dict:
+def config(model_dir, sources, args, self_supervised=None, network=None) -> dict:
     cfg = {"model_dir": str(model_dir),
            "data": {"sources": sources, "patch_shape": list(args.patch), "n_patches": args.patches},
-           "network": {"depth": 2, "n_filter_base": args.filters},
+           "network": {"depth": 2, "n_filter_base": args.filters, **(network or {})},
            "training": {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch_size": args.batch,
                         "resume": False}}
     if self_supervised:
@@ -74,7 +79,8 @@ def synthetic(args, out: Path, client) -> dict:
     inputs = [str(out / f"train_in_{k}.ome.zarr") for k in range(args.train_volumes)]
     pairs = [{"input": i, "target": i.replace("_in_", "_gt_")} for i in inputs]
     timings, models = {}, {}
-    for name in ("care", *METHODS):
+    variants = {m: ({"method": m}, {}) for m in METHODS} | (ABLATION if args.ablation else {})
+    for name in ("care", *variants):
         t = time.perf_counter()
         if args.reuse and (out / name / "best").exists():  # trained by an earlier run with these arguments
             models[name] = {"reused": str(out / name / "best")}
@@ -82,7 +88,7 @@ def synthetic(args, out: Path, client) -> dict:
         if name == "care":
             cfg = config(out / name, pairs, args)
         else:
-            cfg = config(out / name, inputs, args, {"method": name})
+            cfg = config(out / name, inputs, args, *variants[name])
         result = train(cfg, client=client, progress=not args.smoke)
         timings[f"train_{name}_s"] = time.perf_counter() - t
         models[name] = {"best_epoch": result.best_epoch + 1, "best_val_loss": min(result.val_loss)}
@@ -91,7 +97,7 @@ def synthetic(args, out: Path, client) -> dict:
         noisy_url, gt = out / f"test_in_{k}.ome.zarr", read(out / f"test_gt_{k}.ome.zarr")
         noisy = read(noisy_url)
         images = {"input": noisy}
-        for name in ("care", *METHODS):
+        for name in ("care", *variants):
             url = out / f"test_{name}_{k}.ome.zarr"
             bigcare.restore(noisy_url, url, out / name / "best", overwrite=True, client=client, progress=False)
             images[name] = read(url)
@@ -101,7 +107,7 @@ def synthetic(args, out: Path, client) -> dict:
         rows.append({"volume": k, "nlm_h_over_sigma": h, **{
             name: {"psnr": psnr(img, gt), "nrmse": nrmse(img, gt), "ssim": ssim(img, gt)}
             for name, img in images.items()}})
-    names = ("input", "nlm", *METHODS, "care")
+    names = ("input", "nlm", *variants, "care")
     mean = {name: {m: float(np.mean([r[name][m] for r in rows])) for m in ("psnr", "nrmse", "ssim")} for name in names}
     return {"timings": timings, "models": models, "per_volume": rows, "mean": mean}
 
@@ -179,6 +185,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--patch", type=int, nargs=3, default=(16, 64, 64))
     parser.add_argument("--patches", type=int, default=512)
     parser.add_argument("--struct-radius", type=int, default=2)
+    parser.add_argument("--ablation", action="store_true", help="also train N2V with one N2V2 ingredient at a "
+                        "time (median replacement, max-blur pooling, no top skip)")
     parser.add_argument("--part", choices=("all", "synthetic", "llsm"), default="all")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; no figures to read")
     parser.add_argument("--reuse", action="store_true", help="keep the data and the trained models (best/) already in "
@@ -204,9 +212,9 @@ def main(argv=None) -> dict:
     print(json.dumps(report, indent=2))
     if "synthetic" in report:
         mean = report["synthetic"]["mean"]
-        print(f"\n{'held-out mean':<14}{'PSNR':>8}{'NRMSE':>8}{'SSIM':>8}")
+        print(f"\n{'held-out mean':<16}{'PSNR':>8}{'NRMSE':>8}{'SSIM':>8}")
         for name, m in mean.items():
-            print(f"{name:<14}{m['psnr']:>8.2f}{m['nrmse']:>8.4f}{m['ssim']:>8.4f}")
+            print(f"{name:<16}{m['psnr']:>8.2f}{m['nrmse']:>8.4f}{m['ssim']:>8.4f}")
         print(f"N2V beats NLM on PSNR: {mean['n2v']['psnr'] > mean['nlm']['psnr']}; "
               f"N2V2 within 1.5 dB of CARE: {mean['care']['psnr'] - mean['n2v2']['psnr'] <= 1.5}")
     return report

@@ -44,9 +44,9 @@ def test_the_self_supervised_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch)
     sys.modules.pop("self_supervised", None)
     import self_supervised
 
-    report = self_supervised.main(["--smoke", "--out", str(tmp_path / "ssl")])
+    report = self_supervised.main(["--smoke", "--ablation", "--out", str(tmp_path / "ssl")])
     mean = report["synthetic"]["mean"]
-    assert set(mean) == {"input", "nlm", "n2v", "n2v2", "care"}
+    assert set(mean) == {"input", "nlm", "n2v", "n2v2", "care", *self_supervised.ABLATION}
     assert json.loads((tmp_path / "ssl" / "self_supervised.json").read_text())["args"]["smoke"]
     if "skipped" not in report["llsm"]:  # the shared data lie beside the checkout
         assert set(report["llsm"]["n2v"]["residual_lag1"]) == {"z", "y", "x"}
