@@ -53,10 +53,12 @@ def sizes(args) -> dict:
         return dict(train=1, test=1, shape=(128, 128), patch=32, n_patches=16, filters=2, steps=2, epochs=1,
                     batch=2, rl=(2, 4))
     if args.full:
-        return dict(train=8, test=4, shape=(1024, 1024), patch=128, n_patches=4000, filters=32, steps=200, epochs=50,
+        size = dict(train=8, test=4, shape=(1024, 1024), patch=128, n_patches=4000, filters=32, steps=200, epochs=50,
                     batch=16, rl=(5, 10, 20, 40, 80, 160))
-    return dict(train=3, test=2, shape=(384, 384), patch=128, n_patches=300, filters=8, steps=40, epochs=8,
-                batch=4, rl=(5, 10, 20, 40, 80))
+    else:
+        size = dict(train=3, test=2, shape=(384, 384), patch=128, n_patches=300, filters=8, steps=40, epochs=8,
+                    batch=4, rl=(5, 10, 20, 40, 80))
+    return size | {k: v for k in ("epochs", "filters") if (v := getattr(args, k, None)) is not None}
 
 
 def second_realisation(tubules, granules, shape, microscope: Microscope, seed: int, photons: float) -> np.ndarray:
@@ -113,6 +115,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=1, help="local dask workers for reads and restores [1]")
     ap.add_argument("--photons", type=float, default=20.0)
+    ap.add_argument("--epochs", type=int, help="epochs of CARE and the GAN instead of the mode's (CPU 8, full 50)")
+    ap.add_argument("--filters", type=int, help="base filters of both networks instead of the mode's (CPU 8, full 32)")
     args = ap.parse_args(argv)
     s = sizes(args)
     out = Path(args.out)
