@@ -2,6 +2,7 @@
 
     python benchmarks/self_supervised.py [--epochs 15 --steps 20 --out /tmp/bigcare-ssl]
     python benchmarks/self_supervised.py --smoke        # seconds, tiny sizes (the test suite runs it)
+    python benchmarks/self_supervised.py --part synthetic --ablation   # + N2V with one N2V2 ingredient each
 
 Part 1, synthetic (the protocol of benchmarks/care_quality.py: nuclei + membranes, photons 4,
 background 0.1, read noise 0.05, held-out volumes at the same photon level):
