@@ -47,6 +47,10 @@ def test_the_self_supervised_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch)
     report = self_supervised.main(["--smoke", "--ablation", "--out", str(tmp_path / "ssl")])
     mean = report["synthetic"]["mean"]
     assert set(mean) == {"input", "nlm", "n2v", "n2v2", "care", *self_supervised.ABLATION}
+    for name, (section, network) in self_supervised.ABLATION.items():  # each variant trained what it names
+        provenance = json.loads((tmp_path / "ssl" / name / "best" / "config.json").read_text())["provenance"]["config"]
+        assert {k: provenance["self_supervised"][k] for k in section} == section
+        assert {k: provenance["network"][k] for k in network} == network
     assert json.loads((tmp_path / "ssl" / "self_supervised.json").read_text())["args"]["smoke"]
     if "skipped" not in report["llsm"]:  # the shared data lie beside the checkout
         assert set(report["llsm"]["n2v"]["residual_lag1"]) == {"z", "y", "x"}
