@@ -141,6 +141,7 @@ def main(argv=None) -> list:
     ap.add_argument("--blur", type=float, default=0.3, help="added axial blur, Gaussian sigma in um (default 0.3)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default 4000 full, 2000 CPU)")
     ap.add_argument("--filters", type=int, default=None, help="first-level filters (default 32 full, 16 CPU)")
+    ap.add_argument("--kernel", type=int, default=3, help="convolution kernel size (default 3; CSBDeep's 2D net: 5)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--smoke", action="store_true", help="seconds, a small crop (the test suite runs it)")
     ap.add_argument("--workdir", default=None)
@@ -170,7 +171,7 @@ def main(argv=None) -> list:
         "model_dir": str(work / "model"),
         "data": {"sources": [{"input": url}], "patch_shape": [patch, patch],
                  "n_patches": 40 if args.smoke else 2000},
-        "network": {"depth": 2, "n_filter_base": filters, "kernel_size": 3},
+        "network": {"depth": 2, "n_filter_base": filters, "kernel_size": args.kernel},
         "training": {"epochs": epochs, "steps_per_epoch": max(1, steps // epochs), "batch_size": 4 if args.smoke else 16,
                      "device": args.device, "resume": False},
         "isotropic": {"psf": {"kind": "gaussian", "sigma_xy": VOXEL_XY, "sigma_z": math.hypot(VOXEL_XY, args.blur)}},
@@ -194,7 +195,7 @@ def main(argv=None) -> list:
              ("bigcare isotropic", restored)]
     table = [{"method": name, **scores(vol, truth, mask)} for name, vol in rows_]
     info = {"truth": list(truth.shape), "degraded": list(data.shape), "blur_um": args.blur, "steps": steps,
-            "filters": filters, "train_s": t_train, "restore_s": t_restore,
+            "filters": filters, "kernel": args.kernel, "train_s": t_train, "restore_s": t_restore,
             "best_val_loss": val_loss, "device": args.device, "torch": torch.__version__,
             "python": platform.python_version(), "workdir": str(work)}
     print(json.dumps(info))
