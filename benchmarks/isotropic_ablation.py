@@ -19,6 +19,10 @@ thing against ``base`` (the configuration the reduced benchmark ran, 16 filters,
     fixed_norm   fixed percentiles (2, 99.7) instead of per-patch draws in (1-3, 99.5-99.9)
     long         twice the steps
     geometric    base's model, XZ and YZ passes combined by the geometric mean (no training)
+    small_patch  lateral patches of 2/3 the side (32 x 32 instead of 48 x 48; same steps and patches)
+    large_patch  lateral patches of 4/3 the side (64 x 64)
+    cosine       the learning rate annealed per step to 1/100 (training.lr_schedule: cosine) instead
+                 of halved on a 10-epoch plateau, which short runs never reach
     grid_noise   grid_phase and noise together
 
 Arms combine with "+" (``--arms noise,noise+csbdeep_net,noise+long``).
@@ -52,7 +56,7 @@ from bigcare.training.isotropic import LateralDegradation, psf_kernels
 from bigcare.training.trainer import fit
 
 ARMS = ("base", "grid_phase", "noise", "grid_noise", "full_psf", "csbdeep_net", "mse", "long", "no_augment",
-        "fixed_norm", "geometric")
+        "fixed_norm", "geometric", "small_patch", "large_patch", "cosine")
 #: what each arm changes; an arm named "noise+long" changes both
 CHANGES = {"base": set(), "grid_noise": {"grid_phase", "noise"}}
 
@@ -116,7 +120,9 @@ def run_arm(name, data, gt, crop, args, work, base_model=None):
                                        noise="noise" in mods)
         f, k = (32, 5) if "csbdeep_net" in mods else (args.filters, 3)
         arch = UNetConfig(ndim=2, depth=2, n_filter_base=f, kernel_size=k)
-        patch = (args.patch, args.patch)
+        scale = 2 / 3 if "small_patch" in mods else 4 / 3 if "large_patch" in mods else 1
+        side = 4 * max(1, round(args.patch * scale / 4))  # 32 / 48 / 64 at the default --patch 48
+        patch = (side, side)
         read = deg.read_shape(patch)
         pats = draw_patches(data, read, args.n_patches, 0, "fixed_norm" in mods)
         n_val = max(1, len(pats) // 10)
@@ -131,6 +137,7 @@ def run_arm(name, data, gt, crop, args, work, base_model=None):
         model = UNet(arch)
         result = fit(model, cfg, batches(pats[n_val:], deg, args.batch, 0, "no_augment" not in mods), validation=val,
                      epochs=epochs, steps_per_epoch=args.steps_per_epoch, lr=4e-4,
+                     lr_schedule="cosine" if "cosine" in mods else "plateau",
                      loss="mse" if "mse" in mods else "mae", device=args.device, precision="fp32",
                      model_dir=work / name.replace("+", "_"), resume=False, seed=0, progress=False)
         model_dir = work / name.replace("+", "_") / "best"
@@ -177,7 +184,7 @@ def main(argv=None):
     if args.smoke:
         args.shape, args.steps, args.steps_per_epoch, args.filters = (32, 112, 112), 2, 1, 2
         args.patch, args.batch, args.n_patches = 16, 2, 8
-        arms = ["base", "grid_noise", "geometric"]
+        arms = ["base", "grid_noise", "geometric", "noise+small_patch+cosine"]
     unknown = {m for a in arms for m in a.split("+")} - set(ARMS)
     if unknown:
         ap.error(f"unknown arms {sorted(unknown)}; expected some of {', '.join(ARMS)}")

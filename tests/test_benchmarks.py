@@ -141,7 +141,8 @@ def test_the_predict_overhead_benchmark_runs_in_smoke_mode(monkeypatch, capsys):
 def test_the_isotropic_ablation_runs_in_smoke_mode(tmp_path, monkeypatch):
     ablation = _import("isotropic_ablation", monkeypatch)
     rows = ablation.main(["--smoke", "--workdir", str(tmp_path / "ablation")])
-    assert [r["arm"] for r in rows] == ["input (linear)", "base", "grid_noise", "geometric"]
+    assert [r["arm"] for r in rows] == ["input (linear)", "base", "grid_noise", "geometric",
+                                            "noise+small_patch+cosine"]
     assert all(r["psnr"] == r["psnr"] and r["psnr"] > 0 for r in rows)  # finite scores
 
 

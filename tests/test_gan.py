@@ -159,6 +159,7 @@ def test_training_config_method_gan_trains_a_generator_that_restore_applies(pair
     ({"training": {"method": "gan"}, "data": {"sources": ["a.ome.zarr"], "patch_shape": [32, 32]}},
      "learns from input/target pairs"),
     ({"training": {"method": "gans"}}, r"training.method: Input should be 'care' or 'gan'"),
+    ({"training": {"method": "gan", "lr_schedule": "cosine"}}, r"training.lr_schedule: training.method gan keeps"),
 ])
 def test_gan_config_errors_name_the_key(tmp_path, change, message):
     from bigcare.errors import ConfigError

@@ -86,6 +86,21 @@ def test_resume_continues_from_the_saved_epoch(pairs, tmp_path, client):
     assert fresh.start_epoch == 0
 
 
+def test_the_cosine_schedule_anneals_per_step_and_a_resume_continues_it(pairs, tmp_path, client):
+    """lr_schedule cosine: lr falls every epoch to lr / 100 at the last step; plateau keeps it here."""
+    cos = train(config(pairs, tmp_path / "c", epochs=4, lr_schedule="cosine"), client=client, progress=False)
+    assert all(a > b for a, b in zip(cos.lr, cos.lr[1:])) and cos.lr[-1] == pytest.approx(4e-6)
+    half = train(config(pairs, tmp_path / "r", epochs=2, lr_schedule="cosine"), client=client, progress=False)
+    resumed = train(config(pairs, tmp_path / "r", epochs=4, lr_schedule="cosine"), client=client, progress=False)
+    # the run of 2 epochs annealed over 2 epochs; resuming to 4 continues from its state (T_max is
+    # the first run's): the lr it ends at is what the saved scheduler gives, not a fresh start at 4e-4
+    assert resumed.lr[:2] == half.lr and resumed.lr[2] < 4e-4
+    plateau = train(config(pairs, tmp_path / "p", epochs=4), client=client, progress=False)
+    assert plateau.lr == [4e-4] * 4
+    _, cfg = load_model(tmp_path / "c" / "best")
+    assert cfg.provenance["config"]["training"]["lr_schedule"] == "cosine"
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["training"].update(epoch=3), r"training\.epoch: unknown key"),
     (lambda c: c["training"].update(epochs="ten"), r"training\.epochs: .*integer"),
@@ -98,6 +113,7 @@ def test_resume_continues_from_the_saved_epoch(pairs, tmp_path, client):
     (lambda c: c["data"]["sources"][0].update(inputs="x"), r"data\.sources\.0\.inputs: unknown key"),
     (lambda c: c.pop("model_dir"), r"model_dir: required key missing"),
     (lambda c: c["training"].update(loss="l3"), r"training\.loss"),
+    (lambda c: c["training"].update(lr_schedule="step"), r"training\.lr_schedule"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, message):
     cfg = config(tmp_path, tmp_path / "m")

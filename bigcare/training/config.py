@@ -192,6 +192,9 @@ class TrainingConfig(_BatchDraw, serialize_by_alias=True):
     epochs: int = Field(100, ge=1, description="Epochs.")
     steps_per_epoch: int = Field(100, ge=1, description="Batches per epoch.")
     lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
+    lr_schedule: Literal["plateau", "cosine"] = Field("plateau", description="plateau: halve the learning rate "
+                                                      "after 10 epochs without a better validation loss; cosine: "
+                                                      "anneal it per step to lr / 100 over the run.")
     loss: Literal["mae", "mse", "laplace"] = Field("mae", description="Per-pixel loss; laplace: probabilistic CARE "
                                                    "(heads mean and scale, trained by the Laplace negative "
                                                    "log-likelihood).")
@@ -293,6 +296,9 @@ class TrainConfig(_Strict):
             if key in network and network[key] != value:
                 raise ValueError(f"network.{key}: training.method gan trains Wang et al.'s generator, which needs "
                                  f"{value!r}; leave it out")
+        if training.get("lr_schedule", "plateau") != "plateau":
+            raise ValueError("training.lr_schedule: training.method gan keeps Wang et al.'s constant learning rates; "
+                             "leave it out")
         training = {"lr": 1e-4, "loss": "mse", **training}
         return {**values, "network": {**_GAN_NETWORK_DEFAULTS, **_GAN_NETWORK, **network}, "training": training}
 

@@ -297,6 +297,7 @@ def train_projection(cfg: TrainConfig, device: str, precision: str, progress: bo
               f"{len(patches.train_positions)} training / {len(patches.val_positions)} validation stacks of "
               f"{patches.depth} planes, {device} {precision}", flush=True)
     return fit(model, config, patches.batches("train"), validation=list(patches.batches("val", epochs=1)),  # type: ignore[arg-type]
-               epochs=opt.epochs, steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss, device=device,
+               epochs=opt.epochs, steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, lr_schedule=opt.lr_schedule,
+               loss=opt.loss, device=device,
                precision=precision, model_dir=cfg.model_dir, resume=opt.resume, tensorboard=opt.tensorboard,
                seed=opt.seed, progress=progress)

@@ -157,7 +157,7 @@ def train(config: TrainConfig | dict | PathLike, *, client: Client | None = None
                   f"{len(sampler.train_positions)} training / {len(sampler.val_positions)} validation patches, "
                   f"{device} {precision}", flush=True)
         return fit(model, model_config, train_batches(opt.seed), validation=validation, epochs=opt.epochs,
-                   steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss,
+                   steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, lr_schedule=opt.lr_schedule, loss=opt.loss,
                    laplace_beta=opt.laplace_beta,
                    laplace_detach_scale=opt.laplace_detach_scale, device=device,
                    precision=precision, model_dir=cfg.model_dir, resume=opt.resume,
@@ -231,7 +231,7 @@ def _train_ensemble(cfg: TrainConfig, model_config: ModelConfig, train_batches, 
         if progress:
             print(f"ensemble member {k + 1}/{opt.ensemble} (seed {seed})", flush=True)
         results.append(fit(model, model_config, train_batches(seed), validation=validation, epochs=opt.epochs,
-                           steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, loss=opt.loss,
+                           steps_per_epoch=opt.steps_per_epoch, lr=opt.lr, lr_schedule=opt.lr_schedule, loss=opt.loss,
                            laplace_beta=opt.laplace_beta, laplace_detach_scale=opt.laplace_detach_scale,
                            device=device,
                            precision=precision, model_dir=root / f"member_{k}", resume=opt.resume,

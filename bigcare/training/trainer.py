@@ -79,6 +79,7 @@ def fit(
     epochs: int,
     steps_per_epoch: int,
     lr: float = 4e-4,
+    lr_schedule: str = "plateau",
     loss: str = "mae",
     laplace_beta: float = 1.0,
     laplace_detach_scale: bool = True,
@@ -108,6 +109,9 @@ def fit(
         Training length (total epochs, including those done before a resume).
     lr : float
         Adam learning rate (CARE: 4e-4); halved when the validation loss stalls for 10 epochs.
+    lr_schedule : {"plateau", "cosine"}
+        plateau: halve the learning rate after 10 epochs without a better validation loss (CSBDeep's);
+        cosine: anneal it per step from ``lr`` to ``lr / 100`` over the whole run (resumes continue it).
     loss : {"mae", "mse", "laplace"}
         ``laplace`` (probabilistic CARE) trains the first head as the mean and the head of kind
         scale (the second, a softplus head) as the Laplace scale, by the negative log-likelihood.
@@ -155,7 +159,13 @@ def fit(
         optimizer = torch.optim.Adam(groups, lr=lr)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=10)
+    if lr_schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=10)
+    elif lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch,
+                                                               eta_min=lr / 100)
+    else:
+        raise ConfigError(f"lr_schedule must be 'plateau' or 'cosine', got {lr_schedule!r}")
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and str(device).startswith("cuda"))
     val_batches = [tuple(_to_tensor(a, device) for a in batch) for batch in validation]
     first = config.architecture.heads[0].name
@@ -185,12 +195,15 @@ def fit(
             scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
+            if lr_schedule == "cosine":
+                scheduler.step()
             losses.append(value.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
         with torch.inference_mode(), _autocast(device, precision):
             val = float(np.mean([evaluate(model(x), y, mask).item() for x, y, *mask in val_batches]))
-        scheduler.step(val)
+        if lr_schedule == "plateau":
+            scheduler.step(val)
         result.train_loss.append(float(np.mean(losses)))
         result.val_loss.append(val)
         result.lr.append(optimizer.param_groups[0]["lr"])
