@@ -28,6 +28,7 @@ import numpy as np
 
 from bigcare.errors import ConfigError, ModelError
 from bigcare.normalization import Normalizer
+from bigcare.predictors.base import WrappingPredictor
 
 __all__ = ["OpenVINOPredictor", "SHAPES"]
 
@@ -75,7 +76,7 @@ class _Compiled:
         return {h: torch.from_numpy(np.array(result[i])) for i, h in enumerate(self.heads)}
 
 
-class OpenVINOPredictor:
+class OpenVINOPredictor(WrappingPredictor):
     """A bigcare model folder as a predictor whose network runs in OpenVINO (CPU).
 
     Parameters
@@ -97,7 +98,7 @@ class OpenVINOPredictor:
         if importlib.util.find_spec("openvino") is None:
             raise ModelError("the OpenVINO backend needs openvino: pip install 'bigcare[openvino]'")
         from bigcare.models.folder import load_config, model_hash
-        from bigcare.predictors.base import MEMBERS, load_predictor
+        from bigcare.predictors.base import load_predictor
 
         self.model = str(pathlib.Path(model).resolve())
         from bigcare.exchange.bioimageio import check_packaged_options
@@ -110,9 +111,7 @@ class OpenVINOPredictor:
         self.precision = "bf16" if self.hint == "bf16" else "fp32"
         self.hash = model_hash(self.model)
         # axes, halo, alignment, zoom, percentiles: exactly those of bigcare's own predictor
-        reference = load_predictor(self.model, device="cpu", precision="fp32")
-        for name in MEMBERS:
-            setattr(self, name, getattr(reference, name))
+        self.adopt(load_predictor(self.model, device="cpu", precision="fp32"))
         self.fingerprint = f"openvino-{self.precision}-{self.hash}"
 
     def _predictor(self):

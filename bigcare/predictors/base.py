@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from bigcare.blocks.layout import AxisLayout
 
 __all__ = ["Predictor", "load_predictor", "build_predictor", "cached_predictor", "check_predictor",
-           "predict_region"]
+           "predict_region", "WrappingPredictor"]
 
 
 #: What the engine reads of a predictor, besides :meth:`Predictor.predict`.
@@ -90,6 +90,34 @@ class Predictor(Protocol):
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore one region ``x`` (C, *spatial) given in raw intensities."""
         ...
+
+
+class WrappingPredictor:
+    """Base of predictors that wrap another predictor's network (isotropic, upsampling, OpenVINO).
+
+    :meth:`adopt` gives the wrapper every :data:`MEMBERS` attribute of the wrapped predictor except
+    those it overrides: one place, so a new member reaches every wrapper.
+    """
+
+    spatial_axes: str
+    outputs: tuple[str, ...]
+    n_channel_in: int
+    n_channel_out: int
+    halo: tuple[int, ...]
+    align: tuple[int, ...]
+    zoom: tuple[float, ...] | None
+    factor: float | None
+    fingerprint: str
+    pmin: float
+    pmax: float
+
+    def adopt(self, source: object, **overrides) -> None:
+        """Copy ``source``'s predictor members onto this one, ``overrides`` (member: value) instead."""
+        unknown = set(overrides) - set(MEMBERS)
+        if unknown:
+            raise TypeError(f"not predictor members: {sorted(unknown)}")
+        for name in MEMBERS:
+            setattr(self, name, overrides[name] if name in overrides else getattr(source, name))
 
 
 def check_predictor(obj: object) -> Predictor:

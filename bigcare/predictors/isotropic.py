@@ -20,6 +20,7 @@ import numpy as np
 
 from bigcare.errors import ModelMismatchError
 from bigcare.normalization import Normalizer
+from bigcare.predictors.base import WrappingPredictor
 from bigcare.predictors.care import CAREPredictor
 
 __all__ = ["IsotropicPredictor"]
@@ -28,7 +29,7 @@ __all__ = ["IsotropicPredictor"]
 SLICE_BATCH_VOXELS = {"cpu": 2**21, "cuda": 2**24}
 
 
-class IsotropicPredictor:
+class IsotropicPredictor(WrappingPredictor):
     """Restores a Z-upsampled 3D region with a 2D isotropic-restoration network.
 
     Parameters
@@ -41,20 +42,11 @@ class IsotropicPredictor:
         iso = net.config.isotropic
         if iso is None or net.spatial_axes != "yx":
             raise ModelMismatchError("an isotropic predictor needs a 2D model of kind 'isotropic'")
-        self.net = net
-        self.config = net.config
-        self.factor = float(iso.factor)
-        self.combine = iso.combine
-        self.spatial_axes = "zyx"
-        self.zoom = (self.factor, 1.0, 1.0)
-        self.outputs = net.outputs
-        self.n_channel_in = net.n_channel_in
-        self.n_channel_out = net.n_channel_out
+        self.net, self.config, self.combine = net, net.config, iso.combine
+        factor = float(iso.factor)
         # the network slides along Z' and X (XZ pass) and Z' and Y (YZ pass)
-        self.halo = (net.halo[0],) * 3
-        self.align = (net.align[0],) * 3
-        self.pmin, self.pmax = net.pmin, net.pmax
-        self.fingerprint = net.fingerprint
+        self.adopt(net, spatial_axes="zyx", zoom=(factor, 1.0, 1.0), factor=factor,
+                      halo=(net.halo[0],) * 3, align=(net.align[0],) * 3)
 
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore region ``x`` (C, Z', Y, X) of the Z-upsampled volume, in raw intensities.

@@ -33,6 +33,7 @@ from bigcare.errors import InputError, ModelMismatchError
 from bigcare.models.folder import ModelConfig
 from bigcare.models.projection_arch import projection_align, projection_halo
 from bigcare.normalization import Normalizer
+from bigcare.predictors.base import WrappingPredictor
 from bigcare.predictors.care import CAREPredictor
 from bigcare.types import Precision
 
@@ -86,7 +87,7 @@ class ProjectionPredictor(CAREPredictor):
         return w[0, 0, :, :x.shape[2], :x.shape[3]].float().cpu().numpy()  # type: ignore[no-any-return]
 
 
-class UpsamplingPredictor:
+class UpsamplingPredictor(WrappingPredictor):
     """Restores a Z-upsampled 3D region with the 3D network of an upsampling model.
 
     Parameters
@@ -99,15 +100,9 @@ class UpsamplingPredictor:
         up = net.config.upsampling
         if up is None or net.spatial_axes != "zyx":
             raise ModelMismatchError("an upsampling predictor needs a 3D model of kind 'upsampling'")
-        self.net = net
-        self.config = net.config
-        self.kinds = net.kinds
-        self.zoom = (float(up.factor), 1.0, 1.0)
+        self.net, self.config, self.kinds = net, net.config, net.kinds
         # the volume's own voxel sizes need not match the training factor (targets may be anisotropic too)
-        self.factor = None
-        self.spatial_axes, self.outputs, self.halo, self.align = net.spatial_axes, net.outputs, net.halo, net.align
-        self.n_channel_in, self.n_channel_out = net.n_channel_in, net.n_channel_out
-        self.pmin, self.pmax, self.fingerprint = net.pmin, net.pmax, net.fingerprint
+        self.adopt(net, zoom=(float(up.factor), 1.0, 1.0), factor=None)
 
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore region ``x`` (C, Z', Y, X) of the Z-upsampled volume, in raw intensities."""

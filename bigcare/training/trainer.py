@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,6 +160,7 @@ def fit(
         optimizer = torch.optim.Adam(groups, lr=lr)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler: Any  # ReduceLROnPlateau.step takes the metric, the others none
     if lr_schedule == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=10)
     elif lr_schedule == "cosine":
