@@ -4,15 +4,21 @@
     python benchmarks/isotropic_real.py --full --device cuda   # all 320 rows, longer training
 
 The deskewed lattice light-sheet stack ``../shared/data/llsm_cell_deskewed.tif`` (88 x 320 x 481,
-voxel 0.157 / 0.1 / 0.1 um) is close to isotropic. Protocol:
+voxel 0.157 / 0.1 / 0.1 um) is close to isotropic in sampling, not in resolution: its Z spectrum
+falls like its Y spectrum times a Gaussian of sigma ~0.25-0.29 um (:func:`axial_excess`). Protocol:
 
 1. truth: the stack resampled along Z to the lateral voxel size, 0.1 um (cubic spline,
-   node-aligned: plane k at z = 0.1 k um; 137 planes);
+   node-aligned: plane k at z = 0.1 k um; 137 planes); with ``--truth isotropic`` (the default)
+   also blurred along Y and X by the measured axial excess, so that the truth is what isotropic
+   restoration aims at (lateral resolution in every direction; ``--truth stack`` scores against
+   the stack as it is, where a method that restores axial to lateral resolution is penalised for
+   being sharper than the truth's Z);
 2. degraded: the truth blurred along Z by a Gaussian of sigma ``--blur`` um, every 4th plane kept
-   (0.4 um planes, factor 4), written as OME-Zarr with voxel size (0.4, 0.1, 0.1);
-3. bigcare trains an isotropic model on the degraded volume alone (Gaussian PSF: sigma_xy 0.1 um,
-   sigma_z sqrt(0.1^2 + blur^2), so the split kernel is exactly the added blur if the truth is
-   isotropic), and restores it blockwise onto the 0.1 um grid;
+   (0.4 um planes, factor 4), written as OME-Zarr with voxel size (0.4, 0.1, 0.1); the lateral
+   blur of an isotropic truth removes most of the stack's noise, so ``--add-noise`` adds the
+   stack's own measured noise back to the kept planes (:func:`noise_model`);
+3. bigcare trains an isotropic model on the degraded volume alone (Gaussian PSF whose split kernel
+   is exactly the added blur), and restores it blockwise onto the 0.1 um grid;
 4. scored against the truth on the dropped planes only (3 of every 4), inside the sample region:
    linear and cubic Z interpolation of the degraded volume, Richardson-Lucy along Z of the linear
    one (the added Gaussian, iterations picked on the truth: an oracle), and bigcare.
@@ -21,11 +27,12 @@ The sample region: deskewing leaves two wedges (about half the voxels) filled wi
 value (98): the (z, x) columns whose values do not vary along Y. They carry no information, every
 method reproduces them, and scoring them would dilute every difference, so a voxel is scored only
 when its (z, x) column lies inside the acquired parallelogram, eroded by ``MARGIN`` voxels along X
-(so the fill's edge, which no method can restore, stays out). PSNR (CARE normalisation,
+(so the fill's edge, which no method can restore, stays out; wider by 3 sigma of an isotropic
+truth's lateral blur, which smears the fill into the sample). PSNR (CARE normalisation,
 :mod:`bigcare.metrics`) is over all scored voxels at once; SSIM is the mean over dropped planes of
-:func:`bigcare.metrics.ssim` on each plane cropped to its scored columns. The deskew interpolation
-correlates the noise along X: the truth is noisy, so no method can reach high PSNR; the ranking is
-what counts. Writes ``benchmarks/isotropic_real_xz.png`` (cubic / bigcare / truth, one XZ slice).
+:func:`bigcare.metrics.ssim` on each plane cropped to its scored columns. With ``--truth stack`` the truth
+carries the stack's noise (correlated along X by the deskew interpolation), which no method can
+predict. Writes ``benchmarks/isotropic_real_xz.png`` (cubic / bigcare / truth, one XZ slice).
 """
 
 from __future__ import annotations
