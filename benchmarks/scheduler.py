@@ -152,7 +152,7 @@ def run_execute(client, plan, blocks, spec, out, fn, progress):
     run = SimpleNamespace(images={"restored": out}, plan=_Plan(len(blocks), plan.overhead), n_todo=len(blocks),
                           pending=lambda: iter(blocks), run_key=uuid.uuid4().hex,
                           volume=SimpleNamespace(url=spec.input_url), spec=spec, device="cpu",
-                          precision="fp32", precision_ran="", fill_spec=None, spec_for=lambda block: spec)
+                          precision="fp32", precision_ran="", backend="torch", backend_ran="", fill_spec=None, spec_for=lambda block: spec)
     original, ex.run_block = ex.run_block, fn
     try:
         t0 = time.perf_counter()

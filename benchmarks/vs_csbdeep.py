@@ -9,7 +9,8 @@ CSBDeep's default 3D CARE network (``Config("ZYX")``: depth 2, 32 first filters,
 996,769 parameters, random weights) predicts the uint16 volume in memory, untiled (``n_tiles``
 with ``--n-tiles``), percentile normalization 1 / 99.8, after one warm-up call on a crop; bigcare
 restores the same volume as an OME-Zarr file to file with ``bigcare.restore`` defaults (fresh
-local cluster, pyramid), the same architecture, ``--precision fp32`` and ``auto``, timed as the
+local cluster, pyramid, ``--backend auto``: OpenVINO on CPU where installed), the same
+architecture, ``--precision fp32`` and ``auto`` (``--backends auto torch`` adds torch's), timed as the
 whole call's ``wall_seconds`` (the local cluster's start, percentiles, model shipping, blocks,
 pyramid) and, beside it, the blocks' own ``seconds``. Each variant runs in a fresh process; peak
 RSS is VmHWM of that process plus, for bigcare, its worker's. Variants rotate each round.
@@ -49,10 +50,11 @@ CSBDEEP = textwrap.dedent("""
 BIGCARE = textwrap.dedent("""
     import json, sys
     import bigcare
-    r = bigcare.restore(sys.argv[1], sys.argv[2], sys.argv[3], precision=sys.argv[4], progress=False)
+    r = bigcare.restore(sys.argv[1], sys.argv[2], sys.argv[3], precision=sys.argv[4], backend=sys.argv[5],
+                        progress=False)
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
     print(json.dumps({"seconds": r.wall_seconds, "blocks_seconds": r.seconds, "blocks": r.blocks_total,
-                      "halo_overhead": r.halo_overhead, "precision": r.precision,
+                      "halo_overhead": r.halo_overhead, "precision": r.precision, "backend": r.backend,
                       "peak_rss_mb": int(hwm) / 1024 + r.peak_worker_rss_mb, "client_rss_mb": int(hwm) / 1024,
                       "worker_rss_mb": r.peak_worker_rss_mb}))
 """)
@@ -72,6 +74,9 @@ def main(argv=None) -> dict:
     p.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256))
     p.add_argument("--n-tiles", type=int, nargs=3, default=None, help="CSBDeep's n_tiles (default: untiled)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], help="bigcare precisions [fp32 auto]")
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch"],
+                   help="bigcare backends: auto (the default: OpenVINO on CPU where installed), torch [auto]")
     p.add_argument("--smoke", action="store_true", help="seconds, tiny sizes, bigcare only (the test suite runs it)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
@@ -84,8 +89,10 @@ def main(argv=None) -> dict:
     vol = make_volume(tmp / "in.ome.zarr", shape, (shape[0], shape[1], max(1, shape[2] // 2)))
     np.save(tmp / "in.npy", np.asarray(vol.array()[...]))
     model = save_unet(tmp / "model", n_filter_base=4 if args.smoke else 32)
-    variants = {f"bigcare {p}": [sys.executable, "-c", BIGCARE, str(tmp / "in.ome.zarr"), str(tmp / f"out_{p}"),
-                                 str(model), p] for p in ("fp32", "auto")}
+    # the defaults (backend auto: OpenVINO on CPU where installed), and torch's fp32 beside them
+    variants = {f"bigcare {p}{'' if b == 'auto' else ' torch'}": [
+        sys.executable, "-c", BIGCARE, str(tmp / "in.ome.zarr"), str(tmp / f"out_{p}_{b}"), str(model), p, b]
+        for p, b in ((p, b) for p in args.precisions for b in args.backends)}
     if args.venv and not args.smoke:
         variants = {"csbdeep": [str(Path(args.venv) / "bin" / "python"), "-c", CSBDEEP, str(tmp / "in.npy"),
                                 str(tmp / "csbdeep"), json.dumps(args.n_tiles)], **variants}
@@ -110,7 +117,7 @@ def main(argv=None) -> dict:
             row["x_csbdeep"] = row["Mvox_s"] / table["csbdeep"]["Mvox_s"]
             row["rss_vs_csbdeep"] = row["peak_rss_mb"] / table["csbdeep"]["peak_rss_mb"]
     for name, row in table.items():
-        print(f"{name:14s} {row['Mvox_s']:.3f} Mvox/s ({row.get('x_csbdeep', float('nan')):.2f}x CSBDeep; blocks only "
+        print(f"{name:20s} {row['Mvox_s']:.3f} Mvox/s ({row.get('x_csbdeep', float('nan')):.2f}x CSBDeep; blocks only "
               f"{row['blocks_Mvox_s']:.3f}), "
               f"peak RSS {row['peak_rss_mb']:.0f} MB, loads {row['loads']}")
     report = {"shape": shape, "n_tiles": args.n_tiles, "rounds": rounds, "table": table}

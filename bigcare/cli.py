@@ -103,13 +103,6 @@ def _pairs(args) -> list[tuple[str, str]]:
 
 def _model(args):
     """The model of a restore/plan command line: one path, or a list of member paths."""
-    if getattr(args, "backend", "torch") == "openvino":  # the network through OpenVINO on CPU
-        from bigcare.errors import ConfigError
-        from bigcare.exchange.openvino import OpenVINOPredictor
-
-        if len(args.model) != 1:
-            raise ConfigError(f"--backend openvino runs one model folder, got {len(args.model)}")
-        return OpenVINOPredictor(args.model[0], precision=args.precision)
     return args.model[0] if len(args.model) == 1 else list(args.model)
 
 
@@ -120,7 +113,8 @@ def _cmd_plan(args) -> int:
         plan = plan_restore(inp, out, _model(args), block_shape=args.block_shape, tile_shape=args.tile_shape,
                             device=args.device, precision=args.precision, workers=args.workers,
                             overwrite=args.overwrite, ngff_version=args.ngff_version, output_dtype=args.output_dtype,
-                            pyramid=args.pyramid, nan_fill=args.nan_fill, skip_background=args.skip_background)
+                            pyramid=args.pyramid, nan_fill=args.nan_fill, skip_background=args.skip_background,
+                            backend=args.backend)
         print(format_plan(plan))
         if args.json:
             print(json.dumps(plan, default=str))
@@ -138,7 +132,7 @@ def _cmd_restore(args) -> int:
     options = dict(block_shape=args.block_shape, tile_shape=args.tile_shape, device=args.device,
                    precision=args.precision, overwrite=args.overwrite, ngff_version=args.ngff_version,
                    output_dtype=args.output_dtype, pyramid=args.pyramid, ship_model=args.ship_model,
-                   nan_fill=args.nan_fill, progress=not args.quiet,
+                   nan_fill=args.nan_fill, progress=not args.quiet, backend=args.backend,
                    **({"skip_background": args.skip_background} if args.skip_background is not None else {}),
                    **({"preview": args.preview} if args.preview else {}),
                    **({"interval": args.interval} if args.interval != 0.9 else {}),
@@ -299,9 +293,10 @@ def _restore_arguments(p, add_cluster_arguments) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default): bf16 where the workers' device computes it natively (GPUs, CPUs with "
                    "AVX512_BF16 or AMX), else fp32; fp32 for bit-reproducible results")
-    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="run the network with torch, or with OpenVINO on CPU (1.6-1.7x torch on the project's "
-                   "CPU; needs bigcare[openvino]; workers read the model folder by path) [torch]")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="what runs the network: auto (default): OpenVINO on CPU workers where it is installed "
+                   "(bigcare[openvino]) and runs the model (CARE and isotropic U-Nets; 1.35-1.7x torch in fp32 on "
+                   "the project's CPU), torch elsewhere (GPUs, ensembles, other models); torch; or openvino")
     p.add_argument("--output-dtype", default="float32", help="output dtype [float32]")
     p.add_argument("--ngff-version", default="0.5", choices=NGFF_VERSIONS)
     p.add_argument("--overwrite", action="store_true", help="replace an output of another bigcare run")

@@ -52,9 +52,14 @@ def test_restore_command_takes_backend_openvino(tmp_path, capsys):
                  "--backend", "openvino", "--precision", "fp32", "--workers", "1", "-q"]) == 0
     want = bigcare.predict(data, model, axes="yx", precision="fp32")["restored"]
     np.testing.assert_allclose(read(tmp_path / "out.ome.zarr"), want, rtol=0, atol=1e-5 * np.abs(want).max())
-    assert main(["restore", str(tmp_path / "in.ome.zarr"), str(tmp_path / "o2.ome.zarr"), "--model", str(model),
-                 str(model), "--backend", "openvino", "-q"]) == 2
-    assert "runs one model folder" in capsys.readouterr().err
+    heads = [{"name": "mean"}, {"name": "scale", "activation": "softplus_eps"}]
+    members = [str(make_model(tmp_path / f"e{k}", ndim=2, depth=1, n_filter_base=2, kernel_size=3, heads=heads,
+                              seed=k)) for k in range(2)]
+    capsys.readouterr()
+    assert main(["restore", str(tmp_path / "in.ome.zarr"), str(tmp_path / "o2.ome.zarr"), "--model", *members,
+                 "--backend", "openvino", "-q"]) == 2
+    assert "runs one bigcare model folder, not an ensemble" in capsys.readouterr().err
+    assert not (tmp_path / "o2.ome.zarr").exists()
 
 
 def test_the_runtime_benchmark_runs_in_smoke_mode(monkeypatch, capsys):
@@ -69,3 +74,56 @@ def test_the_runtime_benchmark_runs_in_smoke_mode(monkeypatch, capsys):
     out = capsys.readouterr().out
     for runtime in ("torch fp32", "torch bf16", "onnxruntime fp32", "openvino fp32"):
         assert f"| {runtime} |" in out
+
+
+def test_backend_auto_runs_openvino_on_cpu_workers_and_says_so(tmp_path, client):
+    """The default backend: OpenVINO on CPU for a CARE U-Net, equal to torch in fp32; the result,
+    the summary and the output's provenance say which ran."""
+    import json
+
+    model = make_model(tmp_path / "m", ndim=3, depth=1, n_filter_base=4, kernel_size=3)
+    data = smooth_volume((19, 40, 33)) * 300 + 100
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(8, 16, 16))
+    auto = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "auto.ome.zarr", model, client=client,
+                           device="cpu", precision="fp32", block_shape=(8, 16, 16), progress=False)
+    torch_ = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "torch.ome.zarr", model, client=client,
+                             device="cpu", precision="fp32", backend="torch", block_shape=(8, 16, 16), progress=False)
+    assert (auto.backend, torch_.backend) == ("openvino", "torch")
+    want = read(torch_.outputs["restored"])
+    np.testing.assert_allclose(read(auto.outputs["restored"]), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    summary = json.loads((tmp_path / "auto.ome.zarr" / "bigcare_summary.json").read_text())
+    assert summary["backend"] == "openvino"
+
+
+def test_backend_auto_keeps_torch_where_openvino_cannot_run_the_model(tmp_path):
+    from bigcare.errors import ConfigError
+    from bigcare.exchange.openvino import resolve_backend
+    from bigcare.models.folder import load_config
+
+    care = load_config(make_model(tmp_path / "care", ndim=2, depth=1, n_filter_base=2, kernel_size=3))
+    assert resolve_backend("auto", "cpu", "fp32", care) == "openvino"
+    assert resolve_backend("auto", "cuda", "auto", care) == "torch"  # GPUs run torch
+    assert resolve_backend("auto", "cpu", "fp16", care) == "torch"
+    assert resolve_backend("torch", "cpu", "fp32", care) == "torch"
+    blur = care.model_copy(update={"architecture": care.architecture.model_copy(update={"pooling": "maxblur"})})
+    assert resolve_backend("auto", "cpu", "fp32", blur) == "torch"  # N2V2's pooling: not in the exported U-Net
+    with pytest.raises(ConfigError, match="CPU only"):
+        resolve_backend("openvino", "cuda:0", "fp32", care)
+    with pytest.raises(ConfigError, match="pooling"):
+        resolve_backend("openvino", "cpu", "fp32", blur)
+
+
+def test_openvino_uses_the_threads_torch_has_in_the_process(tmp_path):
+    """A dask worker's thread count (given to torch) bounds OpenVINO too: no oversubscription."""
+    import torch
+
+    from bigcare.predictors.base import load_predictor
+
+    model = make_model(tmp_path / "m", ndim=2, depth=1, n_filter_base=2, kernel_size=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        predictor = load_predictor(str(model), device="cpu", precision="fp32", backend="openvino")
+        assert predictor.backend == "openvino" and predictor._run.threads == 1
+    finally:
+        torch.set_num_threads(before)

@@ -131,8 +131,23 @@ def check_predictor(obj: object) -> Predictor:
     return obj  # type: ignore[return-value]
 
 
-def build_predictor(model, config, *, device: str = "cpu", precision: Precision = "fp32") -> Predictor:
-    """The predictor of a loaded network, chosen by its config's ``kind``."""
+def build_predictor(model, config, *, device: str = "cpu", precision: Precision = "fp32",
+                    backend: str = "torch") -> Predictor:
+    """The predictor of a loaded network, chosen by its config's ``kind``.
+
+    ``backend``: ``torch``, ``openvino`` or ``auto`` (OpenVINO where it can run the model on this
+    device, torch elsewhere: :func:`~bigcare.exchange.openvino.resolve_backend`).
+    """
+    if backend != "torch":
+        from bigcare.exchange.openvino import resolve_backend, with_openvino
+
+        if resolve_backend(backend, device, precision, config) == "openvino":
+            predictor = _build_torch(model, config, "cpu", "fp32")  # its network call is replaced
+            return with_openvino(predictor, model, config, precision)
+    return _build_torch(model, config, device, precision)
+
+
+def _build_torch(model, config, device: str, precision: Precision) -> Predictor:
     from bigcare.predictors.care import CAREPredictor
 
     if config.kind in ("projection", "upsampling"):
@@ -163,7 +178,7 @@ def cached_predictor(key: tuple, build: Callable[[], Predictor]) -> Predictor:
 
 
 def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision = "auto",
-                   expected_hash: str | None = None) -> Predictor:
+                   expected_hash: str | None = None, backend: str = "torch") -> Predictor:
     """Build (once per process) the predictor a model folder describes.
 
     Worker processes call this for every block; the model is read from disk and moved to the
@@ -182,6 +197,8 @@ def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision
     expected_hash : str, optional
         If given, the folder's current hash must match (the model changed under a run
         otherwise) - checked once, on load.
+    backend : {"torch", "openvino", "auto"}
+        What runs the network (:func:`build_predictor`); bioimage.io packages run as they are.
 
     Returns
     -------
@@ -204,9 +221,9 @@ def load_predictor(model_path: str, *, device: str = "cpu", precision: Precision
                 "re-run the command to plan again"
             )
         model, config = load_model(model_path, device=device)
-        return build_predictor(model, config, device=device, precision=precision)
+        return build_predictor(model, config, device=device, precision=precision, backend=backend)
 
-    return cached_predictor((str(model_path), expected_hash, device, precision), build)
+    return cached_predictor((str(model_path), expected_hash, device, precision, backend), build)
 
 
 def predict_region(predictor: Predictor, layout: AxisLayout, region: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:

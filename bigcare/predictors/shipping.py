@@ -99,7 +99,7 @@ class ModelPayload:
                 f"{got[:16]}..., expected {self.hash[:16]}..."
             )
 
-    def build(self, device: str = "cpu", precision: Precision = "fp32"):
+    def build(self, device: str = "cpu", precision: Precision = "fp32", backend: str = "torch"):
         """The predictor of this model (:func:`~bigcare.predictors.base.build_predictor`; no pickle)."""
         from pydantic import ValidationError
         from safetensors.torch import load as load_safetensors
@@ -120,7 +120,7 @@ class ModelPayload:
         except RuntimeError as exc:
             raise ModelError(f"model sent from {self.source}: weights do not match its config: {exc}") from None
         BUILDS["count"] += 1
-        return build_predictor(model, config, device=device, precision=precision)
+        return build_predictor(model, config, device=device, precision=precision, backend=backend)
 
 
 class ModelPlugin(WorkerPlugin):
@@ -144,7 +144,7 @@ class ModelPlugin(WorkerPlugin):
             _PAYLOADS.pop(self.payload.hash, None)
 
 
-def shipped_predictor(model_hash: str, device: str, precision: Precision):
+def shipped_predictor(model_hash: str, device: str, precision: Precision, backend: str = "torch"):
     """The predictor of a model sent with :class:`ModelPlugin`, built once per process.
 
     Raises
@@ -163,6 +163,6 @@ def shipped_predictor(model_hash: str, device: str, precision: Precision):
                 "plugin with that hash is registered); run through bigcare.restore, or pass "
                 "ship_model=False with a model path the workers can read"
             )
-        return payload.build(device=device, precision=precision)
+        return payload.build(device=device, precision=precision, backend=backend)
 
-    return cached_predictor(("shipped", model_hash, device, precision), build)
+    return cached_predictor(("shipped", model_hash, device, precision, backend), build)

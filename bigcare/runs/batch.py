@@ -37,6 +37,7 @@ from bigcare.runs.volume import (
     start_volume_run,
 )
 from bigcare.runs.workers import (
+    backend_on_workers,
     check_device_on_workers,
     cluster_devices,
     precision_on_workers,
@@ -139,7 +140,8 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         As in :func:`bigcare.restore` (storage options apply to every input / output).
     **options
         ``block_shape``, ``precision``, ``overwrite``, ``ngff_version``, ``output_dtype``,
-        ``torch_threads``, ``nan_fill``, ``skip_background`` as in :func:`bigcare.restore`.
+        ``torch_threads``, ``nan_fill``, ``skip_background``, ``backend`` as in :func:`bigcare.restore`
+        (``backend`` defaults to ``auto`` here too).
 
     Returns
     -------
@@ -158,6 +160,7 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
     outputs = output_paths(urls, output_dir)
     ref = resolve_model(model, ship_model, options.pop("interval", 0.9))  # an ensemble's interval level
     options.setdefault("ngff_version", "0.5")
+    options.setdefault("backend", "auto")
     # no output may be (inside) any input of the batch: locations resolved once, then compared
     resolved_in = [resolved(u) for u in urls]
     for o in outputs:
@@ -173,8 +176,9 @@ def restore_many(inputs: PathLike | Sequence[PathLike], output_dir: PathLike, mo
         check_device_on_workers(c, device, ref)
         devices, memory = cluster_devices(c, device), worker_memory(c)
         ran = precision_on_workers(c, device, runs[0].precision, ref.predictor) if runs else ""
+        backend = backend_on_workers(c, runs[0].backend, device, runs[0].precision, ref.predictor) if runs else ""
         for run in runs:  # every check that reads data, before any output is written
-            run.precision_ran = ran
+            run.precision_ran, run.backend_ran = ran, backend
             fit_to_cluster(run, devices, *memory)
             measure_volume_run(run, c)
         fs, root = fsspec.core.url_to_fs(normalize_url(output_dir), **(output_storage_options or {}))

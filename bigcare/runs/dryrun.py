@@ -46,13 +46,14 @@ def plan_restore(input: PathLike, output: PathLike, model, *, block_shape: Shape
                  workers: int | None = None, threads_per_worker: int | None = None, overwrite: bool = False,
                  ngff_version: NgffVersion = "0.5", output_dtype: str = "float32", pyramid: bool = True,
                  storage_options: dict | None = None, output_storage_options: dict | None = None,
-                 nan_fill: float | None = None, skip_background: float | None = None) -> dict[str, Any]:
+                 nan_fill: float | None = None, skip_background: float | None = None,
+                 backend: str = "auto") -> dict[str, Any]:
     """Plan a restore as :func:`bigcare.restore` would, without running or writing anything.
 
     Parameters
     ----------
     input, output, model, block_shape, tile_shape, device, precision, overwrite, ngff_version,
-    output_dtype, pyramid, storage_options, output_storage_options, nan_fill, skip_background
+    output_dtype, pyramid, storage_options, output_storage_options, nan_fill, skip_background, backend
         As in :func:`bigcare.restore` (which background blocks are skipped is decided by the run, from
         the data; the plan only checks the threshold and knows the run it would resume).
     workers, threads_per_worker : int, optional
@@ -78,7 +79,7 @@ def plan_restore(input: PathLike, output: PathLike, model, *, block_shape: Shape
                           precision=precision, overwrite=overwrite, ngff_version=ngff_version,
                           output_dtype=output_dtype, storage_options=storage_options,
                           output_storage_options=output_storage_options, pyramid=pyramid, nan_fill=nan_fill,
-                          skip_background=skip_background)
+                          skip_background=skip_background, backend=backend)
     n_workers, threads = local_cluster_shape(workers)
     if str(device).startswith("cuda"):
         import torch
@@ -90,6 +91,11 @@ def plan_restore(input: PathLike, output: PathLike, model, *, block_shape: Shape
         from bigcare.predictors.fastpath import resolve_precision
 
         run.precision_ran = f"auto: {resolve_precision('auto', device)}"
+    config = getattr(ref.predictor, "config", None)
+    if run.backend != "torch" and config is not None:  # as this machine's workers would resolve it
+        from bigcare.exchange.openvino import resolve_backend
+
+        run.backend_ran = resolve_backend(run.backend, device, run.precision, config)
     memory = _memory_bytes()  # a local cluster gives each worker its share of this machine's memory
     fit_to_cluster(run, n_workers, None if str(device).startswith("cuda") or not memory else memory / n_workers,
                    threads_per_worker or threads)
@@ -126,6 +132,7 @@ def describe_plan(run: VolumeRun, workers: int, threads: int) -> dict[str, Any]:
     return {
         "input": run.volume.url, "input_shape": list(run.volume.shape), "input_dtype": str(run.volume.dtype),
         "axes": run.volume.axis_names, "model": run.model.label, "device": run.device, "precision": _precision(run),
+        "backend": run.backend_ran or run.backend,
         "action": action, "state": run.state,
         "blocks": len(plan), "blocks_to_do": len(plan) - done, "grid": list(plan.grid),
         "block_shape": [plan.block_shape[i] for i in spatial], "tile_shape":
@@ -149,7 +156,7 @@ def format_plan(d: dict[str, Any]) -> str:
     memory = d["estimated_peak_worker_mb"]
     lines = [
         f"plan: {d['action']}: {d['input']} ({shape(d['input_shape'])} {d['axes']}, {d['input_dtype']})",
-        f"  model {d['model']} on {d['device']} ({d['precision']}); {d['workers']} worker(s) x "
+        f"  model {d['model']} on {d['device']} ({d['precision']}, backend {d['backend']}); {d['workers']} worker(s) x "
         f"{d['threads_per_worker']} thread(s)",
         f"  blocks {d['blocks_to_do']} to do of {d['blocks']} (grid {shape(d['grid'])}), block {shape(d['block_shape'])}, "
         f"tile {shape(d['tile_shape']) if d['tile_shape'] else 'the block'}, halo {shape(d['halo'])}",

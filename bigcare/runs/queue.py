@@ -74,7 +74,8 @@ def execute(client, runs, *, progress: bool = True) -> list[RunResult]:
         results.append(RunResult(outputs=run.images, blocks_total=len(run.plan),
                                  blocks_skipped=len(run.plan) - run.n_todo, blocks_computed=0,
                                  halo_overhead=run.plan.overhead, input=run.volume.url, cluster=info,
-                                 precision=run.precision_ran or run.precision))
+                                 precision=run.precision_ran or run.precision,
+                                 backend=run.backend_ran or run.backend))
         index[id(run.spec)] = i
         if run.fill_spec is not None:  # background blocks (bigcare.runs.background) carry their own spec
             index[id(run.fill_spec)] = i

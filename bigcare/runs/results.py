@@ -73,6 +73,8 @@ class RunResult:
     precision : str
         The inference precision that ran (``fp32``, ``bf16``, ``fp16``, or ``auto: bf16`` with
         what the workers resolved ``auto`` to).
+    backend : str
+        What ran the network: ``torch`` or ``openvino`` (``auto`` resolved on the workers).
     blocks_background, background : int, dict
         With ``skip_background``: blocks written with the model's prediction of a constant
         background instead of the network, and the threshold, fraction of the plan, constant input
@@ -101,6 +103,7 @@ class RunResult:
     failure_log: str = ""
     preview: str = ""
     precision: str = ""
+    backend: str = ""  # what ran the network (torch, openvino; see bigcare.exchange.openvino)
     reliability: dict = field(default_factory=dict)  # sums of block_reliability over this run's blocks
     blocks_background: int = 0  # of blocks_computed: filled with the constant prediction (--skip-background)
     background: dict = field(default_factory=dict)  # threshold, blocks, fraction, fill (bigcare.runs.background)
@@ -163,6 +166,7 @@ def summary_dict(result, *, model: str = "", model_hash: str = "", output: str =
         "peak_worker_rss_mb": round(result.peak_worker_rss_mb, 1),
         "seconds_in": {k: round(v, 3) for k, v in result.seconds_in.items()},
         "cluster": d["cluster"], "normalization": d["normalization"], "precision": result.precision,
+        "backend": result.backend,
         **({"reliability": reliability_summary(result.reliability)} if result.reliability else {}),
         **({"background": {**result.background, "blocks_filled": result.blocks_background}}
            if result.background else {}),
@@ -180,7 +184,8 @@ def format_summary(result, name: str = "") -> str:
         f"  retries {result.retries}, rescheduled after a worker died {result.rescheduled}, "
         f"halo overhead {result.halo_overhead:.2f}x, peak worker RSS {result.peak_worker_rss_mb:.0f} MB",
         f"  task seconds: read {s['read']:.1f}, predict {s['predict']:.1f}, write {s['write']:.1f}"
-        + (f"; precision {result.precision}" if result.precision else ""),
+        + (f"; precision {result.precision}" if result.precision else "")
+        + (f", backend {result.backend}" if result.backend else ""),
     ]
     size = result.cluster.get("size")
     if size:

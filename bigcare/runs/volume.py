@@ -110,6 +110,8 @@ class VolumeRun:
     pyramid: bool = True  # levels 1..n are declared and written; without, only level 0 exists
     nan_fill: float | None = None  # input NaN/inf voxels read as this value (else refused)
     precision_ran: str = ""  # what the workers made of ``precision`` (see precision_on_workers)
+    backend: str = "torch"  # what runs the network: torch, openvino or auto (bigcare.exchange.openvino)
+    backend_ran: str = ""  # what the workers made of ``backend`` (see backend_on_workers)
     skip_background: float | None = None  # blocks reading nothing above this are filled (bigcare.runs.background)
     background: np.ndarray | None = None  # per block of the grid: filled without the network
     fill_spec: RunSpec | None = None  # the spec of those blocks' tasks (spec + the constant prediction)
@@ -204,7 +206,8 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
                     overwrite: bool = False, ngff_version: NgffVersion = "0.5", output_dtype: str = "float32",
                     storage_options: dict | None = None, output_storage_options: dict | None = None,
                     torch_threads: int | None = None, pyramid: bool = True,
-                    nan_fill: float | None = None, skip_background: float | None = None) -> VolumeRun:
+                    nan_fill: float | None = None, skip_background: float | None = None,
+                    backend: str = "torch") -> VolumeRun:
     """Open the input, check the model fits, plan the blocks, check the output. Writes nothing.
 
     Parameters
@@ -216,7 +219,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     model : ModelRef
         From :func:`resolve_model`.
     block_shape, tile_shape, devices, device, precision, overwrite, ngff_version, output_dtype, storage_options,
-    output_storage_options, torch_threads, pyramid, nan_fill, skip_background
+    output_storage_options, torch_threads, pyramid, nan_fill, skip_background, backend
         As in :func:`bigcare.restore`.
 
     Returns
@@ -233,6 +236,7 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     check_finished(volume)
     check_choice("ngff_version", ngff_version, NGFF_VERSIONS)
     check_choice("precision", precision, PRECISIONS)
+    backend = _run_backend(backend, model, device, precision)
     try:
         kind: str = np.dtype(output_dtype).kind
     except TypeError:
@@ -264,7 +268,27 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
                      ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
                      default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid, nan_fill=nan_fill,
-                     skip_background=skip_background)
+                     skip_background=skip_background, backend=backend)
+
+
+def _run_backend(backend: str, model: ModelRef, device: str, precision: str) -> str:
+    """The backend a run asks its workers for: ``torch`` where only torch can run the model (an
+    ensemble, a bioimage.io package, a predictor object), else ``backend``; ``openvino`` that
+    cannot run it is a ConfigError naming why, before anything is written."""
+    from bigcare.exchange.openvino import BACKENDS, resolve_backend
+
+    check_choice("backend", backend, BACKENDS)
+    config = getattr(model.predictor, "config", None)
+    if backend == "torch":
+        return backend
+    if model.ensemble is not None or model.obj is not None or config is None:
+        if backend == "openvino":
+            raise ConfigError("--backend openvino runs one bigcare model folder, not an ensemble, a bioimage.io "
+                              "package or a predictor object; use --backend torch (or auto)")
+        return "torch"
+    if backend == "openvino":
+        resolve_backend(backend, device, precision, config)  # raises, saying why it cannot
+    return backend
 
 
 def check_apart(input: str, output: str) -> None:
@@ -395,7 +419,7 @@ def start_volume_run(run: VolumeRun, client=None) -> VolumeRun:
         outputs=tuple((n, u, "0") for n, u in run.images.items()), output_options=options,
         output_dtype=run.output_dtype, marker_url=run.output, run_key=run.run_key,
         torch_threads=run.torch_threads, plan=run.plan, nan_fill=run.nan_fill, ensemble=run.model.ensemble,
-        run_id=uuid.uuid4().hex,
+        backend=run.backend, run_id=uuid.uuid4().hex,
     )
     if run.state == "resume":  # a fresh output has no done markers: no need to list them
         run.done = written_chunks(zarr.open_array(path=MARKER, mode="r", **store_kwargs(run.output, options)))

@@ -53,6 +53,27 @@ def precision_on_workers(client, device: str, precision: str, predictor=None) ->
     return "auto: " + ", ".join(f"{p} on {n} worker{'s' * (n > 1)}" for p, n in counts.items())
 
 
+def backend_on_workers(client, backend: str, device: str, precision: str, predictor=None) -> str:
+    """What ``backend`` becomes on the cluster's workers: ``torch``, ``openvino``, or for a mixed
+    cluster ``openvino on 2 workers, torch on 1`` (:func:`~bigcare.exchange.openvino.resolve_backend`
+    run on each: whether openvino is installed there)."""
+    config = getattr(predictor, "config", None)
+    if backend == "torch" or config is None:
+        return "torch"
+    from bigcare.exchange.openvino import resolve_backend
+
+    try:
+        answers = list(client.run(resolve_backend, backend, device, precision, config).values())
+    except Exception:  # noqa: BLE001 - a worker that cannot answer decides (or fails, naming why) when it computes
+        answers = []
+    if not answers:
+        return backend
+    counts = {b: answers.count(b) for b in sorted(set(answers))}
+    if len(counts) == 1:
+        return answers[0]
+    return ", ".join(f"{b} on {n} worker{'s' * (n > 1)}" for b, n in counts.items())
+
+
 def cluster_devices(client, device: str) -> int:
     """Devices a run spreads over: GPUs (``GPU`` worker resources) for CUDA, else workers."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values() if client is not None else []

@@ -58,6 +58,7 @@ class RunSpec:
     ensemble: EnsembleSpec | None = None  # an ensemble's members (bigcare.predictors.ensemble), each built once
     # background blocks (bigcare.runs.background): per output, the per-channel value written instead of a prediction
     fill: dict[str, tuple[float, ...]] | None = None
+    backend: str = "torch"  # what runs the network: torch, openvino or auto (bigcare.exchange.openvino)
     run_id: str = ""  # made when the run starts: decoded input chunks are cached per run (bigcare.store.chunkcache)
 
 
@@ -96,9 +97,9 @@ def worker_predictor(spec: RunSpec) -> Predictor:
     if spec.model_path is None:  # the model's bytes were sent to this worker (ModelPlugin)
         from bigcare.predictors.shipping import shipped_predictor
 
-        return shipped_predictor(spec.model_hash, spec.device, spec.precision)
+        return shipped_predictor(spec.model_hash, spec.device, spec.precision, spec.backend)
     return load_predictor(spec.model_path, device=spec.device, precision=spec.precision,
-                          expected_hash=spec.model_hash)
+                          expected_hash=spec.model_hash, backend=spec.backend)
 
 
 def _write_block(block: Block, spec: RunSpec, written: dict[str, np.ndarray]) -> None:
