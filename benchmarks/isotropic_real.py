@@ -284,6 +284,16 @@ def main(argv=None) -> list:
     mask = mask[: len(truth)]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bigcare_iso_real_"))
     url = str(work / "degraded.ome.zarr")
+    # what defines the run; --reuse of a folder made with other arguments would score a stale volume
+    defining = {k: v for k, v in vars(args).items() if k not in ("reuse", "workdir", "figure")}
+    record = work / "arguments.json"
+    if args.reuse and Path(url).exists():
+        made = json.loads(record.read_text()) if record.exists() else None
+        if made != defining:
+            raise SystemExit(f"--reuse: {work} was made with {made}, not {defining}; drop --reuse or use "
+                             "another --workdir")
+    work.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(defining))
     axes = tuple(Axis(a, "space", "micrometer") for a in "zyx")
     if not (args.reuse and Path(url).exists()):
         write_array(url, data, chunks=(len(data), 80, 128), scale=(FACTOR * VOXEL_XY, VOXEL_XY, VOXEL_XY),

@@ -122,6 +122,8 @@ def test_the_isotropic_real_data_benchmark_runs_in_smoke_mode(tmp_path, monkeypa
     rows = isotropic_real.main(["--smoke", "--workdir", str(tmp_path / "real")])
     assert [r["method"].split(" (")[0] for r in rows] == ["linear", "cubic", "Richardson-Lucy", "bigcare isotropic"]
     assert all(r["psnr"] == r["psnr"] and r["psnr"] > 0 and 0 < r["ssim"] <= 1 for r in rows)  # finite
+    with pytest.raises(SystemExit, match="was made with"):  # a stale restored volume is not rescored
+        isotropic_real.main(["--smoke", "--workdir", str(tmp_path / "real"), "--reuse", "--blur", "0.2"])
 
 
 def test_the_projection_benchmark_runs_in_smoke_mode(tmp_path, monkeypatch):
