@@ -15,6 +15,7 @@ against torch fp32 over max |torch fp32|.
     python benchmarks/onnx_backend.py                 # ~2 min on 2 cores
     python benchmarks/onnx_backend.py --shape 32 64 64 --repeats 2
     python benchmarks/onnx_backend.py --restore       # whole restores, torch vs OpenVINO, ~6 min
+    python benchmarks/onnx_backend.py --restore --isotropic --restore-shape 32 384 384 --block-shape 64 128 128
     python benchmarks/onnx_backend.py --smoke         # seconds (tests/test_exchange_openvino.py)
 
 The last line is JSON.
@@ -88,36 +89,50 @@ def build(threads: int, shape: tuple[int, ...], workdir: Path) -> tuple[dict, np
     return runs, x
 
 
-def bench_restore(args) -> None:
-    """Whole ``bigcare.restore`` calls, OME-Zarr to OME-Zarr: torch vs OpenVINO, fp32 and bf16.
+def save_isotropic(path, *, n_filter_base=16, factor=2.0):
+    """A 2D isotropic U-Net (random weights, depth 2, kernel 3) for volumes ``factor`` times coarser in Z."""
+    from bigcare.models import IsotropicConfig, UNet, UNetConfig, save_model
+    from bigcare.models.folder import ModelConfig
 
-    One uint16 volume (benchmarks/engine.py's synthetic cells), the default 3D net (random
-    weights), one fresh LocalCluster (1 worker x ``--threads`` threads) per variant, default
-    blocks, no pyramid; the time counts the whole call (percentiles, model load, blocks).
+    arch = UNetConfig(ndim=2, depth=2, n_filter_base=n_filter_base, kernel_size=3)
+    torch.manual_seed(0)
+    save_model(path, UNet(arch), ModelConfig(axes="YX", architecture=arch, kind="isotropic",
+                                             isotropic=IsotropicConfig(factor=factor)))
+    return path
+
+
+def bench_restore(args) -> None:
+    """Whole ``bigcare.restore`` calls, OME-Zarr to OME-Zarr: ``--backend torch`` vs ``openvino``, fp32 and bf16.
+
+    One uint16 volume (benchmarks/engine.py's synthetic cells, voxels 1.0 / 0.5 / 0.5), the default
+    3D net (random weights) or with ``--isotropic`` a 2D isotropic U-Net (16 filters, factor 2) in
+    blocks of ``--block-shape`` (output grid), one fresh LocalCluster (1 worker x ``--threads``
+    threads) per variant, no pyramid; the time counts the whole call (percentiles, model load, blocks).
     """
     from distributed import Client, LocalCluster
 
     import bigcare
     from benchmarks.engine import make_volume, save_unet
-    from bigcare.exchange.openvino import OpenVINOPredictor
 
     shape = tuple(args.restore_shape)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         make_volume(t / "in.ome.zarr", shape, (shape[0], shape[1], shape[2] // 2))
-        model = save_unet(t / "model", n_filter_base=32)
+        model = save_isotropic(t / "model") if args.isotropic else save_unet(t / "model", n_filter_base=32)
         for precision in ("fp32", "bf16"):
             for backend in ("torch", "openvino"):
-                m = model if backend == "torch" else OpenVINOPredictor(model, precision=precision)
                 with LocalCluster(n_workers=1, threads_per_worker=args.threads, dashboard_address=None) as cluster, \
                         Client(cluster) as client:
                     t0 = time.perf_counter()
-                    run = bigcare.restore(t / "in.ome.zarr", t / f"{backend}_{precision}.ome.zarr", m, client=client,
-                                          device="cpu", precision=precision, pyramid=False, progress=False)
+                    run = bigcare.restore(t / "in.ome.zarr", t / f"{backend}_{precision}.ome.zarr", model, client=client,
+                                          device="cpu", precision=precision, backend=backend, pyramid=False,
+                                          block_shape=tuple(args.block_shape) if args.block_shape else None,
+                                          progress=False)
                     sec = time.perf_counter() - t0
                 rows[f"{backend} {precision}"] = {"s": round(sec, 2), "Mvox_s": round(float(np.prod(shape)) / sec / 1e6, 3),
-                                                  "blocks": run.blocks_total, "load": round(os.getloadavg()[0], 1)}
+                                                  "blocks": run.blocks_total, "backend": run.backend,
+                                                  "load": round(os.getloadavg()[0], 1)}
                 print(f"{backend} {precision}", rows[f"{backend} {precision}"], flush=True)
         import zarr
 
@@ -125,25 +140,30 @@ def bench_restore(args) -> None:
         for name in rows:
             got = np.asarray(zarr.open_array(str(t / (name.replace(" ", "_") + ".ome.zarr")), path="0")[...])
             rows[name]["max_rel_err_vs_torch_fp32"] = float(np.abs(got - ref).max() / np.abs(ref).max())
-    print("| variant | whole restore s | Mvoxel/s | x torch same precision | max rel. error vs torch fp32 |")
+    print("| variant | whole restore s | Mvoxel/s (input) | x torch same precision | max rel. error vs torch fp32 |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         base = rows["torch " + name.split()[1]]["Mvox_s"]
         print(f"| {name} | {r['s']} | {r['Mvox_s']} | {r['Mvox_s'] / base:.2f} | {r['max_rel_err_vs_torch_fp32']:.1e} |")
-    print(json.dumps({"shape": shape, "threads": args.threads, "rows": rows, "date": time.strftime("%Y-%m-%d")}))
+    print(json.dumps({"shape": shape, "isotropic": args.isotropic, "threads": args.threads, "rows": rows,
+                      "date": time.strftime("%Y-%m-%d")}))
+    return rows
 
 
-def main(argv=None) -> None:
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=(48, 128, 128))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--restore", action="store_true", help="whole restore calls instead (torch vs OpenVINO)")
     p.add_argument("--restore-shape", type=int, nargs=3, default=(64, 256, 256))
+    p.add_argument("--isotropic", action="store_true", help="--restore with a 2D isotropic model (factor 2)")
+    p.add_argument("--block-shape", type=int, nargs=3, default=None, help="--restore's blocks [the defaults]")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one round: checks the script runs (tests)")
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.repeats, args.restore_shape = (16, 32, 32), 1, (16, 64, 64)
+        args.block_shape = (16, 32, 32) if args.isotropic else args.block_shape
     torch.set_num_threads(args.threads)
     if args.restore:
         return bench_restore(args)

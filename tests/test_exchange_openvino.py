@@ -74,6 +74,9 @@ def test_the_runtime_benchmark_runs_in_smoke_mode(monkeypatch, capsys):
     out = capsys.readouterr().out
     for runtime in ("torch fp32", "torch bf16", "onnxruntime fp32", "openvino fp32"):
         assert f"| {runtime} |" in out
+    rows = onnx_backend.main(["--smoke", "--restore", "--isotropic"])  # whole restores, an isotropic model
+    assert rows["openvino fp32"]["backend"] == "openvino" and rows["torch fp32"]["backend"] == "torch"
+    assert rows["openvino fp32"]["max_rel_err_vs_torch_fp32"] < 1e-5
 
 
 def test_backend_auto_runs_openvino_on_cpu_workers_and_says_so(tmp_path, client):
