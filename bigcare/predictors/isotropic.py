@@ -46,7 +46,7 @@ class IsotropicPredictor(WrappingPredictor):
         factor = float(iso.factor)
         # the network slides along Z' and X (XZ pass) and Z' and Y (YZ pass)
         self.adopt(net, spatial_axes="zyx", zoom=(factor, 1.0, 1.0), factor=factor,
-                      halo=(net.halo[0],) * 3, align=(net.align[0],) * 3)
+                   halo=(net.halo[0],) * 3, align=(net.align[0],) * 3)
 
     def predict(self, x: np.ndarray, normalizer: Normalizer) -> dict[str, np.ndarray]:
         """Restore region ``x`` (C, Z', Y, X) of the Z-upsampled volume, in raw intensities.
