@@ -228,6 +228,11 @@ def fit(
             plot_curves(result.model_dir, result.train_loss, result.val_loss, result.lr, result.best_epoch)
     if writer is not None:
         writer.close()
+    # a sampler's batch stream holds dask futures: close it here, where cancelling them is a plain
+    # call, not in a garbage-collection finaliser inside some later Client call (a deadlock, seen in CI)
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
     if best_state is not None:
         model.load_state_dict(best_state)
     elif result.model_dir is not None and (result.model_dir / "best").exists():  # resumed, no better epoch
