@@ -104,6 +104,28 @@ def test_runner_on_a_cluster_uses_keys_retries_and_counts(client):
     assert [o.item for o in bad] == [(3,)] and bad[0].attempts == 2 and "three" in str(bad[0].error)
 
 
+def _slow_square(x):
+    time.sleep(0.2)
+    return x * x
+
+
+def _bigcare_keys(dask_scheduler, prefix):
+    return [str(k) for k in dask_scheduler.tasks if str(k).startswith(prefix)]
+
+
+def test_closing_a_run_on_a_cluster_drops_its_tasks_still_in_flight(client):
+    # 60 tasks of 0.2 s on a 2-worker cluster: most are queued when the consumer stops after one
+    gen = run_tasks(_slow_square, [(i,) for i in range(60)], client=client, in_flight=None, ordered=False,
+                    key=lambda item: f"spine-close-{item[0]}")
+    assert next(gen) in {i * i for i in range(60)}
+    assert len(client.run_on_scheduler(_bigcare_keys, prefix="spine-close-")) > 10
+    gen.close()  # what a finaliser does too: must not wait on the cluster
+    deadline = time.monotonic() + 30
+    while client.run_on_scheduler(_bigcare_keys, prefix="spine-close-") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.run_on_scheduler(_bigcare_keys, prefix="spine-close-") == []
+
+
 def _fail_on_three(x):
     if x == 3:
         raise ValueError("three is refused")

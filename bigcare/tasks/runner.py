@@ -15,7 +15,7 @@ Restore blocks, pyramid chunks, percentile samples and training patch reads all 
 
 With ``count_rescheduled`` (client only) finished tasks are held back in groups of up to 32
 until the scheduler has said how many times each was rescheduled because its worker died,
-then released. Closing the generator cancels what is still in flight.
+then released. Closing the generator releases what is still in flight (the scheduler drops it).
 """
 
 from __future__ import annotations
@@ -150,12 +150,14 @@ class _Backend:
         return [(gathered[f], None) if f in gathered else self.outcome(f) for f in batch]
 
     def cancel(self, futures: list) -> None:
+        """Drop the tasks still in flight. Never blocks on the cluster: this runs in the
+        generator's ``finally``, which garbage collection may reach from inside another call of
+        the same client (a blocking ``Client.cancel`` there waits on the loop that waits on it:
+        a deadlock seen in CI). Releasing a future is what its finaliser does (a callback on the
+        client's loop); the scheduler forgets a task no future holds, so queued ones never run."""
         if self.client is not None:
-            if futures:
-                try:
-                    self.client.cancel(futures)
-                except RuntimeError:  # the client closed first: its futures went with it
-                    pass
+            for fut in futures:
+                fut.release()
         else:
             for fut in futures:
                 fut.cancel()

@@ -35,6 +35,7 @@ from torch import Tensor
 from bigcare.models.architecture import UNetConfig
 from bigcare.models.folder import ModelConfig, save_model
 from bigcare.models.unet import UNet
+from bigcare.training.trainer import close_stream
 
 __all__ = ["generator_config", "Discriminator", "ssim", "generator_loss", "discriminator_loss", "fit_gan"]
 
@@ -195,6 +196,7 @@ def fit_gan(generator: UNet, discriminator: Discriminator, config: ModelConfig,
                     save_model(out / "best", generator, cfg, overwrite=True)
                 with open(out / "history.jsonl", "a") as log:
                     log.write(json.dumps(record) + "\n")
+    close_stream(batches)
     generator.eval()
     history["seconds"] = time.perf_counter() - t0
     return history

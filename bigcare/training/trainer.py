@@ -32,7 +32,17 @@ from bigcare.models import UNet, load_model, save_model
 from bigcare.models.folder import ModelConfig
 from bigcare.training.losses import PROBABILISTIC, get_loss
 
-__all__ = ["fit", "TrainResult"]
+__all__ = ["fit", "TrainResult", "close_stream"]
+
+
+def close_stream(batches: object) -> None:
+    """Close a batch stream that training has finished with (a generator; anything else is left).
+
+    A sampler's stream holds dask futures; closing it here drops them at a known point rather
+    than in a garbage-collection finaliser inside some later, unrelated call of the client."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -228,11 +238,7 @@ def fit(
             plot_curves(result.model_dir, result.train_loss, result.val_loss, result.lr, result.best_epoch)
     if writer is not None:
         writer.close()
-    # a sampler's batch stream holds dask futures: close it here, where cancelling them is a plain
-    # call, not in a garbage-collection finaliser inside some later Client call (a deadlock, seen in CI)
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()
+    close_stream(batches)
     if best_state is not None:
         model.load_state_dict(best_state)
     elif result.model_dir is not None and (result.model_dir / "best").exists():  # resumed, no better epoch
