@@ -13,7 +13,8 @@ local cluster, pyramid, ``--backend auto``: OpenVINO on CPU where installed), th
 architecture, ``--precision fp32`` and ``auto`` (``--backends auto torch`` adds torch's), timed as the
 whole call's ``wall_seconds`` (the local cluster's start, percentiles, model shipping, blocks,
 pyramid) and, beside it, the blocks' own ``seconds``. Each variant runs in a fresh process; peak
-RSS is VmHWM of that process plus, for bigcare, its worker's. Variants rotate each round.
+RSS is VmHWM of that process plus, for bigcare, its worker's (none apart when a one-block run
+ran its worker in the process). Variants rotate each round.
 Without ``--venv`` (or with ``--smoke``) only bigcare runs. Prints a table, then JSON.
 """
 
@@ -53,10 +54,11 @@ BIGCARE = textwrap.dedent("""
     r = bigcare.restore(sys.argv[1], sys.argv[2], sys.argv[3], precision=sys.argv[4], backend=sys.argv[5],
                         progress=False)
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    inproc = r.cluster.get("in_process", False)  # a one-block run: its worker was this process
     print(json.dumps({"seconds": r.wall_seconds, "blocks_seconds": r.seconds, "blocks": r.blocks_total,
                       "halo_overhead": r.halo_overhead, "precision": r.precision, "backend": r.backend,
-                      "peak_rss_mb": int(hwm) / 1024 + r.peak_worker_rss_mb, "client_rss_mb": int(hwm) / 1024,
-                      "worker_rss_mb": r.peak_worker_rss_mb}))
+                      "peak_rss_mb": int(hwm) / 1024 + (0 if inproc else r.peak_worker_rss_mb),
+                      "client_rss_mb": int(hwm) / 1024, "worker_rss_mb": r.peak_worker_rss_mb, "in_process": inproc}))
 """)
 
 

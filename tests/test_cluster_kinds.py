@@ -28,7 +28,7 @@ from bigcare.tasks.cluster import (
     slurm_cluster,
     validate_kubernetes_spec,
 )
-from conftest import make_model, write_volume
+from conftest import make_model, read, write_volume
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 
@@ -155,3 +155,31 @@ def test_restore_through_a_tls_scheduler_with_generated_certificates(tmp_path, c
     whole = bigcare.predict(data, model, axes="zyx")["restored"]
     np.testing.assert_allclose(np.asarray(zarr.open_array(str(tmp_path / "out.ome.zarr"), path="0")), whole,
                                atol=1e-5, rtol=0)
+
+
+# --- a local run of one block runs its worker in this process ----------------------------------
+
+
+def test_a_one_block_run_runs_in_process_and_equals_a_run_on_worker_processes(tmp_path, client):
+    from bigcare.predictors import base
+
+    data = np.random.default_rng(5).random((8, 32, 32)).astype(np.float32) * 100
+    write_volume(tmp_path / "in.ome.zarr", data, chunks=(8, 32, 32))
+    model = make_model(tmp_path / "model")
+    alone = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "alone.ome.zarr", model, precision="fp32",
+                            progress=False, dashboard=False)
+    assert alone.blocks_total == 1 and alone.cluster["in_process"] and alone.cluster["kind"] == "local"
+    assert base._CACHE == {}  # the worker's models went with its cluster: the caller keeps none
+    on_workers = bigcare.restore(tmp_path / "in.ome.zarr", tmp_path / "workers.ome.zarr", model, precision="fp32",
+                                 progress=False, client=client)
+    assert not on_workers.cluster["in_process"]
+    np.testing.assert_allclose(read(tmp_path / "alone.ome.zarr"), read(tmp_path / "workers.ome.zarr"), atol=1e-5)
+
+
+def test_in_process_only_for_one_block_on_a_default_local_cluster():
+    from bigcare.tasks.cluster import in_process_run
+
+    assert in_process_run(1, "local", None)
+    assert not in_process_run(2, "local", None)  # more blocks: worker processes (a nanny, memory limits)
+    assert not in_process_run(1, "local", 2)  # worker processes asked for
+    assert not in_process_run(1, "slurm", None)

@@ -15,7 +15,7 @@ from bigcare.types import Precision
 if TYPE_CHECKING:
     from bigcare.blocks.layout import AxisLayout
 
-__all__ = ["Predictor", "load_predictor", "build_predictor", "cached_predictor", "check_predictor",
+__all__ = ["Predictor", "load_predictor", "build_predictor", "cached_predictor", "forget_predictors", "check_predictor",
            "predict_region", "WrappingPredictor"]
 
 
@@ -166,6 +166,19 @@ def _build_torch(model, config, device: str, precision: Precision) -> Predictor:
 
 _CACHE: dict[tuple, Predictor] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+def forget_predictors() -> None:
+    """Forget every predictor (and shipped model) built in this process: their memory (a
+    network, OpenVINO's compiled shapes and buffers) is freed once no caller holds them."""
+    import sys
+
+    with _CACHE_LOCK:
+        _CACHE.clear()
+    for name, attr in (("bigcare.exchange.openvino", "_BUILT"), ("bigcare.predictors.shipping", "_PAYLOADS")):
+        module = sys.modules.get(name)  # only what this process imported can hold anything
+        if module is not None:
+            getattr(module, attr).clear()
 
 
 def cached_predictor(key: tuple, build: Callable[[], Predictor]) -> Predictor:

@@ -84,15 +84,16 @@ def default_device() -> DeviceKind:
 @contextlib.contextmanager
 def client_for(client: Client | None, scheduler: str | None, cluster: ClusterKind, cluster_config: PathLike | None,
                workers: int | None, device: str, progress: bool, security: Security | None,
-               dashboard: bool | str = True) -> Iterator[Client]:
-    """The given client, or one to ``scheduler``, or to a cluster started (and closed) here."""
+               dashboard: bool | str = True, processes: bool = True) -> Iterator[Client]:
+    """The given client, or one to ``scheduler``, or to a cluster started (and closed) here
+    (``processes=False``: a local one whose worker runs in this process)."""
     if client is not None:
         yield client
         return
     from bigcare.tasks.cluster import cluster_client
 
     with cluster_client(scheduler, cluster=cluster, config=cluster_config, workers=workers, device=device,
-                        quiet=not progress, security=security, dashboard=dashboard) as c:
+                        quiet=not progress, security=security, dashboard=dashboard, processes=processes) as c:
         yield c
 
 
@@ -154,7 +155,9 @@ def restore(
     scheduler : str, optional
         Address of an existing scheduler (``tcp://host:8786``, ``tls://...``).
     cluster : {"local", "local-cuda", "slurm", "kubernetes"}
-        Kind of cluster to start when neither ``client`` nor ``scheduler`` is given.
+        Kind of cluster to start when neither ``client`` nor ``scheduler`` is given. A local
+        run of one block (and no ``workers``) runs its worker in this process: no worker
+        process to start or model to ship (:func:`~bigcare.tasks.cluster.in_process_run`).
     cluster_config : str or os.PathLike, optional
         Config file of the slurm / kubernetes cluster (see ``cluster/``).
     block_shape : tuple of int, optional
@@ -253,7 +256,11 @@ def restore(
         raise ConfigError(f"--preview draws the input's and the output's slices side by side, but this model's output "
                           f"lacks the input's {run.layout.drop.upper()} axis (a projection); restore without --preview; "
                           "nothing was written")
-    with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard) as c:
+    from bigcare.tasks.cluster import in_process_run
+
+    processes = not in_process_run(len(run.plan), cluster, workers)
+    with client_for(client, scheduler, cluster, cluster_config, workers, device, progress, security, dashboard,
+                    processes) as c:
         check_device_on_workers(c, device, ref)
         run.precision_ran = precision_on_workers(c, device, run.precision, ref.predictor)
         run.backend_ran = backend_on_workers(c, run.backend, device, run.precision, ref.predictor)

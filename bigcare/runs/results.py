@@ -56,7 +56,8 @@ class RunResult:
         The input volume, and where the JSON summary was written.
     cluster : dict
         Kind (local, local-cuda, slurm, kubernetes, or scheduler for an existing one),
-        scheduler address, workers and threads at the start, dashboard link, and ``size``:
+        scheduler address, workers and threads at the start, dashboard link, ``in_process``
+        (its worker ran in the calling process, as a run of one block does), and ``size``:
         workers at the start, the most at once (peak) and at the end of the blocks, with every
         change as [seconds, workers] (:mod:`bigcare.tasks.cluster_size`).
     tiff : dict of str to str
@@ -132,7 +133,8 @@ def cluster_info(client) -> dict:
     workers = info.get("workers", {})
     return {"kind": cluster_kind(client), "scheduler": info.get("address", ""), "workers": len(workers),
             "threads": sum(w.get("nthreads", 0) for w in workers.values()),
-            "dashboard": getattr(client, "dashboard_link", None)}
+            "dashboard": getattr(client, "dashboard_link", None),
+            "in_process": getattr(getattr(client, "cluster", None), "processes", True) is False}
 
 
 def summary_dict(result, *, model: str = "", model_hash: str = "", output: str = "") -> dict:

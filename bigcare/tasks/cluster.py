@@ -34,7 +34,8 @@ from bigcare.tasks.hpc import (
 )
 from bigcare.types import CLUSTER_KINDS
 
-__all__ = ["CLUSTER_KINDS", "cluster_client", "make_cluster", "local_cluster_shape", "local_cuda_worker_spec",
+__all__ = ["CLUSTER_KINDS", "cluster_client", "make_cluster", "in_process_run", "forget_worker_state",
+           "local_cluster_shape", "local_cuda_worker_spec",
            "load_cluster_config", "slurm_cluster", "kubernetes_cluster", "validate_kubernetes_spec",
            "tls_security", "add_cluster_arguments", "cluster_kwargs"]
 
@@ -267,7 +268,7 @@ def _local_cuda_cluster(devices: list[int] | None, threads_per_worker: int | Non
 
 def make_cluster(kind: str = "local", *, config=None, workers: int | None = None,
                  threads_per_worker: int | None = None, device: str = "cpu", dashboard: bool | str = True,
-                 devices: list[int] | None = None):
+                 devices: list[int] | None = None, processes: bool = True):
     """Start a cluster of the named kind (not scaled yet for slurm / kubernetes).
 
     Parameters
@@ -285,6 +286,10 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
         dashboard has no authentication).
     devices : list of int, optional
         GPUs for local-cuda; default all visible ones.
+    processes : bool
+        ``local`` only: False runs one worker of threads inside this process (no worker
+        process to start, no model to ship: what a run of one block wants, see
+        :func:`in_process_run`).
 
     Returns
     -------
@@ -305,6 +310,12 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
         return kubernetes_cluster(load_cluster_config(config, "kubernetes"))
     from distributed import LocalCluster
 
+    if not processes:
+        _, threads = local_cluster_shape(1)
+        # scheduler and worker talk over dask's inproc transport: no socket besides the dashboard's
+        return LocalCluster(n_workers=1, threads_per_worker=threads_per_worker or threads, processes=False,
+                            dashboard_address=dashboard_address(dashboard),
+                            resources={"GPU": 1} if str(device).startswith("cuda") else None, silence_logs=40)
     remove_orphan_semaphores()  # left by runs killed outright
     n, threads = local_cluster_shape(workers)
     before = _semaphores("/dev/shm")
@@ -340,6 +351,7 @@ def cluster_client(
     dashboard: bool | str = True,
     quiet: bool = False,
     security=None,
+    processes: bool = True,
 ) -> Iterator:
     """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new cluster.
 
@@ -357,6 +369,9 @@ def cluster_client(
         Do not print the cluster and its dashboard address.
     security : distributed.Security, optional
         TLS settings (see :func:`tls_security`).
+    processes : bool
+        See :func:`make_cluster`; an in-process cluster's worker state (models built, chunks
+        cached) is forgotten when it closes, so the calling process does not keep it.
     """
     from distributed import Client
 
@@ -379,7 +394,7 @@ def cluster_client(
         return
 
     started = make_cluster(cluster, config=config, workers=workers, threads_per_worker=threads_per_worker,
-                           device=device, dashboard=dashboard)
+                           device=device, dashboard=dashboard, processes=processes)
     try:
         scale_cluster(started, cluster, config)
         client = Client(started)
@@ -388,13 +403,36 @@ def cluster_client(
                 info = client.scheduler_info()["workers"]
                 threads = sum(w["nthreads"] for w in info.values())
                 link = client.dashboard_link if dashboard else "(disabled)"
-                print(f"bigcare: {cluster} cluster with {len(info)} worker process(es), {threads} thread(s); "
-                      f"dashboard: {link}", flush=True)
+                where = f"{len(info)} worker process(es)" if processes else "its worker in this process"
+                print(f"bigcare: {cluster} cluster with {where}, {threads} thread(s); dashboard: {link}", flush=True)
             yield client
         finally:
             client.close()
     finally:
         started.close()
+        if not processes:
+            forget_worker_state()
+
+
+def in_process_run(n_blocks: int, cluster: str, workers: int | None) -> bool:
+    """Whether a run that starts its own cluster should run its worker in this process.
+
+    A run of one block on a local cluster of the default shape: starting a worker process,
+    importing torch there and shipping the model to it cost 4 s of a 64 x 256 x 256 run's 16 s
+    on the project's 2-core VM (benchmarks/RESULTS.md), while one block gains nothing from a
+    process of its own. Runs of more blocks keep worker processes: a nanny restarts a worker
+    that dies or outgrows its memory, and the calling process (a notebook) is not at risk.
+    """
+    return n_blocks == 1 and cluster == "local" and workers is None
+
+
+def forget_worker_state() -> None:
+    """Drop what workers of this process built or cached: predictors, shipped models, chunks."""
+    from bigcare.predictors.base import forget_predictors
+    from bigcare.store import chunkcache
+
+    forget_predictors()
+    chunkcache.clear()
 
 
 def add_cluster_arguments(parser) -> None:
