@@ -132,6 +132,7 @@ def bench_restore(args) -> None:
                     sec = time.perf_counter() - t0
                 rows[f"{backend} {precision}"] = {"s": round(sec, 2), "Mvox_s": round(float(np.prod(shape)) / sec / 1e6, 3),
                                                   "blocks": run.blocks_total, "backend": run.backend,
+                                                  "peak_worker_rss_mb": round(run.peak_worker_rss_mb),
                                                   "load": round(os.getloadavg()[0], 1)}
                 print(f"{backend} {precision}", rows[f"{backend} {precision}"], flush=True)
         import zarr

@@ -127,6 +127,26 @@ def test_openvino_uses_the_threads_torch_has_in_the_process(tmp_path):
     try:
         torch.set_num_threads(1)
         predictor = load_predictor(str(model), device="cpu", precision="fp32", backend="openvino")
-        assert predictor.backend == "openvino" and predictor._run.threads == 1
+        assert predictor.backend == "openvino"
+        assert int(predictor._run.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_openvino_compiles_one_model_for_every_call_shape(tmp_path):
+    """Blocks at a grid's low edge, inside and at its high edge read different shapes: one
+    dynamic-shape model serves them all (a model per shape held its own buffers for each)."""
+    import torch
+
+    from bigcare.predictors.base import load_predictor
+
+    model = make_model(tmp_path / "m", ndim=2, depth=1, n_filter_base=2, kernel_size=3)
+    predictor = load_predictor(str(model), device="cpu", precision="fp32", backend="openvino")
+    torch_net = load_predictor(str(model), device="cpu", precision="fp32", backend="torch")
+    run = predictor._run
+    assert run.compiled.input(0).get_partial_shape().is_dynamic
+    for shape in ((1, 1, 16, 16), (1, 1, 24, 16), (1, 1, 16, 32)):
+        x = torch.rand(shape)
+        got, want = run(x)["restored"], torch_net._run(x)["restored"]
+        assert tuple(got.shape) == shape and float((got - want).abs().max()) <= 1e-5
+    assert predictor._run is run

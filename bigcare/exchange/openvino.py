@@ -8,8 +8,8 @@ predictor object for Python callers::
     OpenVINOPredictor(model folder) ── client: config only (halo, axes, percentiles, hash)
         │ sent with every task (small: a path and the config)
         ▼
-    worker, once per process: the U-Net ──ONNX (the exported package's)──► OpenVINO, compiled per
-    input shape (at most SHAPES of them) with INFERENCE_PRECISION_HINT f32 or bf16; the rest
+    worker, once per process: the U-Net ──ONNX (the exported package's)──► OpenVINO, compiled once
+    for every input shape (dynamic) with INFERENCE_PRECISION_HINT f32 or bf16; the rest
     (normalise, pad to the pooling grid, crop, map back, isotropic XZ/YZ passes) is bigcare's own
     CARE / isotropic predictor with only its network call replaced.
 
@@ -33,13 +33,11 @@ from bigcare.errors import ConfigError, ModelError
 from bigcare.normalization import Normalizer
 from bigcare.predictors.base import WrappingPredictor
 
-__all__ = ["OpenVINOPredictor", "SHAPES", "BACKENDS", "resolve_backend", "with_openvino"]
+__all__ = ["OpenVINOPredictor", "BACKENDS", "resolve_backend", "with_openvino"]
 
 #: ``--backend`` values: ``auto`` is OpenVINO where :func:`resolve_backend` can run it, torch elsewhere
 BACKENDS = ("auto", "torch", "openvino")
 
-#: compiled input shapes kept per process (blocks of a run share one or a few shapes)
-SHAPES = 8
 _LOCK = threading.Lock()
 _BUILT: dict[tuple, Any] = {}
 
@@ -101,9 +99,9 @@ def with_openvino(predictor, net, config, precision: str):
     """``predictor`` (bigcare's own, for ``net``/``config``) with its network call run by OpenVINO.
 
     The network is exported to ONNX in memory (the packaged U-Net of bioimage.io export) and
-    compiled per input shape, with as many inference threads as torch has in this process (a
-    dask worker's thread count: no oversubscription). Normalising, padding, cropping and the
-    isotropic passes stay bigcare's.
+    compiled once, with as many inference threads as torch has in this process (a dask worker's
+    thread count: no oversubscription). Normalising, padding, cropping and the isotropic passes
+    stay bigcare's.
     """
     import torch
 
@@ -131,29 +129,30 @@ def with_openvino(predictor, net, config, precision: str):
 
 
 class _Compiled:
-    """The network call of a CAREPredictor (tensor -> dict of tensors) through OpenVINO, per shape."""
+    """The network call of a CAREPredictor (tensor -> dict of tensors) through OpenVINO.
+
+    One model compiled for dynamic shapes serves every call, and its buffers grow to the
+    largest call and are reused: the memory of one call, as the block sizing plans it. A model
+    compiled per static shape held its own buffers for each (~400 MB per 0.65-Mvoxel shape, and
+    a 3D grid's first, interior and last blocks read up to 27 shapes), for 4-5% more speed on a
+    4-Mvoxel call and none on a 0.65-Mvoxel one, identical outputs (benchmarks/RESULTS.md).
+    Calls are serialised by the CAREPredictor's compute lock: one infer request suffices.
+    """
 
     def __init__(self, onnx: bytes, heads: list[str], hint: str, threads: int):
         import openvino as ov
 
-        self.core, self.onnx, self.heads, self.hint, self.threads = ov.Core(), onnx, heads, hint, threads
-        self.models: dict[tuple, Any] = {}
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(io.BytesIO(onnx)), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads})
+        self.compiled, self.request, self.heads = compiled, compiled.create_infer_request(), heads
 
     def __call__(self, x):
         import torch
 
-        shape = tuple(x.shape)
-        compiled = self.models.get(shape)
-        if compiled is None:
-            model = self.core.read_model(io.BytesIO(self.onnx))
-            model.reshape({0: shape})  # static shapes compile to the fastest kernels
-            compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.hint,
-                                                                "INFERENCE_NUM_THREADS": self.threads})
-            if len(self.models) >= SHAPES:
-                self.models.pop(next(iter(self.models)))
-            self.models[shape] = compiled
-        result = compiled([np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)])
-        return {h: torch.from_numpy(np.array(result[i])) for i, h in enumerate(self.heads)}
+        self.request.infer([np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)])
+        # copies: the request's output tensors are overwritten by the next call
+        return {h: torch.from_numpy(np.array(self.request.get_output_tensor(i).data)) for i, h in enumerate(self.heads)}
 
 
 class OpenVINOPredictor(WrappingPredictor):
