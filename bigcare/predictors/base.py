@@ -170,7 +170,7 @@ _CACHE_LOCK = threading.Lock()
 
 def forget_predictors() -> None:
     """Forget every predictor (and shipped model) built in this process: their memory (a
-    network, OpenVINO's compiled shapes and buffers) is freed once no caller holds them."""
+    network, OpenVINO's compiled model and its buffers) is freed once no caller holds them."""
     import sys
 
     with _CACHE_LOCK:
