@@ -34,6 +34,9 @@ from bigcare.training.losses import PROBABILISTIC, get_loss
 
 __all__ = ["fit", "TrainResult", "close_stream"]
 
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+
 
 def close_stream(batches: object) -> None:
     """Close a batch stream that training has finished with (a generator; anything else is left).
@@ -43,9 +46,6 @@ def close_stream(batches: object) -> None:
     close = getattr(batches, "close", None)
     if close is not None:
         close()
-
-STATE_JSON = "training_state.json"
-STATE_TENSORS = "training_state.safetensors"
 
 
 @dataclass
