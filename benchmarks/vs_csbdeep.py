@@ -14,7 +14,9 @@ architecture, ``--precision fp32`` and ``auto`` (``--backends auto torch`` adds 
 whole call's ``wall_seconds`` (the local cluster's start, percentiles, model shipping, blocks,
 pyramid) and, beside it, the blocks' own ``seconds``. Each variant runs in a fresh process; peak
 RSS is VmHWM of that process plus, for bigcare, its worker's (none apart when a one-block run
-ran its worker in the process). Variants rotate each round.
+ran its worker in the process). Variants rotate each round. ``--in-memory`` adds bigcare's network
+alone on the whole volume in memory (``bigcare.predict`` from the model folder, in a fresh process,
+no warm-up): the reference that file to file is held to for a volume that fits (item 2).
 Without ``--venv`` (or with ``--smoke``) only bigcare runs. Prints a table, then JSON.
 """
 
@@ -61,6 +63,21 @@ BIGCARE = textwrap.dedent("""
                       "client_rss_mb": int(hwm) / 1024, "worker_rss_mb": r.peak_worker_rss_mb, "in_process": inproc}))
 """)
 
+# bigcare's network alone on the whole volume in memory (issue 20, item 2's reference for a volume
+# that fits): `bigcare.predict` from the model folder to the output array, in a fresh process
+# like the rest (model loading, export and the first call included; no warm-up, no files)
+BIGCARE_IN_MEMORY = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    import bigcare
+    x = np.load(sys.argv[1])
+    t = time.perf_counter()
+    y = bigcare.predict(x, sys.argv[3], axes="zyx", precision=sys.argv[4], backend=sys.argv[5])["restored"]
+    s = time.perf_counter() - t
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    print(json.dumps({"seconds": s, "peak_rss_mb": int(hwm) / 1024, "shape": list(y.shape)}))
+""")
+
 
 def _run(cmd: list[str]) -> dict:
     load = os.getloadavg()[0]
@@ -79,6 +96,8 @@ def main(argv=None) -> dict:
     p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], help="bigcare precisions [fp32 auto]")
     p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch"],
                    help="bigcare backends: auto (the default: OpenVINO on CPU where installed), torch [auto]")
+    p.add_argument("--in-memory", action="store_true",
+                   help="also bigcare.predict on the whole volume in memory, per precision and backend (item 2)")
     p.add_argument("--smoke", action="store_true", help="seconds, tiny sizes, bigcare only (the test suite runs it)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
@@ -95,6 +114,10 @@ def main(argv=None) -> dict:
     variants = {f"bigcare {p}{'' if b == 'auto' else ' torch'}": [
         sys.executable, "-c", BIGCARE, str(tmp / "in.ome.zarr"), str(tmp / f"out_{p}_{b}"), str(model), p, b]
         for p, b in ((p, b) for p in args.precisions for b in args.backends)}
+    if args.in_memory or args.smoke:
+        variants |= {f"bigcare {p}{'' if b == 'auto' else ' torch'} in memory": [
+            sys.executable, "-c", BIGCARE_IN_MEMORY, str(tmp / "in.npy"), "-", str(model), p, b]
+            for p, b in ((p, b) for p in args.precisions for b in args.backends)}
     if args.venv and not args.smoke:
         variants = {"csbdeep": [str(Path(args.venv) / "bin" / "python"), "-c", CSBDEEP, str(tmp / "in.npy"),
                                 str(tmp / "csbdeep"), json.dumps(args.n_tiles)], **variants}
@@ -103,7 +126,7 @@ def main(argv=None) -> dict:
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             cmd = list(variants[name])
-            if name.startswith("bigcare"):  # a fresh output each round (the same one would resume: nothing to do)
+            if name.startswith("bigcare") and cmd[4] != "-":  # a fresh output each round (the same one would resume: nothing to do)
                 cmd[4] = f"{cmd[4]}_{r}.ome.zarr"
             runs[name].append(_run(cmd))
     vox = int(np.prod(shape))

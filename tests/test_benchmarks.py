@@ -151,5 +151,7 @@ def test_the_isotropic_ablation_runs_in_smoke_mode(tmp_path, monkeypatch):
 def test_the_csbdeep_comparison_runs_in_smoke_mode_without_csbdeep(monkeypatch, capsys):
     vs_csbdeep = _import("vs_csbdeep", monkeypatch)
     report = vs_csbdeep.main(["--smoke", "--backends", "auto", "torch"])
-    assert set(report["table"]) == {"bigcare fp32", "bigcare auto", "bigcare fp32 torch", "bigcare auto torch"}
+    files = {"bigcare fp32", "bigcare auto", "bigcare fp32 torch", "bigcare auto torch"}
+    assert set(report["table"]) == files | {f"{name} in memory" for name in files}
     assert report["table"]["bigcare fp32 torch"]["runs"][0]["backend"] == "torch"
+    assert report["table"]["bigcare auto in memory"]["runs"][0]["shape"] == [16, 64, 64]

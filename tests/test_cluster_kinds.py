@@ -183,3 +183,28 @@ def test_in_process_only_for_one_block_on_a_default_local_cluster():
     assert not in_process_run(2, "local", None)  # more blocks: worker processes (a nanny, memory limits)
     assert not in_process_run(1, "local", 2)  # worker processes asked for
     assert not in_process_run(1, "slurm", None)
+
+
+def test_an_in_process_cluster_serves_its_dashboard_only_at_a_given_address():
+    from bigcare.tasks.cluster import make_cluster
+
+    for dashboard, served in ((True, False), (False, False), ("127.0.0.1:0", True)):
+        cluster = make_cluster("local", dashboard=dashboard, processes=False)
+        try:
+            http = cluster.scheduler.http_server  # health and metrics routes, always there
+            assert {s.getsockname()[0] for s in http._sockets.values()} == {"127.0.0.1"}, dashboard
+            assert (requests_status(http.port) == 200) == served, dashboard
+        finally:
+            cluster.close()
+
+
+def requests_status(port: int) -> int:
+    """The HTTP status of the dashboard's /status page on a loopback port."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code

@@ -208,7 +208,8 @@ def restore(
         TLS settings for a ``tls://`` scheduler.
     dashboard : bool or str
         Dashboard of a cluster started here: on 127.0.0.1 (True), none (False), or at this
-        ``host:port`` (warned unless loopback: the dask dashboard has no authentication).
+        ``host:port`` (warned unless loopback: the dask dashboard has no authentication). A run
+        of one block whose worker runs in this process serves it only at a given address.
     nan_fill : float, optional
         Read NaN/inf input voxels as this value (recorded in the output's ``bigcare.nan_fill``).
         By default an input holding them is refused (or its blocks that hold them fail by name).

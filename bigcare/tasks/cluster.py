@@ -289,7 +289,7 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
     processes : bool
         ``local`` only: False runs one worker of threads inside this process (no worker
         process to start, no model to ship: what a run of one block wants, see
-        :func:`in_process_run`).
+        :func:`in_process_run`); its dashboard serves only at an address given as ``dashboard``.
 
     Returns
     -------
@@ -312,9 +312,14 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
 
     if not processes:
         _, threads = local_cluster_shape(1)
-        # scheduler and worker talk over dask's inproc transport: no socket besides the dashboard's
+        # scheduler and worker talk over dask's inproc transport: no socket besides the scheduler's
+        # HTTP server (health and metrics routes, and the dashboard where one is asked for: see
+        # in_process_dashboard). Without an address dask binds that server on every interface
+        # (an inproc scheduler has no host to take it from): it gets a free loopback port instead.
+        address = dashboard_address(in_process_dashboard(dashboard))
         return LocalCluster(n_workers=1, threads_per_worker=threads_per_worker or threads, processes=False,
-                            dashboard_address=dashboard_address(dashboard),
+                            dashboard_address=address or f"{LOOPBACK}:0",
+                            scheduler_kwargs={"dashboard": address is not None},
                             resources={"GPU": 1} if str(device).startswith("cuda") else None, silence_logs=40)
     remove_orphan_semaphores()  # left by runs killed outright
     n, threads = local_cluster_shape(workers)
@@ -402,7 +407,9 @@ def cluster_client(
             if not quiet:
                 info = client.scheduler_info()["workers"]
                 threads = sum(w["nthreads"] for w in info.values())
-                link = client.dashboard_link if dashboard else "(disabled)"
+                served = dashboard if processes else in_process_dashboard(dashboard)
+                link = client.dashboard_link if served else "(disabled)" if not dashboard else \
+                    "(not served for one block in process; pass an address to serve it)"
                 where = f"{len(info)} worker process(es)" if processes else "its worker in this process"
                 print(f"bigcare: {cluster} cluster with {where}, {threads} thread(s); dashboard: {link}", flush=True)
             yield client
@@ -424,6 +431,13 @@ def in_process_run(n_blocks: int, cluster: str, workers: int | None) -> bool:
     that dies or outgrows its memory, and the calling process (a notebook) is not at risk.
     """
     return n_blocks == 1 and cluster == "local" and workers is None
+
+
+def in_process_dashboard(dashboard: bool | str) -> bool | str:
+    """The dashboard of a cluster whose worker runs in this process (one block): only where an
+    address was given. The default (True) serves none: a one-block run shows one task, and
+    starting the dashboard cost 0.36 s of a 14-s run on the project's VM (benchmarks/RESULTS.md)."""
+    return dashboard if isinstance(dashboard, str) else False
 
 
 def forget_worker_state() -> None:
