@@ -282,8 +282,9 @@ def bench_decodes(tmp: Path, args) -> dict:
         for label, cache_bytes in (("no cache", 0), ("chunk cache", chunkcache.CACHE_BYTES)):
             chunkcache.clear()
             saved, chunkcache.CACHE_BYTES = chunkcache.CACHE_BYTES, cache_bytes
-            with LocalCluster(n_workers=1, threads_per_worker=args.threads, processes=False,
-                              dashboard_address=None) as cluster, Client(cluster) as client:
+            with LocalCluster(n_workers=1, threads_per_worker=args.threads, processes=False,  # HTTP on loopback
+                              dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False}) as cluster, \
+                    Client(cluster) as client:
                 count[0] = 0
                 t = time.perf_counter()
                 run = bigcare.restore(tmp / "dec.ome.zarr", tmp / f"dec_{cache_bytes}.ome.zarr", model, client=client,

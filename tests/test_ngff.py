@@ -129,7 +129,7 @@ def test_pyramid_with_distributed_client_matches_local(tmp_path):
     vol = create_volume(tmp_path / "d.zarr", shape=data.shape, dtype="uint8", chunks=(3, 16, 16),
                        axes="zyx", scale=(3.0, 1.0, 1.0), levels=2)
     vol.array(0, "r+")[:] = data
-    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0") as client:
         write_pyramid(vol, client=client)
     np.testing.assert_array_equal(vol.array(1)[:], mean_pyramid_reference(data, (1, 2, 2)))
 
