@@ -24,7 +24,9 @@ class DaskProcesses:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.env = env
         self.logs = []
-        self._start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--protocol", protocol,
+        # --no-dashboard leaves the HTTP server (health, metrics) on every interface unless it is given an address
+        self._start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--dashboard-address",
+                     "127.0.0.1:0", "--protocol", protocol,
                      "--scheduler-file", str(self.scheduler_file), *scheduler_args], "scheduler")
         deadline = time.time() + 60
         while not self.scheduler_file.exists() or not self.scheduler_file.read_text().strip():
@@ -48,7 +50,7 @@ class DaskProcesses:
 
     def add_worker(self, name: str, worker_args=()):
         self._start(["worker", self.address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
-                     "--no-dashboard", "--name", name, "--death-timeout", "60", *worker_args], name)
+                     "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--name", name, "--death-timeout", "60", *worker_args], name)
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"

@@ -117,3 +117,16 @@ def test_cli_train_reads_its_patches_on_a_named_scheduler(tmp_path, procs, remot
         assert main(["train", str(tmp_path / "train.yaml"), "--scheduler", procs.address]) == 0
     assert stream.data, "no task ran on the named scheduler's workers"
     assert (tmp_path / "model" / "best" / "model.safetensors").exists()
+
+
+def test_the_scheduler_and_worker_processes_listen_on_loopback_only(procs, remote):
+    import psutil
+
+    pids = set()
+    for p in procs.procs:
+        if p.poll() is None:
+            pids |= {p.pid} | {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    assert len(listening) >= 3  # the scheduler's comm and HTTP server, each worker's comm at least
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening

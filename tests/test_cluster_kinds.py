@@ -208,3 +208,22 @@ def requests_status(port: int) -> int:
             return response.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_local_cluster_listens_on_loopback_only(processes):
+    import os
+
+    import psutil
+
+    from bigcare.tasks.cluster import make_cluster
+
+    for dashboard in (True, False):
+        cluster = make_cluster("local", workers=1, dashboard=dashboard, processes=processes)
+        try:
+            me = psutil.Process(os.getpid())
+            pids = {me.pid} | {c.pid for c in me.children(recursive=True)}
+            ips = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids}
+            assert ips == {"127.0.0.1"}, (processes, dashboard, ips)
+        finally:
+            cluster.close()

@@ -312,14 +312,15 @@ def make_cluster(kind: str = "local", *, config=None, workers: int | None = None
 
     if not processes:
         _, threads = local_cluster_shape(1)
-        # scheduler and worker talk over dask's inproc transport: no socket besides the scheduler's
-        # HTTP server (health and metrics routes, and the dashboard where one is asked for: see
-        # in_process_dashboard). Without an address dask binds that server on every interface
-        # (an inproc scheduler has no host to take it from): it gets a free loopback port instead.
+        # scheduler and worker talk over dask's inproc transport: no sockets besides their HTTP
+        # servers (health and metrics routes, and the dashboard where one is asked for: see
+        # in_process_dashboard). Without an address dask binds those on every interface (inproc
+        # has no host to take one from): they get free loopback ports instead.
         address = dashboard_address(in_process_dashboard(dashboard))
         return LocalCluster(n_workers=1, threads_per_worker=threads_per_worker or threads, processes=False,
                             dashboard_address=address or f"{LOOPBACK}:0",
                             scheduler_kwargs={"dashboard": address is not None},
+                            worker_dashboard_address=f"{LOOPBACK}:0", worker_class=_in_process_worker(),
                             resources={"GPU": 1} if str(device).startswith("cuda") else None, silence_logs=40)
     remove_orphan_semaphores()  # left by runs killed outright
     n, threads = local_cluster_shape(workers)
@@ -431,6 +432,19 @@ def in_process_run(n_blocks: int, cluster: str, workers: int | None) -> bool:
     that dies or outgrows its memory, and the calling process (a notebook) is not at risk.
     """
     return n_blocks == 1 and cluster == "local" and workers is None
+
+
+def _in_process_worker():
+    """The worker class of an in-process cluster: a ``distributed.Worker`` whose HTTP server
+    listens where LocalCluster says (loopback) without the bokeh pages that LocalCluster turns
+    on along with that address (0.5 s to import, nothing to see for one block)."""
+    from distributed import Worker
+
+    class InProcessWorker(Worker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "dashboard": False})
+
+    return InProcessWorker
 
 
 def in_process_dashboard(dashboard: bool | str) -> bool | str:
