@@ -16,7 +16,10 @@ pyramid) and, beside it, the blocks' own ``seconds``. Each variant runs in a fre
 RSS is VmHWM of that process plus, for bigcare, its worker's (none apart when a one-block run
 ran its worker in the process). Variants rotate each round. ``--in-memory`` adds bigcare's network
 alone on the whole volume in memory (``bigcare.predict`` from the model folder, in a fresh process,
-no warm-up): the reference that file to file is held to for a volume that fits (item 2).
+no warm-up): the reference that file to file is held to for a volume that fits (item 2). Before
+each variant the parent touches as much memory as that variant used (``prefault``; off with
+``--no-prefault``): on a VM whose host takes freed memory back, first touches otherwise cost
+seconds per GB at random.
 Without ``--venv`` (or with ``--smoke``) only bigcare runs. Prints a table, then JSON.
 """
 
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -79,12 +83,34 @@ BIGCARE_IN_MEMORY = textwrap.dedent("""
 """)
 
 
-def _run(cmd: list[str]) -> dict:
+def prefault(gigabytes: float) -> float:
+    """Touch this much fresh memory and free it; returns the seconds it took.
+
+    On the project's VM (virtio_balloon) memory freed for a while goes back to the host, and the
+    next process to touch it pays 1.6-2.3 s per GB (0.12 s/GB right after another process freed
+    it): a 3.4-GB CSBDeep call took 10 s or 20.6 s by that alone. Touching what the next variant
+    will use just before it starts makes the rounds measure the tools instead of the host; a
+    machine without a balloon pays nothing here."""
+    import numpy as np
+
+    t = time.perf_counter()
+    block = np.ones(int(gigabytes * 2**30) // 8)
+    del block
+    return time.perf_counter() - t
+
+
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 2**20
+
+
+def _run(cmd: list[str], prefault_gb: float = 0.0) -> dict:
+    touched = prefault(prefault_gb) if prefault_gb > 0 else 0.0
     load = os.getloadavg()[0]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{cmd[0]} -c ... {' '.join(cmd[3:])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]), load_before=load)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), load_before=load, prefault_s=touched)
 
 
 def main(argv=None) -> dict:
@@ -96,6 +122,8 @@ def main(argv=None) -> dict:
     p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], help="bigcare precisions [fp32 auto]")
     p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch"],
                    help="bigcare backends: auto (the default: OpenVINO on CPU where installed), torch [auto]")
+    p.add_argument("--no-prefault", dest="prefault", action="store_false",
+                   help="do not touch the next variant's memory before it starts (see prefault())")
     p.add_argument("--in-memory", action="store_true",
                    help="also bigcare.predict on the whole volume in memory, per precision and backend (item 2)")
     p.add_argument("--smoke", action="store_true", help="seconds, tiny sizes, bigcare only (the test suite runs it)")
@@ -128,7 +156,11 @@ def main(argv=None) -> dict:
             cmd = list(variants[name])
             if name.startswith("bigcare") and cmd[4] != "-":  # a fresh output each round (the same one would resume: nothing to do)
                 cmd[4] = f"{cmd[4]}_{r}.ome.zarr"
-            runs[name].append(_run(cmd))
+            # what this variant used last time (the first round: the largest use seen so far), within
+            # 80% of the memory available now
+            seen = [x["peak_rss_mb"] for x in runs[name]] or [x["peak_rss_mb"] for r in runs.values() for x in r]
+            gb = min(max(seen or [4096]) / 1024, 0.8 * _available_gb()) if args.prefault and not args.smoke else 0.0
+            runs[name].append(_run(cmd, gb))
     vox = int(np.prod(shape))
     table = {}
     for name, rows in runs.items():
