@@ -227,3 +227,14 @@ def test_a_local_cluster_listens_on_loopback_only(processes):
             assert ips == {"127.0.0.1"}, (processes, dashboard, ips)
         finally:
             cluster.close()
+
+
+def test_an_in_process_run_says_why_it_serves_no_dashboard(capsys):
+    from bigcare.tasks.cluster import cluster_client
+
+    for dashboard, says in ((True, "not served for one block in process"), (False, "(disabled)"),
+                            ("127.0.0.1:0", "http://")):
+        with cluster_client(processes=False, dashboard=dashboard, quiet=False):
+            pass
+        out = capsys.readouterr().out
+        assert "its worker in this process" in out and says in out, (dashboard, out)

@@ -408,9 +408,12 @@ def cluster_client(
             if not quiet:
                 info = client.scheduler_info()["workers"]
                 threads = sum(w["nthreads"] for w in info.values())
-                served = dashboard if processes else in_process_dashboard(dashboard)
-                link = client.dashboard_link if served else "(disabled)" if not dashboard else \
-                    "(not served for one block in process; pass an address to serve it)"
+                if not dashboard:
+                    link = "(disabled)"
+                elif processes or in_process_dashboard(dashboard):
+                    link = client.dashboard_link
+                else:
+                    link = "(not served for one block in process; pass an address to serve it)"
                 where = f"{len(info)} worker process(es)" if processes else "its worker in this process"
                 print(f"bigcare: {cluster} cluster with {where}, {threads} thread(s); dashboard: {link}", flush=True)
             yield client
