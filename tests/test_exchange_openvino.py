@@ -150,3 +150,22 @@ def test_openvino_compiles_one_model_for_every_call_shape(tmp_path):
         got, want = run(x)["restored"], torch_net._run(x)["restored"]
         assert tuple(got.shape) == shape and float((got - want).abs().max()) <= 1e-5
     assert predictor._run is run
+
+
+def test_a_run_does_not_resume_on_another_backend(tmp_path, client):
+    from bigcare.errors import OutputError
+
+    model = make_model(tmp_path / "m", ndim=3, depth=1, n_filter_base=2, kernel_size=3)
+    write_volume(tmp_path / "in.ome.zarr", smooth_volume((8, 32, 32)) * 300 + 100, chunks=(8, 16, 16))
+    out = tmp_path / "out.ome.zarr"
+    kw = dict(client=client, block_shape=(8, 16, 16), precision="bf16", progress=False)
+    done = bigcare.restore(tmp_path / "in.ome.zarr", out, model, backend="torch", **kw)
+    assert done.blocks_computed == 4 and done.backend == "torch"
+    before = read(out)
+    with pytest.raises(OutputError, match="different run .*backend"):  # blocks of the two would mix
+        bigcare.restore(tmp_path / "in.ome.zarr", out, model, backend="openvino", **kw)
+    np.testing.assert_array_equal(read(out), before)
+    again = bigcare.restore(tmp_path / "in.ome.zarr", out, model, backend="torch", **kw)
+    assert again.blocks_computed == 0  # the same run: nothing left to do
+    replaced = bigcare.restore(tmp_path / "in.ome.zarr", out, model, backend="openvino", overwrite=True, **kw)
+    assert replaced.blocks_computed == 4 and replaced.backend == "openvino"

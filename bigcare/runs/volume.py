@@ -150,7 +150,8 @@ class VolumeRun:
 
 
 def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, precision: str,
-             pyramid: bool = True, nan_fill: float | None = None, skip_background: float | None = None) -> str:
+             pyramid: bool = True, nan_fill: float | None = None, skip_background: float | None = None,
+             backend: str = "auto") -> str:
     ident: dict[str, object] = {
         "input": volume.url, "shape": list(volume.shape), "dtype": str(volume.dtype),
         "model": mhash, "plan": plan.as_dict(), "outputs": list(outputs), "dtype_out": dtype,
@@ -162,6 +163,8 @@ def _run_key(volume: Volume, mhash: str, plan: BlockPlan, outputs, dtype: str, p
         ident["nan_fill"] = nan_fill
     if skip_background is not None:  # filled blocks of one threshold do not mix with another's
         ident["skip_background"] = skip_background
+    if backend != "auto":  # blocks of torch and OpenVINO agree to rounding only (1e-3 in bf16): no mixing
+        ident["backend"] = backend
     if len(list(outputs)) > 1:  # images in series 0, 1, ...: an output of the named-folder layout does not resume
         ident["images"] = "bioformats2raw"
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -195,7 +198,8 @@ def _output_state(url: str, options: dict | None, run_key: str, overwrite: bool)
         return "resume"
     if not overwrite:
         raise OutputError(
-            f"output {url} was written by a different run (other model, input or block layout); "
+            f"output {url} was written by a different run (other model, input, block layout, precision or "
+            "backend); "
             "pass overwrite=True (--overwrite) to replace it, or choose another output path"
         )
     return "replace"
@@ -263,12 +267,20 @@ def plan_volume_run(input: PathLike | Volume, output: PathLike, model: ModelRef,
         predictor.check_volume(dict(zip(volume.axis_names, volume.shape)), device, volume.url)
     chunks, plan = plan_restoration(volume, predictor, layout, block_shape, device, tile_shape, devices)
     run_key = _run_key(volume, model.hash, plan, predictor.outputs, output_dtype, precision, pyramid, nan_fill,
-                       skip_background)
+                       skip_background, _key_backend(backend, model))
     state = _output_state(output, output_storage_options, run_key, overwrite)
     return VolumeRun(volume, output, model, layout, chunks, plan, run_key, state, device, precision,
                      ngff_version, output_dtype, output_storage_options, torch_threads, overwrite=overwrite,
                      default_blocks=block_shape is None and tile_shape is None, pyramid=pyramid, nan_fill=nan_fill,
                      skip_background=skip_background, backend=backend)
+
+
+def _key_backend(backend: str, model: ModelRef) -> str:
+    """The backend as the run key sees it: a model folder's (what was asked: auto, torch or
+    openvino); ``auto`` for what only torch can run (an ensemble, a package, an object), where
+    nothing can mix."""
+    folder = model.ensemble is None and model.obj is None and getattr(model.predictor, "config", None) is not None
+    return backend if folder else "auto"
 
 
 def _run_backend(backend: str, model: ModelRef, device: str, precision: str) -> str:
@@ -324,7 +336,8 @@ def fit_to_cluster(run: VolumeRun, devices: int, memory_limit: float | None = No
         return run
     run.chunks, run.plan = chunks, plan
     run.run_key = _run_key(run.volume, run.model.hash, plan, run.model.predictor.outputs, run.output_dtype,
-                           run.precision, run.pyramid, run.nan_fill, run.skip_background)
+                           run.precision, run.pyramid, run.nan_fill, run.skip_background,
+                           _key_backend(run.backend, run.model))
     run.state = _output_state(run.output, run.output_options, run.run_key, run.overwrite)
     return run
 
