@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
                 cmd[4] = f"{cmd[4]}_{r}.ome.zarr"
             # what this variant used last time (the first round: the largest use seen so far), within
             # 80% of the memory available now
-            seen = [x["peak_rss_mb"] for x in runs[name]] or [x["peak_rss_mb"] for r in runs.values() for x in r]
+            seen = [x["peak_rss_mb"] for x in runs[name]] or [x["peak_rss_mb"] for rows in runs.values() for x in rows]
             gb = min(max(seen or [4096]) / 1024, 0.8 * _available_gb()) if args.prefault and not args.smoke else 0.0
             runs[name].append(_run(cmd, gb))
     vox = int(np.prod(shape))
