@@ -20,7 +20,7 @@ SCRIPT = Path(__file__).resolve().with_name("slurm_cluster.sh")
 SHIPPED = Path(__file__).resolve().parent.parent / "cluster" / "slurm.yaml"
 
 #: The CHANGE lines of cluster/slurm.yaml for this machine: a CPU partition, 1-core jobs with
-#: little memory (2 cores here), loopback, no GPU request, no modules, at most 2 jobs.
+#: little memory (2 cores here), loopback (comm and HTTP), no GPU request, no modules, at most 2 jobs.
 TEST_CHANGES = {
     "queue": "debug",
     "cores": "1",
@@ -31,6 +31,7 @@ TEST_CHANGES = {
     "module load cuda": '"echo no modules here"',
     "source $HOME/venvs/bigcare/bin/activate": '"echo bigcare is installed in this python"',
     "maximum_jobs": "2",
+    ":0": '"127.0.0.1:0"',  # workers' HTTP servers on loopback, as everything the tests start
 }
 
 

@@ -114,6 +114,21 @@ def _done_blocks(url) -> int:
         return 0
 
 
+def _worker_listen_ips() -> set[str]:
+    """The addresses that the dask workers of SLURM jobs on this machine listen on."""
+    import psutil
+
+    ips = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if "distributed.cli.dask_worker" in " ".join(proc.info["cmdline"] or []):
+            for p in [proc, *proc.children(recursive=True)]:
+                try:
+                    ips |= {c.laddr.ip for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+                except psutil.Error:  # ended meanwhile
+                    pass
+    return ips
+
+
 def test_a_job_cancelled_mid_run_is_replaced_and_the_output_is_the_same(tmp_path, slurm, client):
     write_volume(tmp_path / "in.ome.zarr", smooth_volume((32, 128, 128), seed=1), chunks=BLOCK)  # 64 blocks
     make_model(tmp_path / "model", n_filter_base=8, seed=2)  # ~0.2 s a block on one core
@@ -121,15 +136,17 @@ def test_a_job_cancelled_mid_run_is_replaced_and_the_output_is_the_same(tmp_path
     out_url = tmp_path / "slurm.ome.zarr"
     with QueueWatch(slurm) as watch:
         proc = bigcare_command(restore_args(tmp_path, config, "slurm.ome.zarr"), slurm, tmp_path)
-        deadline, cancelled = time.monotonic() + COMMAND_TIMEOUT_S, None
+        deadline, cancelled, listening = time.monotonic() + COMMAND_TIMEOUT_S, None, set()
         while cancelled is None and proc.poll() is None and time.monotonic() < deadline:
             running = [j for j, state, _ in slurm.squeue() if state == "RUNNING"]
+            listening |= _worker_listen_ips()
             if running and 0 < _done_blocks(out_url) < 32:  # its worker is computing blocks
                 cancelled = running[0]
                 slurm.scancel(cancelled)
             time.sleep(0.2)
         out = _finish(proc)
     assert cancelled is not None, "the run ended before a job could be cancelled mid-run"
+    assert listening == {"127.0.0.1"}, f"the job workers listened on {listening}: loopback only in tests"
     assert slurm.finished()[cancelled]["JobState"] == "CANCELLED"
     assert len(watch.seen) >= 2, f"no job replaced the cancelled one: {watch.seen}"
     summary = json.loads((out_url / "bigcare_summary.json").read_text())
