@@ -477,7 +477,8 @@ def add_cluster_arguments(parser) -> None:
     g.add_argument("--workers", type=int, default=None, help="local worker processes when no scheduler is given")
     g.add_argument("--dashboard", default=True, metavar="HOST:PORT",
                    help="serve the dask dashboard of a cluster started here at this address instead of "
-                        "127.0.0.1:8787 (e.g. 0.0.0.0:8787; it has no authentication: warned)")
+                        "127.0.0.1:8787 (e.g. 0.0.0.0:8787; it has no authentication: warned); a one-block "
+                        "run in this process serves one only when given this")
     g.add_argument("--tls-ca-file", default=None, help="CA certificate for a tls:// scheduler")
     g.add_argument("--tls-cert", default=None, help="client certificate for a tls:// scheduler")
     g.add_argument("--tls-key", default=None, help="client key for a tls:// scheduler")
