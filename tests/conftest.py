@@ -89,3 +89,23 @@ def builds(client) -> dict:
     from bigcare.predictors import shipping
 
     return client.run(lambda: shipping.BUILDS["count"])
+
+
+def listening(roots) -> set[tuple[str, int]]:
+    """The (address, port) pairs that these processes (psutil.Process or pids) and their children
+    listen on."""
+    import psutil
+
+    found: set[tuple[str, int]] = set()
+    for root in roots:
+        try:
+            root = root if isinstance(root, psutil.Process) else psutil.Process(root)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:  # ended meanwhile
+            continue
+        for p in procs:
+            try:
+                found |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:
+                pass
+    return found

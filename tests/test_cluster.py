@@ -16,7 +16,7 @@ from bigcare.cli import main
 from bigcare.errors import ModelError
 from bigcare.models import model_hash
 from bigcare.predictors.shipping import ModelPayload
-from conftest import builds, make_model, read, smooth_volume, write_volume
+from conftest import builds, listening, make_model, read, smooth_volume, write_volume
 
 BLOCK = (8, 32, 32)
 
@@ -120,13 +120,6 @@ def test_cli_train_reads_its_patches_on_a_named_scheduler(tmp_path, procs, remot
 
 
 def test_the_scheduler_and_worker_processes_listen_on_loopback_only(procs, remote):
-    import psutil
-
-    pids = set()
-    for p in procs.procs:
-        if p.poll() is None:
-            pids |= {p.pid} | {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
-    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
-                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
-    assert len(listening) >= 3  # the scheduler's comm and HTTP server, each worker's comm at least
-    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    found = listening(p.pid for p in procs.procs if p.poll() is None)
+    assert len(found) >= 3  # the scheduler's comm and HTTP server, each worker's comm at least
+    assert {ip for ip, _ in found} == {"127.0.0.1"}, found

@@ -28,7 +28,7 @@ from bigcare.tasks.cluster import (
     slurm_cluster,
     validate_kubernetes_spec,
 )
-from conftest import make_model, read, write_volume
+from conftest import listening, make_model, read, write_volume
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 
@@ -214,16 +214,12 @@ def requests_status(port: int) -> int:
 def test_a_local_cluster_listens_on_loopback_only(processes):
     import os
 
-    import psutil
-
     from bigcare.tasks.cluster import make_cluster
 
     for dashboard in (True, False):
         cluster = make_cluster("local", workers=1, dashboard=dashboard, processes=processes)
         try:
-            me = psutil.Process(os.getpid())
-            pids = {me.pid} | {c.pid for c in me.children(recursive=True)}
-            ips = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids}
+            ips = {ip for ip, _ in listening([os.getpid()])}  # this process and its worker processes
             assert ips == {"127.0.0.1"}, (processes, dashboard, ips)
         finally:
             cluster.close()

@@ -20,7 +20,7 @@ from slurm_fixture import TEST_CHANGES, slurm_fixture, slurm_test_config  # noqa
 
 import bigcare
 from bigcare.tasks.block import MARKER
-from conftest import make_model, read, smooth_volume, write_volume
+from conftest import listening, make_model, read, smooth_volume, write_volume
 
 pytestmark = pytest.mark.slow  # SLURM daemons, jobs that each start python and import torch
 
@@ -118,15 +118,8 @@ def _worker_listen_ips() -> set[str]:
     """The addresses that the dask workers of SLURM jobs on this machine listen on."""
     import psutil
 
-    ips = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        if "distributed.cli.dask_worker" in " ".join(proc.info["cmdline"] or []):
-            for p in [proc, *proc.children(recursive=True)]:
-                try:
-                    ips |= {c.laddr.ip for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
-                except psutil.Error:  # ended meanwhile
-                    pass
-    return ips
+    return {ip for ip, _ in listening(p for p in psutil.process_iter(["cmdline"])
+                                      if "distributed.cli.dask_worker" in " ".join(p.info["cmdline"] or []))}
 
 
 def test_a_job_cancelled_mid_run_is_replaced_and_the_output_is_the_same(tmp_path, slurm, client):
